@@ -1,0 +1,84 @@
+"""SQLAlchemy schema of the state database.
+
+One ``run`` row (the migration as a whole), one ``layer`` row per directory of ``aufs/diff/``, one
+``container`` row per container, and ``finding`` rows for what the migrator saw and reports (aufs internals
+dropped, garbage layers skipped, links that had to become copies).  Nothing else is the truth about how far a
+migration got: the in-memory state machines are rebuilt from these rows on every start.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from sqlalchemy import ForeignKey, Integer, LargeBinary, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+SCHEMA_VERSION = 1
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class RunRecord(Base):
+    __tablename__ = "run"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    schema_version: Mapped[int] = mapped_column(Integer, default=SCHEMA_VERSION)
+    phase: Mapped[str] = mapped_column(String(32))
+    strategy: Mapped[str] = mapped_column(String(16))
+    root: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[str] = mapped_column(String(40))
+    updated_at: Mapped[str] = mapped_column(String(40))
+    image_staged: Mapped[bool] = mapped_column(default=False)
+    rollback_from: Mapped[Optional[str]] = mapped_column(String(32), nullable=True)
+    last_error: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
+
+
+class LayerRecord(Base):
+    __tablename__ = "layer"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, index=True)
+    parent: Mapped[Optional[str]] = mapped_column(String(200), nullable=True)
+    # Ancestors nearest first, "\n"-joined, exactly as aufs/layers/<id> lists them.
+    ancestors: Mapped[str] = mapped_column(Text, default="")
+    link_id: Mapped[str] = mapped_column(String(26), unique=True)
+    has_child: Mapped[bool] = mapped_column(default=False)
+    state: Mapped[str] = mapped_column(String(32), index=True)
+    entries: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
+
+
+class ContainerRecord(Base):
+    __tablename__ = "container"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16))
+    # The config.v2.json exactly as found, with its metadata, so rollback restores it byte for byte.
+    original: Mapped[Optional[bytes]] = mapped_column(LargeBinary, nullable=True)
+    mode: Mapped[int] = mapped_column(Integer, default=0o600)
+    uid: Mapped[int] = mapped_column(Integer, default=0)
+    gid: Mapped[int] = mapped_column(Integer, default=0)
+    atime_ns: Mapped[int] = mapped_column(Integer, default=0)
+    mtime_ns: Mapped[int] = mapped_column(Integer, default=0)
+    note: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
+
+
+class SavedTimeRecord(Base):
+    """Times of directories the run changes entries in (ROOT, image/, containers/<id>/), for an exact rollback."""
+
+    __tablename__ = "saved_time"
+
+    path: Mapped[str] = mapped_column(Text, primary_key=True)  # relative to the engine root; "." is the root
+    atime_ns: Mapped[int] = mapped_column(Integer)
+    mtime_ns: Mapped[int] = mapped_column(Integer)
+
+
+class FindingRecord(Base):
+    __tablename__ = "finding"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    layer_id: Mapped[Optional[str]] = mapped_column(ForeignKey("layer.id"), nullable=True)
+    kind: Mapped[str] = mapped_column(String(40))
+    detail: Mapped[str] = mapped_column(Text)

@@ -1,0 +1,160 @@
+"""Reading the aufs driver's data: which layers exist, their ancestry, and whether it is sane enough to migrate.
+
+Nothing here writes.  Every check that can refuse the migration runs before anything is created, so a refusal
+leaves the root exactly as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+from typing import Dict, List, Set, Tuple
+
+from migrator.errors import Refused
+
+MAX_LOWERS = 128  # overlay2's maxDepth: a layer may have at most this many ancestors
+LAYERS_FILE_MAX = 1 << 20
+REMOVING_SUFFIX = "-removing"
+# Ids are directory names the engine generated: hex cache-ids, "<id>-init", BuildKit's own ids.  Anything
+# with bytes outside this set is not an engine's layer and is refused rather than guessed at.
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
+
+
+@dataclass
+class AufsLayer:
+    id: str
+    ancestors: List[str]  # nearest parent first
+
+    @property
+    def parent(self) -> "str | None":
+        return self.ancestors[0] if self.ancestors else None
+
+
+@dataclass
+class Discovery:
+    layers: List[AufsLayer] = field(default_factory=list)  # parents before children
+    findings: List[Tuple[str, str]] = field(default_factory=list)  # (kind, detail), reported and recorded
+
+    @property
+    def parents(self) -> Set[str]:
+        return {layer.parent for layer in self.layers if layer.parent}
+
+
+def valid_id(name: str) -> bool:
+    return bool(_ID_RE.match(name)) and not name.endswith(".") and ".." not in name
+
+
+def _lstat(path: str) -> "os.stat_result | None":
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+
+
+def _read_small(path: str, limit: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise ValueError(f"larger than {limit} bytes")
+    return data
+
+
+def layer_store_references(root: str) -> Set[str]:
+    """Layer ids the image layer store names (cache-id of image layers, mount-id/init-id of containers)."""
+    refs: Set[str] = set()
+    layerdb = os.path.join(root, "image", "aufs", "layerdb")
+    for sub, names in (("sha256", ("cache-id",)), ("mounts", ("mount-id", "init-id"))):
+        base = os.path.join(layerdb, sub)
+        try:
+            entries = os.listdir(base)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for entry in entries:
+            for name in names:
+                try:
+                    refs.add(_read_small(os.path.join(base, entry, name), 4096).decode("ascii").strip())
+                except (OSError, ValueError, UnicodeDecodeError):
+                    continue
+    return refs
+
+
+def parse_layers_file(data: bytes) -> List[str]:
+    """``aufs/layers/<id>``: one ancestor id a line, nearest parent first; empty for a base layer."""
+    text = data.decode("ascii")
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    for line in lines:
+        if not valid_id(line):
+            raise ValueError(f"bad ancestor line {line!r}")
+    return lines
+
+
+def discover(root: str) -> Discovery:
+    """Read ``aufs/diff`` and ``aufs/layers``, validate the whole graph, and return the layers parents-first."""
+    diff_dir = os.path.join(root, "aufs", "diff")
+    layers_dir = os.path.join(root, "aufs", "layers")
+    result = Discovery()
+    st = _lstat(diff_dir)
+    if st is None:
+        return result
+    if not stat.S_ISDIR(st.st_mode):
+        raise Refused(f"{diff_dir} is not a directory")
+    root_dev = os.lstat(root).st_dev
+
+    candidates: Dict[str, List[str]] = {}
+    missing_layers_file: List[str] = []
+    for name in sorted(os.listdir(diff_dir)):
+        path = os.path.join(diff_dir, name)
+        est = os.lstat(path)
+        if stat.S_ISLNK(est.st_mode):
+            raise Refused(f"aufs/diff/{name} is a symlink; refusing to follow it out of the layer store")
+        if not stat.S_ISDIR(est.st_mode):
+            result.findings.append(("skipped-unexpected-file", f"aufs/diff/{name}"))
+            continue
+        if name.endswith(REMOVING_SUFFIX):
+            result.findings.append(("skipped-removing-layer", f"aufs/diff/{name}"))
+            continue
+        if not valid_id(name):
+            raise Refused(f"aufs/diff/{name!r} is not a layer id this tool recognises; move it out of aufs/diff")
+        if est.st_dev != root_dev:
+            raise Refused(f"aufs/diff/{name} is on another filesystem than {root}; hardlinks cannot cross it")
+        lpath = os.path.join(layers_dir, name)
+        lst = _lstat(lpath)
+        if lst is None:
+            missing_layers_file.append(name)
+            continue
+        if not stat.S_ISREG(lst.st_mode):
+            raise Refused(f"aufs/layers/{name} is not a regular file")
+        try:
+            candidates[name] = parse_layers_file(_read_small(lpath, LAYERS_FILE_MAX))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise Refused(f"aufs/layers/{name} is garbled ({exc})") from None
+
+    if missing_layers_file:
+        refs = layer_store_references(root)
+        for name in missing_layers_file:
+            if name in refs:
+                raise Refused(f"layer {name} has no aufs/layers/{name} but the layer store uses it; "
+                              "its ancestry is unknown")
+            result.findings.append(("skipped-layer-without-layers-file", f"aufs/diff/{name}"))
+
+    for name, ancestors in candidates.items():
+        if len(ancestors) > MAX_LOWERS:
+            raise Refused(f"layer {name} has {len(ancestors)} ancestors; overlay2 allows at most {MAX_LOWERS}")
+        if name in ancestors or len(set(ancestors)) != len(ancestors):
+            raise Refused(f"layer {name} has a cycle in its ancestry (aufs/layers/{name})")
+        for ancestor in ancestors:
+            if ancestor not in candidates:
+                raise Refused(f"layer {name} names ancestor {ancestor}, which has no usable aufs/diff/{ancestor}")
+        if ancestors and candidates[ancestors[0]] != ancestors[1:]:
+            raise Refused(f"aufs/layers/{name} disagrees with aufs/layers/{ancestors[0]} about the ancestry")
+
+    ordered = sorted(candidates.items(), key=lambda item: (len(item[1]), item[0]))
+    result.layers = [AufsLayer(id=name, ancestors=ancestors) for name, ancestors in ordered]
+    return result

@@ -1,0 +1,71 @@
+"""Command line: parse arguments, call the command, turn errors into one line and an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from migrator import commands
+from migrator.errors import EXIT_FAILED, MigratorError
+
+DEFAULT_ROOT = "/var/lib/docker"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aufs2overlay",
+        description="Migrate a Docker or balena-engine root from aufs to overlay2, resumably and reversibly.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_text: str, engine_check: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--root", default=DEFAULT_ROOT, help=f"engine data root (default {DEFAULT_ROOT})")
+        p.add_argument("--state-db", default=None,
+                       help="state database (default ROOT/.aufs2overlay/state.db)")
+        if engine_check:
+            p.add_argument("--engine-pidfile", action="append", default=None, metavar="PATH",
+                           help="engine pidfile to check for a running engine (repeatable; replaces the "
+                                "defaults /var/run/docker.pid, /var/run/balena-engine.pid, ...)")
+            p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+        return p
+
+    add("run", "start or resume the migration (exit 0 only when completed)")
+    p = add("status", "show the phase, the layers by state, and what to do next", engine_check=False)
+    p.add_argument("--json", action="store_true", help="one JSON object (schema in docs/operations.md)")
+    p = add("rollback", "undo the migration and return the aufs root to its exact starting state")
+    p.add_argument("--force", action="store_true", help="roll back even after completion")
+    add("cleanup", "after completion, remove aufs/ and image/aufs/ (no rollback afterwards)")
+    add("verify", "check the migrated overlay2 tree", engine_check=False)
+    p = sub.add_parser("demo", help="migrate a built-in sample root in a temporary folder")
+    p.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return commands.run(args.root, args.state_db, args.engine_pidfile, args.quiet)
+        if args.command == "status":
+            return commands.status(args.root, args.state_db, args.json)
+        if args.command == "rollback":
+            return commands.rollback(args.root, args.state_db, args.force, args.engine_pidfile, args.quiet)
+        if args.command == "cleanup":
+            return commands.cleanup(args.root, args.state_db, args.engine_pidfile, args.quiet)
+        if args.command == "verify":
+            return commands.verify(args.root, args.state_db)
+        return commands.demo(args.keep)
+    except MigratorError as exc:
+        print(f"aufs2overlay: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:
+        print(f"aufs2overlay: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("aufs2overlay: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""One function per command.  The CLI only parses arguments and calls these; each returns the exit code."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Optional, Sequence
+
+from migrations_state.machine import ROLLBACK_FORCED, ROLLBACK_FREE
+from migrations_state.store import StateDatabaseError, Store
+from migrator import aufs, containers, engine, fsio, sample
+from migrator import verify as verifier
+from migrator.errors import (
+    EXIT_IN_PROGRESS,
+    EXIT_OK,
+    EXIT_ROLLED_BACK,
+    EXIT_USAGE,
+    MigratorError,
+    Refused,
+)
+from migrator.runtime import (
+    Migration,
+    Paths,
+    default_progress,
+    dirs_whose_times_change,
+    discovered_records,
+    root_lock,
+)
+
+STRATEGY = "hardlink"
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _paths(root: str, state_db: Optional[str]) -> Paths:
+    if not os.path.isdir(root) or os.path.islink(root):
+        raise MigratorError(f"engine root {root} is not a directory", EXIT_USAGE)
+    return Paths.for_root(root, state_db)
+
+
+def _open_store(paths: Paths) -> Optional[Store]:
+    if not os.path.exists(paths.state_db):
+        return None
+    try:
+        return Store(paths.state_db)
+    except StateDatabaseError as exc:
+        raise MigratorError(f"{exc}; 'aufs2overlay status' explains, 'rollback --force' restores aufs") from None
+
+
+def _refuse_running_engine(paths: Paths, pidfiles: Optional[Sequence[str]]) -> None:
+    signs = engine.running_engine(paths.root, pidfiles if pidfiles is not None else engine.DEFAULT_PIDFILES)
+    if signs:
+        raise Refused(f"an engine is using {paths.root} ({signs[0]}); stop it first")
+
+
+def _remove_state_db(path: str) -> None:
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        try:
+            os.unlink(path + suffix)
+        except FileNotFoundError:
+            pass
+    fsio.fsync_path(os.path.dirname(path))
+
+
+def _discover(paths: Paths) -> tuple:
+    """Every refusal of a new run happens here, before anything is written."""
+    discovery = aufs.discover(paths.root)
+    found, container_findings = containers.find_containers(paths.root)
+    for path, what in ((paths.tree, "overlay2/"), (paths.image_overlay2, "image/overlay2/")):
+        if fsio.lexists(path):
+            raise Refused(f"{what} already exists in {paths.root} and is not this migration's "
+                          "(an engine ran with overlay2?); move it away, then run again")
+    times = dirs_whose_times_change(paths.root, [c.id for c in found if c.state == "pending"])
+    return discovery, found, container_findings, times
+
+
+def _start(paths: Paths, discovery, found, container_findings, times, progress) -> Store:
+    findings = list(discovery.findings) + list(container_findings)
+    for parent, name in ((paths.root, os.path.basename(paths.temp_tree)),
+                         (paths.image_dir, os.path.basename(paths.image_stage))):
+        if fsio.lexists(os.path.join(parent, name)):
+            progress(f"removing leftover {os.path.join(parent, name)} of an earlier, unrecorded attempt")
+            fsio.ensure_absent_durably(parent, name)
+            findings.append(("removed-leftover", os.path.join(parent, name)))
+    for kind, detail in findings:
+        progress(f"note: {kind}: {detail}")
+    os.makedirs(os.path.dirname(paths.state_db), mode=0o700, exist_ok=True)
+    _remove_state_db(paths.state_db)
+    store = Store(paths.state_db, create=True)
+    layers, container_rows, finding_rows = discovered_records(discovery.layers, discovery.parents, found, findings)
+    store.create_run(paths.root, STRATEGY, layers, container_rows, finding_rows, times)
+    progress(f"discovered {len(layers)} layers, {sum(c.state == 'pending' for c in found)} containers on aufs")
+    return store
+
+
+def run(root: str, state_db: Optional[str] = None, engine_pidfiles: Optional[Sequence[str]] = None,
+        quiet: bool = False) -> int:
+    """Start or resume the migration; exit 0 only once it has completed."""
+    paths = _paths(root, state_db)
+    progress = default_progress(quiet)
+    store = _open_store(paths)
+    if store is None and not fsio.lexists(paths.aufs):
+        _say(f"nothing to migrate: {paths.root} has no aufs/")
+        return EXIT_OK
+    _refuse_running_engine(paths, engine_pidfiles)
+    fresh = store is None or store.run().phase == "rolled-back"
+    if fresh:
+        discovered = _discover(paths)
+    with root_lock(paths):
+        if store is not None:
+            store.close()
+        store = _open_store(paths)
+        if store is None or store.run().phase == "rolled-back":
+            if not fresh:
+                discovered = _discover(paths)
+            if store is not None:
+                store.close()
+            store = _start(paths, *discovered, progress)
+        try:
+            return _drive_run(paths, store, progress)
+        finally:
+            store.close()
+
+
+def _drive_run(paths: Paths, store: Store, progress) -> int:
+    phase = store.run().phase
+    if phase in ("completed", "cleaning", "cleaned"):
+        _say(f"migration of {paths.root} already {phase}")
+        return EXIT_OK
+    if phase == "rolling-back":
+        raise Refused("a rollback is in progress on this root; finish it with 'aufs2overlay rollback'")
+    migration = Migration(paths, store, progress)
+    try:
+        if migration.state == "converting":
+            migration.convert_layers()
+            if not migration.start_switching():
+                raise MigratorError("not every layer reached 'committed'; see 'aufs2overlay status'")
+        if migration.state == "switching":
+            migration.finish_switching()
+    except OSError as exc:
+        store.set_error(str(exc))
+        raise MigratorError(f"{exc}; fix the cause and run again: the migration resumes where it stopped") from exc
+    _say(f"migration of {paths.root} completed: {len(store.layers())} layers now in overlay2/")
+    return EXIT_OK
+
+
+NEXT_STEP = {
+    None: "nothing to do",
+    "not-started": "run 'aufs2overlay run' to migrate",
+    "converting": "run 'aufs2overlay run' to resume, or 'aufs2overlay rollback' to undo",
+    "switching": "run 'aufs2overlay run' to resume, or 'aufs2overlay rollback' to undo",
+    "completed": "start the engine with storage-driver overlay2; 'aufs2overlay cleanup' once satisfied",
+    "cleaning": "run 'aufs2overlay cleanup' to finish removing the aufs data",
+    "cleaned": "nothing to do",
+    "rolling-back": "run 'aufs2overlay rollback' to finish the rollback",
+    "rolled-back": "the aufs data is as it was; start the engine with aufs, or run again",
+}
+
+
+def status(root: str, state_db: Optional[str] = None, as_json: bool = False) -> int:
+    """Show the phase, each layer's state and what to do next."""
+    paths = _paths(root, state_db)
+    store = _open_store(paths)
+    if store is None:
+        phase = "not-started" if fsio.lexists(paths.aufs) else None
+        doc = {"root": paths.root, "phase": phase or "nothing-to-migrate", "strategy": None, "layers": [],
+               "containers": [], "findings": [], "last_error": None, "next": NEXT_STEP[phase]}
+        code = EXIT_OK
+    else:
+        try:
+            run_row = store.run()
+            doc = {
+                "root": paths.root,
+                "phase": run_row.phase,
+                "strategy": run_row.strategy,
+                "created_at": run_row.created_at,
+                "updated_at": run_row.updated_at,
+                "layers": [{"id": r.id, "state": r.state, "entries": r.entries, "error": r.error}
+                           for r in store.layers()],
+                "containers": [{"id": c.id, "state": c.state, "note": c.note} for c in store.containers()],
+                "findings": [{"kind": f.kind, "layer": f.layer_id, "detail": f.detail} for f in store.findings()],
+                "last_error": run_row.last_error,
+                "next": NEXT_STEP[run_row.phase],
+            }
+        finally:
+            store.close()
+        code = {"completed": EXIT_OK, "cleaned": EXIT_OK, "rolled-back": EXIT_ROLLED_BACK}.get(
+            doc["phase"], EXIT_IN_PROGRESS)
+    if as_json:
+        print(json.dumps(doc, indent=2, sort_keys=True))
+    else:
+        print(_status_text(doc))
+    return code
+
+
+def _status_text(doc: dict) -> str:
+    lines = [f"root:       {doc['root']}", f"phase:      {doc['phase']}"]
+    if doc["layers"]:
+        counts: dict = {}
+        for layer in doc["layers"]:
+            counts[layer["state"]] = counts.get(layer["state"], 0) + 1
+        lines.append(f"layers:     {len(doc['layers'])} ("
+                     + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ")")
+        for layer in doc["layers"]:
+            if layer["error"]:
+                lines.append(f"  error in {layer['id']}: {layer['error']}")
+    if doc["containers"]:
+        counts = {}
+        for c in doc["containers"]:
+            counts[c["state"]] = counts.get(c["state"], 0) + 1
+        lines.append(f"containers: {len(doc['containers'])} ("
+                     + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ")")
+    if doc["findings"]:
+        lines.append(f"findings:   {len(doc['findings'])} (see --json)")
+    if doc["last_error"]:
+        lines.append(f"last error: {doc['last_error']}")
+    lines.append(f"next:       {doc['next']}")
+    return "\n".join(lines)
+
+
+def rollback(root: str, state_db: Optional[str] = None, force: bool = False,
+             engine_pidfiles: Optional[Sequence[str]] = None, quiet: bool = False) -> int:
+    """Undo the migration: the aufs root as it was, every container config byte for byte."""
+    paths = _paths(root, state_db)
+    progress = default_progress(quiet)
+    store = _open_store(paths)
+    if store is None:
+        _say(f"nothing to roll back: no migration state at {paths.state_db}")
+        return EXIT_OK
+    store.close()
+    _refuse_running_engine(paths, engine_pidfiles)
+    with root_lock(paths):
+        store = _open_store(paths)
+        try:
+            phase = store.run().phase
+            if phase == "rolled-back":
+                _say(f"migration of {paths.root} already rolled back")
+                return EXIT_OK
+            if phase in ("cleaning", "cleaned"):
+                raise Refused("the aufs data has been removed by cleanup; there is nothing to roll back to")
+            if phase in ROLLBACK_FORCED and not force:
+                raise Refused("the migration completed; rolling back loses everything the engine did on overlay2 "
+                              "since. Use --force to roll back anyway")
+            migration = Migration(paths, store, progress)
+            if phase in ROLLBACK_FREE + ROLLBACK_FORCED:
+                migration.start_rollback()
+            migration.finish_rollback()
+        except OSError as exc:
+            store.set_error(str(exc))
+            raise MigratorError(f"{exc}; fix the cause and run rollback again: it resumes") from exc
+        finally:
+            store.close()
+    _say(f"rolled back: {paths.root} is on aufs as before the migration")
+    return EXIT_OK
+
+
+def cleanup(root: str, state_db: Optional[str] = None, engine_pidfiles: Optional[Sequence[str]] = None,
+            quiet: bool = False) -> int:
+    """After completion: remove aufs/ and image/aufs/, then the migrator's own state."""
+    paths = _paths(root, state_db)
+    progress = default_progress(quiet)
+    store = _open_store(paths)
+    if store is None:
+        raise Refused(f"no migration state at {paths.state_db}; cleanup only follows a completed run")
+    phase = store.run().phase
+    store.close()
+    if phase not in ("completed", "cleaning", "cleaned"):
+        raise Refused(f"the migration is {phase}, not completed; cleanup would destroy the only copy")
+    _refuse_running_engine(paths, engine_pidfiles)
+    with root_lock(paths):
+        store = _open_store(paths)
+        try:
+            migration = Migration(paths, store, progress)
+            if migration.state == "completed":
+                migration.start_cleanup()
+            if migration.state == "cleaning":
+                migration.finish_cleanup()
+        except OSError as exc:
+            raise MigratorError(f"{exc}; run cleanup again: it resumes") from exc
+        finally:
+            store.close()
+        _remove_state_db(paths.state_db)
+        fsio.ensure_absent_durably(paths.root, os.path.basename(paths.workdir))
+    _say(f"cleaned: {paths.root} now holds only the overlay2 driver's data")
+    return EXIT_OK
+
+
+def verify(root: str, state_db: Optional[str] = None) -> int:
+    """Check the migrated tree: structure of every layer, no aufs residue, and each chain mounts."""
+    paths = _paths(root, state_db)
+    store = _open_store(paths)
+    if store is None:
+        raise Refused(f"no migration state at {paths.state_db}")
+    try:
+        problems = verifier.verify(paths, store)
+    finally:
+        store.close()
+    for problem in problems:
+        print(f"problem: {problem}")
+    if problems:
+        print(f"verify: {len(problems)} problem(s)")
+        return 1
+    print("verify: ok")
+    return EXIT_OK
+
+
+def demo(keep: bool = False) -> int:
+    """Build a sample aufs root in a temporary folder, migrate it, verify it and show its status."""
+    if os.geteuid() != 0:
+        raise MigratorError("demo needs root (it creates device nodes, trusted.* xattrs and mounts)", EXIT_USAGE)
+    workdir = tempfile.mkdtemp(prefix="aufs2overlay-demo-")
+    root = os.path.join(workdir, "docker")
+    try:
+        sample.build_sample_root(root)
+        _say(f"demo: sample aufs root built at {root}")
+        code = run(root, engine_pidfiles=[])
+        if code == EXIT_OK:
+            code = verify(root)
+        status(root)
+        return code
+    finally:
+        if keep:
+            _say(f"demo: kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+

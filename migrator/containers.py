@@ -1,0 +1,162 @@
+"""Containers' ``config.v2.json``: find the ones on aufs, switch their ``Driver``, and put them back.
+
+The file is edited as bytes: only the top-level ``"Driver"`` value changes, every other byte (key order,
+number spelling, escapes) stays, unlike a round trip through a JSON library.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+from dataclasses import dataclass
+from json.decoder import scanstring
+from typing import List, Optional, Tuple
+
+from migrator import fsio
+from migrator.errors import Refused
+
+CONFIG = "config.v2.json"
+CONFIG_MAX = 64 << 20
+AUFS_DRIVER_VALUES = ("aufs", "")  # dockerd 20.10 reads an empty Driver as aufs
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+@dataclass
+class FoundContainer:
+    id: str
+    original: Optional[bytes]
+    st: Optional[os.stat_result]
+    state: str  # pending (to switch) or skipped
+    note: Optional[str] = None
+
+
+def locate_driver(text: str) -> Tuple[str, int, int]:
+    """The top-level ``Driver`` value and its span in ``text`` (the last one wins, as in Go's decoder)."""
+    decoder = json.JSONDecoder()
+    i = _WS.match(text, 0).end()
+    if text[i:i + 1] != "{":
+        raise ValueError("not a JSON object")
+    i = _WS.match(text, i + 1).end()
+    found = None
+    if text[i:i + 1] == "}":
+        raise ValueError("no Driver key")
+    while True:
+        if text[i:i + 1] != '"':
+            raise ValueError(f"expected a key at offset {i}")
+        key, i = scanstring(text, i + 1)
+        i = _WS.match(text, i).end()
+        if text[i:i + 1] != ":":
+            raise ValueError(f"expected ':' at offset {i}")
+        i = _WS.match(text, i + 1).end()
+        start = i
+        value, i = decoder.raw_decode(text, i)
+        if key == "Driver":
+            found = (value, start, i)
+        i = _WS.match(text, i).end()
+        if text[i:i + 1] == ",":
+            i = _WS.match(text, i + 1).end()
+            continue
+        if text[i:i + 1] == "}":
+            break
+        raise ValueError(f"expected ',' or '}}' at offset {i}")
+    if _WS.match(text, i + 1).end() != len(text):
+        raise ValueError("trailing data after the object")
+    if found is None:
+        raise ValueError("no Driver key")
+    if not isinstance(found[0], str):
+        raise ValueError("Driver is not a string")
+    return found
+
+
+def with_driver(data: bytes, driver: str) -> bytes:
+    text = data.decode("utf-8")
+    _value, start, end = locate_driver(text)
+    return (text[:start] + json.dumps(driver) + text[end:]).encode("utf-8")
+
+
+def _read_config(path: str) -> Tuple[bytes, os.stat_result]:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file")
+        chunks = []
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if sum(map(len, chunks)) > CONFIG_MAX:
+                raise ValueError("too large")
+    finally:
+        os.close(fd)
+    return b"".join(chunks), st
+
+
+def find_containers(root: str) -> Tuple[List[FoundContainer], List[Tuple[str, str]]]:
+    """Every ``containers/<id>/``; an unreadable config of an aufs container refuses the migration."""
+    base = os.path.join(root, "containers")
+    found: List[FoundContainer] = []
+    findings: List[Tuple[str, str]] = []
+    try:
+        names = sorted(os.listdir(base))
+    except FileNotFoundError:
+        return found, findings
+    for cid in names:
+        cdir = os.path.join(base, cid)
+        if not stat.S_ISDIR(os.lstat(cdir).st_mode):
+            findings.append(("skipped-unexpected-file", f"containers/{cid}"))
+            continue
+        path = os.path.join(cdir, CONFIG)
+        if not fsio.lexists(path):
+            findings.append(("container-without-config", f"containers/{cid}"))
+            found.append(FoundContainer(cid, None, None, "skipped", "no config.v2.json"))
+            continue
+        try:
+            data, st = _read_config(path)
+            driver, _s, _e = locate_driver(data.decode("utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise Refused(f"containers/{cid}/{CONFIG} is unreadable ({exc}); fix or remove that container") from None
+        if driver in AUFS_DRIVER_VALUES:
+            found.append(FoundContainer(cid, data, st, "pending"))
+        else:
+            found.append(FoundContainer(cid, data, st, "skipped", f"Driver is {driver!r}"))
+    return found, findings
+
+
+def switch(root: str, cid: str, original: bytes, mode: int, uid: int, gid: int) -> None:
+    """Atomically replace the config by the original with ``"Driver": "overlay2"``; a re-run is a no-op."""
+    cdir = os.path.join(root, "containers", cid)
+    wanted = with_driver(original, "overlay2")
+    current, _st = _read_config(os.path.join(cdir, CONFIG))
+    if current == wanted:
+        return
+    if current != original:
+        raise Refused(f"containers/{cid}/{CONFIG} changed since the migration began (did an engine run?); "
+                      "roll back with 'aufs2overlay rollback' and start again")
+    fd = fsio.open_dir(cdir)
+    try:
+        fsio.atomic_write(fd, CONFIG, wanted, mode, owner=(uid, gid))
+    finally:
+        os.close(fd)
+
+
+def restore(root: str, cid: str, original: bytes, mode: int, uid: int, gid: int,
+            times_ns: Tuple[int, int]) -> None:
+    """Put the config back byte for byte, with its mode, owner and times; a re-run is a no-op."""
+    cdir = os.path.join(root, "containers", cid)
+    path = os.path.join(cdir, CONFIG)
+    try:
+        current, st = _read_config(path)
+        if (current == original and stat.S_IMODE(st.st_mode) == mode and (st.st_uid, st.st_gid) == (uid, gid)
+                and st.st_mtime_ns == times_ns[1]):
+            return
+    except FileNotFoundError:
+        pass
+    fd = fsio.open_dir(cdir)
+    try:
+        fsio.atomic_write(fd, CONFIG, original, mode, owner=(uid, gid), times_ns=times_ns)
+    finally:
+        os.close(fd)

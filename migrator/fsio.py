@@ -1,0 +1,181 @@
+"""Durable filesystem primitives.
+
+Every file the migrator writes goes through this module, so "where is a file written" has one answer:
+``atomic_write`` (temp, fsync, rename, fsync dir), ``atomic_symlink``, ``make_dir``, ``rename_durable``
+and ``syncfs``.  Everything works relative to directory file descriptors opened with ``O_NOFOLLOW``, so a
+symlink planted in layer data can never redirect a write.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import resource
+import shutil
+import stat
+from typing import Optional, Tuple
+
+from migrator import checkpoints
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NOATIME: reading the aufs tree must not even touch its directories' access times.
+READ_DIR_FLAGS = DIR_FLAGS | getattr(os, "O_NOATIME", 0)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def raise_fd_limit() -> None:
+    """Walks hold two directory descriptors per level of depth: allow as many as the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def open_dir(name: str, dir_fd: Optional[int] = None, noatime: bool = False) -> int:
+    """Open a directory without following a symlink in its last component."""
+    flags = READ_DIR_FLAGS if noatime else DIR_FLAGS
+    try:
+        return os.open(name, flags, dir_fd=dir_fd)
+    except PermissionError:
+        if not noatime:
+            raise
+        return os.open(name, DIR_FLAGS, dir_fd=dir_fd)  # O_NOATIME needs ownership or CAP_FOWNER
+
+
+def syncfs(fd: int) -> None:
+    """Flush the whole filesystem holding ``fd``: one call makes a layer step's thousands of links durable."""
+    if _libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_dir(name: str, mode: int, dir_fd: Optional[int] = None) -> bool:
+    """mkdir that tolerates an existing directory (idempotent), then forces the exact mode.
+
+    Returns True when the directory was created.  The parent is not fsynced here: callers fsync or syncfs
+    once for many directories.
+    """
+    created = True
+    try:
+        os.mkdir(name, 0o700, dir_fd=dir_fd)
+    except FileExistsError:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if not stat.S_ISDIR(st.st_mode):
+            raise
+        created = False
+    os.chmod(name, mode, dir_fd=dir_fd)
+    return created
+
+
+def atomic_write(
+    dir_fd: int,
+    name: str,
+    data: bytes,
+    mode: int,
+    owner: Optional[Tuple[int, int]] = None,
+    times_ns: Optional[Tuple[int, int]] = None,
+) -> None:
+    """Replace ``name`` in ``dir_fd`` by ``data``: write a temp file, fsync, rename over, fsync the directory.
+
+    A power cut leaves either the old or the new file, never a truncated one.
+    """
+    tmp = f".{name}.a2o-tmp"
+    try:
+        os.unlink(tmp, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if owner is not None:
+            os.fchown(fd, owner[0], owner[1])
+        os.fchmod(fd, mode)
+        if times_ns is not None:
+            os.utime(fd, ns=times_ns)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    os.fsync(dir_fd)
+    checkpoints.reached(f"write {name}")
+
+
+def atomic_symlink(dir_fd: int, name: str, target: str) -> None:
+    """Create or replace the symlink ``name`` -> ``target`` atomically, then fsync the directory."""
+    try:
+        if os.readlink(name, dir_fd=dir_fd) == target:
+            return
+    except (FileNotFoundError, OSError):
+        pass
+    tmp = f".{name}.a2o-tmp"
+    try:
+        os.unlink(tmp, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    os.symlink(target, tmp, dir_fd=dir_fd)
+    os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    os.fsync(dir_fd)
+    checkpoints.reached(f"symlink {name}")
+
+
+def rename_durable(parent: str, old: str, new: str) -> None:
+    """Rename within ``parent`` and fsync it, so the rename survives a power cut."""
+    fd = open_dir(parent)
+    try:
+        os.rename(old, new, src_dir_fd=fd, dst_dir_fd=fd)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    checkpoints.reached(f"rename {old} -> {new}")
+
+
+def lexists(path: str) -> bool:
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def remove_tree(path: str) -> bool:
+    """Remove ``path`` whatever it is, never following a symlink (shutil.rmtree walks by fd on Linux).
+
+    Returns True when something was removed.  The caller makes the removal durable (fsync or syncfs).
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+    return True
+
+
+def ensure_absent_durably(parent: str, name: str) -> None:
+    """Remove ``parent/name`` if present and make that durable before returning."""
+    path = os.path.join(parent, name)
+    if remove_tree(path):
+        fd = open_dir(parent)
+        try:
+            syncfs(fd)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        checkpoints.reached(f"removed {name}")
+
+
+def is_enoent(exc: OSError) -> bool:
+    return exc.errno == errno.ENOENT

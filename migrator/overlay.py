@@ -1,0 +1,248 @@
+"""Writing the overlay2 tree, one layer step at a time, exactly as dockerd 20.10's overlay2 driver lays it out.
+
+Each public function is one layer step.  It is idempotent (re-running it after a cut-off converges to the same
+result) and returns only once its effects are on disk, so the caller may then record the state.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import xattr
+
+from migrator import fsio, tree
+
+WH_PREFIX = ".wh."
+WH_META_PREFIX = ".wh..wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+OPAQUE_XATTR = b"trusted.overlay.opaque"
+
+LAYER_DIR_MODE = 0o710
+TREE_MODE = 0o710
+LINKS_DIR_MODE = 0o700
+WORK_MODE = 0o700
+
+
+@dataclass
+class StepResult:
+    """What a step did, for the state record: entries carried over and findings worth reporting."""
+
+    entries: int = 0
+    findings: List[Tuple[str, str]] = field(default_factory=list)
+
+    def note(self, kind: str, rel: bytes, name: Optional[str] = None) -> None:
+        path = rel + (b"/" + os.fsencode(name) if name is not None else b"")
+        self.findings.append((kind, (path or b"/").decode("utf-8", "backslashreplace")))
+
+
+def prepare_tree(tree_root: str) -> None:
+    """Create ``overlay2.temp/`` and its ``l/`` directory, durably (the layer steps assume both exist)."""
+    parent, name = os.path.split(tree_root)
+    pfd = fsio.open_dir(parent)
+    try:
+        fsio.make_dir(name, TREE_MODE, dir_fd=pfd)
+        tfd = fsio.open_dir(name, pfd)
+        try:
+            fsio.make_dir("l", LINKS_DIR_MODE, dir_fd=tfd)
+            os.fsync(tfd)
+        finally:
+            os.close(tfd)
+        os.fsync(pfd)
+    finally:
+        os.close(pfd)
+
+
+def build_layer_tree(src_dir: str, tree_root: str, layer_id: str) -> StepResult:
+    """Step ``discovered → linked``: rebuild ``<tree>/<id>/diff`` from scratch, hardlinking every entry.
+
+    Whiteouts and aufs internals are left out here (the next step converts them); a partial tree from an
+    earlier, cut-off attempt is removed first, which is what makes the step idempotent.
+    """
+    result = StepResult()
+    tfd = fsio.open_dir(tree_root)
+    try:
+        fsio.remove_tree(os.path.join(tree_root, layer_id))
+        os.mkdir(layer_id, 0o700, dir_fd=tfd)
+        os.chmod(layer_id, LAYER_DIR_MODE, dir_fd=tfd)
+        lfd = fsio.open_dir(layer_id, tfd)
+        try:
+            os.mkdir("diff", 0o700, dir_fd=lfd)
+            src_fd = fsio.open_dir(src_dir, noatime=True)
+            try:
+                dst_fd = fsio.open_dir("diff", lfd)
+                try:
+                    for dropped in tree.copy_dir_meta(src_fd, dst_fd):
+                        result.note("dropped-overlay-xattr", b"", dropped.decode("ascii", "replace"))
+                    tree.walk_pair(src_fd, dst_fd, _linker(result), label=f"link {layer_id}")
+                finally:
+                    os.close(dst_fd)
+            finally:
+                os.close(src_fd)
+            fsio.syncfs(lfd)
+        finally:
+            os.close(lfd)
+    finally:
+        os.close(tfd)
+    return result
+
+
+def _linker(result: StepResult):
+    def visit(s_fd: int, d_fd: int, rel: bytes) -> List[str]:
+        subdirs = []
+        with os.scandir(s_fd) as it:
+            for entry in it:
+                name = entry.name
+                if name.startswith(WH_PREFIX):
+                    if name.startswith(WH_META_PREFIX) and name != OPAQUE_MARKER:
+                        result.note("dropped-aufs-internal", rel, name)
+                    continue
+                result.entries += 1
+                if entry.is_dir(follow_symlinks=False):
+                    subdirs.append(name)
+                else:
+                    _link_entry(s_fd, d_fd, name, rel, result)
+        for name in subdirs:
+            os.mkdir(name, 0o700, dir_fd=d_fd)
+            cs = fsio.open_dir(name, s_fd, noatime=True)
+            try:
+                cd = fsio.open_dir(name, d_fd)
+                try:
+                    for dropped in tree.copy_dir_meta(cs, cd):
+                        result.note("dropped-overlay-xattr", rel + b"/" + os.fsencode(name),
+                                    dropped.decode("ascii", "replace"))
+                finally:
+                    os.close(cd)
+            finally:
+                os.close(cs)
+        return subdirs
+
+    return visit
+
+
+def _link_entry(s_fd: int, d_fd: int, name: str, rel: bytes, result: StepResult) -> None:
+    """Hardlink without following a symlink (``follow_symlinks=False``: linkat without AT_SYMLINK_FOLLOW)."""
+    try:
+        os.link(name, name, src_dir_fd=s_fd, dst_dir_fd=d_fd, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno != errno.EMLINK:
+            raise
+        tree.copy_entry(s_fd, d_fd, name)
+        result.note("copied-link-limit", rel, name)
+
+
+def convert_whiteouts(src_dir: str, tree_root: str, layer_id: str) -> StepResult:
+    """Step ``linked → whiteouts-converted``: aufs whiteouts become 0/0 character devices, opaque markers
+    become ``trusted.overlay.opaque=y``, then every directory gets its times (last, bottom-up, since creating
+    a device changes its parent's mtime).  Existing devices and xattrs are accepted, so a re-run converges.
+    """
+    result = StepResult()
+    lfd = fsio.open_dir(os.path.join(tree_root, layer_id))
+    try:
+        src_fd = fsio.open_dir(src_dir, noatime=True)
+        try:
+            dst_fd = fsio.open_dir("diff", lfd)
+            try:
+                tree.walk_pair(src_fd, dst_fd, _whiteout_converter(result), tree.copy_dir_times,
+                               label=f"whiteouts {layer_id}")
+            finally:
+                os.close(dst_fd)
+        finally:
+            os.close(src_fd)
+        fsio.syncfs(lfd)
+    finally:
+        os.close(lfd)
+    return result
+
+
+def _whiteout_converter(result: StepResult):
+    def visit(s_fd: int, d_fd: int, rel: bytes) -> List[str]:
+        with os.scandir(s_fd) as it:
+            kinds = {entry.name: entry.is_dir(follow_symlinks=False) for entry in it}
+        subdirs = []
+        for name, is_dir in kinds.items():
+            if name == OPAQUE_MARKER:
+                xattr.set(d_fd, OPAQUE_XATTR, b"y")
+                result.entries += 1
+            elif name.startswith(WH_META_PREFIX):
+                continue
+            elif name.startswith(WH_PREFIX):
+                target = name[len(WH_PREFIX):]
+                if target in ("", ".", ".."):
+                    result.note("ignored-bad-whiteout", rel, name)
+                elif target in kinds:
+                    # The layer holds both <name> and .wh.<name>: its own entry stays; for a directory that
+                    # means nothing below shows through, i.e. an opaque directory.
+                    if kinds[target]:
+                        _set_opaque_child(d_fd, target)
+                    result.note("whiteout-beside-entry", rel, name)
+                else:
+                    _make_whiteout(s_fd, d_fd, name, target)
+                result.entries += 1
+            elif is_dir:
+                subdirs.append(name)
+        return subdirs
+
+    return visit
+
+
+def _set_opaque_child(d_fd: int, name: str) -> None:
+    fd = fsio.open_dir(name, d_fd)
+    try:
+        xattr.set(fd, OPAQUE_XATTR, b"y")
+    finally:
+        os.close(fd)
+
+
+def _make_whiteout(s_fd: int, d_fd: int, wh_name: str, target: str) -> None:
+    """A 0/0 character device named ``target``, with the aufs whiteout's owner, mode and times.
+
+    Each whiteout is a new inode: aufs hardlinks its whiteouts to one another, overlay2 must not.
+    """
+    st = os.stat(wh_name, dir_fd=s_fd, follow_symlinks=False)
+    try:
+        os.mknod(target, stat.S_IFCHR | 0o600, os.makedev(0, 0), dir_fd=d_fd)
+    except FileExistsError:
+        existing = os.stat(target, dir_fd=d_fd, follow_symlinks=False)
+        if not (stat.S_ISCHR(existing.st_mode) and existing.st_rdev == 0):
+            raise
+    os.chown(target, st.st_uid, st.st_gid, dir_fd=d_fd, follow_symlinks=False)
+    os.chmod(target, stat.S_IMODE(st.st_mode), dir_fd=d_fd)
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=d_fd, follow_symlinks=False)
+
+
+def lower_value(ancestor_link_ids: Sequence[str]) -> bytes:
+    """``l/<P1>:l/<P2>:…``, nearest parent first, no trailing newline (a newline breaks every mount)."""
+    return ":".join(f"l/{link}" for link in ancestor_link_ids).encode("ascii")
+
+
+def write_layer_files(tree_root: str, layer_id: str, link_id: str, ancestor_link_ids: Sequence[str]) -> None:
+    """Step ``whiteouts-converted → lowers-written``: ``link``, ``lower``, ``work/`` and ``l/<LINKID>``."""
+    lfd = fsio.open_dir(os.path.join(tree_root, layer_id))
+    try:
+        fsio.atomic_write(lfd, "link", link_id.encode("ascii"), 0o644)
+        if ancestor_link_ids:
+            fsio.atomic_write(lfd, "lower", lower_value(ancestor_link_ids), 0o644)
+            fsio.make_dir("work", WORK_MODE, dir_fd=lfd)
+            os.fsync(lfd)
+    finally:
+        os.close(lfd)
+    links_fd = fsio.open_dir(os.path.join(tree_root, "l"))
+    try:
+        fsio.atomic_symlink(links_fd, link_id, f"../{layer_id}/diff")
+    finally:
+        os.close(links_fd)
+
+
+def write_committed_marker(tree_root: str, layer_id: str, has_child: bool) -> None:
+    """Step ``lowers-written → committed``: dockerd 20.10 marks every layer that has a child ``committed``."""
+    if not has_child:
+        return
+    lfd = fsio.open_dir(os.path.join(tree_root, layer_id))
+    try:
+        fsio.atomic_write(lfd, "committed", b"", 0o600)
+    finally:
+        os.close(lfd)

@@ -1,0 +1,302 @@
+"""The migration runtime: the models the state machines drive, and the order of the switch.
+
+``LayerTask`` is the model of one layer's machine, ``Migration`` the model of the run's.  Their transition
+callbacks are the only places that change the filesystem; ``record_state``/``record_phase`` are the only
+places that record a state.  The database row is the truth: every start rebuilds the models from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional
+
+from migrations_state.machine import LAYER_NEXT, layer_machine, phase_machine
+from migrations_state.schema import ContainerRecord, FindingRecord, LayerRecord, SavedTimeRecord
+from migrations_state.store import Store
+from migrator import containers, fsio, images, overlay
+from migrator.errors import Locked, MigratorError
+
+WORKDIR = ".aufs2overlay"
+STATE_DB = "state.db"
+TEMP_TREE = "overlay2.temp"
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Every location the migrator reads or writes, derived from the engine root."""
+
+    root: str
+    state_db: str
+
+    @classmethod
+    def for_root(cls, root: str, state_db: Optional[str] = None) -> "Paths":
+        root = os.path.abspath(root)
+        return cls(root, os.path.abspath(state_db) if state_db else os.path.join(root, WORKDIR, STATE_DB))
+
+    def __getattr__(self, name: str) -> str:
+        rel = _RELATIVE.get(name)
+        if rel is None:
+            raise AttributeError(name)
+        return os.path.join(self.root, *rel)
+
+
+_RELATIVE = {
+    "workdir": (WORKDIR,),
+    "lock": (WORKDIR, "lock"),
+    "aufs": ("aufs",),
+    "aufs_diff": ("aufs", "diff"),
+    "temp_tree": (TEMP_TREE,),
+    "tree": ("overlay2",),
+    "image_dir": ("image",),
+    "image_aufs": ("image", "aufs"),
+    "image_stage": ("image", "overlay2.temp"),
+    "image_overlay2": ("image", "overlay2"),
+}
+
+
+@contextlib.contextmanager
+def root_lock(paths: Paths) -> Iterator[None]:
+    """An exclusive flock under ROOT: a second migrator (or rollback) on the same root is refused.
+
+    Creating the work area leaves ROOT's own times as they were, so a rollback can return ROOT exactly.
+    """
+    if not fsio.lexists(paths.workdir):
+        st = os.lstat(paths.root)
+        os.mkdir(paths.workdir, 0o700)
+        os.utime(paths.root, ns=(st.st_atime_ns, st.st_mtime_ns))
+        fsio.fsync_path(paths.root)
+    fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Locked(f"another aufs2overlay is working on {paths.root} (lock {paths.lock})") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+Progress = Callable[[str], None]
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+class LayerTask:
+    """Model of one layer's state machine; its callbacks are the layer steps of ``overlay``."""
+
+    def __init__(self, record: LayerRecord, link_ids: Dict[str, str], paths: Paths, store: Store) -> None:
+        self.id = record.id
+        self.record = record
+        self.link_ids = link_ids
+        self.paths = paths
+        self.store = store
+        self.result: Optional[overlay.StepResult] = None
+
+    @property
+    def src(self) -> str:
+        return os.path.join(self.paths.aufs_diff, self.id)
+
+    def build_tree(self) -> None:
+        self.result = overlay.build_layer_tree(self.src, self.paths.temp_tree, self.id)
+
+    def convert_whiteouts_in_tree(self) -> None:
+        self.result = overlay.convert_whiteouts(self.src, self.paths.temp_tree, self.id)
+
+    def write_lower_files(self) -> None:
+        ancestors = self.record.ancestors.split("\n") if self.record.ancestors else []
+        overlay.write_layer_files(self.paths.temp_tree, self.id, self.record.link_id,
+                                  [self.link_ids[a] for a in ancestors])
+        self.result = None
+
+    def write_committed_marker(self) -> None:
+        overlay.write_committed_marker(self.paths.temp_tree, self.id, self.record.has_child)
+        self.result = None
+
+    def record_state(self) -> None:
+        findings = []
+        entries = None
+        if self.result is not None:
+            entries = self.result.entries if self.state == "linked" else None
+            findings = [FindingRecord(layer_id=self.id, kind=k, detail=d) for k, d in self.result.findings]
+        self.store.set_layer_state(self.id, self.state, entries=entries, findings=findings)
+
+
+class Migration:
+    """Model of the run's phase machine: converting → switching → completed (→ cleaning → cleaned),
+    or → rolling-back → rolled-back."""
+
+    def __init__(self, paths: Paths, store: Store, progress: Progress = _quiet) -> None:
+        self.paths = paths
+        self.store = store
+        self.progress = progress
+        run = store.run()
+        self.run_record = run
+        phase_machine(self, run.phase)
+
+    # -- converting -------------------------------------------------------------------------------------
+
+    def convert_layers(self) -> None:
+        """Drive every layer to ``committed``, resuming each from its recorded state."""
+        overlay.prepare_tree(self.paths.temp_tree)
+        records = self.store.layers()
+        link_ids = {r.id: r.link_id for r in records}
+        machine = layer_machine()
+        total = len(records)
+        for n, record in enumerate(records, 1):
+            if record.state == "committed":
+                continue
+            task = LayerTask(record, link_ids, self.paths, self.store)
+            machine.add_model(task, initial=record.state)
+            started = time.monotonic()
+            entries = record.entries
+            try:
+                while task.state != "committed":
+                    getattr(task, LAYER_NEXT[task.state])()
+                    if task.state == "linked" and task.result is not None:
+                        entries = task.result.entries
+            except OSError as exc:
+                self.store.set_layer_error(record.id, f"{task.state}: {exc}")
+                raise
+            finally:
+                machine.remove_model(task)
+            self.progress(f"[{n}/{total}] layer {record.id} committed "
+                          f"({entries} entries, {time.monotonic() - started:.2f}s)")
+
+    def all_layers_committed(self) -> bool:
+        states = self.store.layer_states()
+        return set(states) <= {"committed"}
+
+    # -- switching --------------------------------------------------------------------------------------
+
+    def switch_to_overlay2(self) -> None:
+        """Stage the image store, switch containers, then rename the layer tree and the image store in.
+
+        Order: (1) ``image/overlay2.temp`` copied and synced, recorded as staged; (2) each container's config
+        rewritten atomically (its original bytes are in the database since discovery); (3)
+        ``overlay2.temp`` → ``overlay2``; (4) ``image/overlay2.temp`` → ``image/overlay2``.  Each is
+        idempotent and detectable from the tree, so a cut anywhere resumes; rollback undoes all four.
+        """
+        p = self.paths
+        run = self.store.run()
+        if not run.image_staged:
+            if images.is_dir(p.image_aufs):
+                n = images.stage_copy(p.image_aufs, p.image_stage)
+                self.progress(f"image store staged ({n} entries)")
+            self.store.set_image_staged(True)
+        for record in self.store.containers():
+            if record.state == "pending":
+                containers.switch(p.root, record.id, record.original, record.mode, record.uid, record.gid)
+                self.store.set_container_state(record.id, "switched")
+                self.progress(f"container {record.id} switched to overlay2")
+        if fsio.lexists(p.temp_tree):
+            if fsio.lexists(p.tree):
+                raise MigratorError(f"both {p.temp_tree} and {p.tree} exist; refusing to guess which is right")
+            fsio.rename_durable(p.root, os.path.basename(p.temp_tree), os.path.basename(p.tree))
+        if fsio.lexists(p.image_stage):
+            fsio.rename_durable(p.image_dir, os.path.basename(p.image_stage), os.path.basename(p.image_overlay2))
+
+    # -- rollback ---------------------------------------------------------------------------------------
+
+    def undo_migration(self) -> None:
+        """Restore every container config byte for byte, then remove everything the run created."""
+        p = self.paths
+        run = self.store.run()
+        for record in self.store.containers():
+            if record.original is not None and record.state in ("pending", "switched", "restored"):
+                containers.restore(p.root, record.id, record.original, record.mode, record.uid, record.gid,
+                                   (record.atime_ns, record.mtime_ns))
+                if record.state != "restored":
+                    self.store.set_container_state(record.id, "restored")
+        owned_final = run.rollback_from in ("switching", "completed")
+        removals = [(p.image_dir, os.path.basename(p.image_stage)), (p.root, os.path.basename(p.temp_tree))]
+        if owned_final:
+            removals += [(p.image_dir, os.path.basename(p.image_overlay2)), (p.root, os.path.basename(p.tree))]
+        for parent, name in removals:
+            if fsio.lexists(parent):
+                self.progress(f"removing {os.path.join(parent, name)}")
+                fsio.ensure_absent_durably(parent, name)
+        restore_dir_times(p.root, self.store.saved_times())
+
+    # -- cleanup ----------------------------------------------------------------------------------------
+
+    def remove_aufs_data(self) -> None:
+        """Move ``aufs/`` and ``image/aufs/`` into the work area (atomic, so no engine sees half of them),
+        then delete them there."""
+        p = self.paths
+        trash = os.path.join(p.workdir, "trash")
+        os.makedirs(trash, mode=0o700, exist_ok=True)
+        for parent, name, dest in ((p.root, "aufs", "aufs"), (p.image_dir, "aufs", "image-aufs")):
+            if fsio.lexists(os.path.join(parent, name)):
+                fsio.remove_tree(os.path.join(trash, dest))
+                os.rename(os.path.join(parent, name), os.path.join(trash, dest))
+                fsio.fsync_path(parent)
+                fsio.fsync_path(trash)
+        self.progress("removing the aufs data")
+        fsio.ensure_absent_durably(p.workdir, "trash")
+
+    # -- recording --------------------------------------------------------------------------------------
+
+    def record_phase(self) -> None:
+        rollback_from = None
+        if self.state == "rolling-back":
+            rollback_from = self.store.run().phase
+        self.store.set_phase(self.state, rollback_from=rollback_from)
+        self.progress(f"phase: {self.state}")
+
+
+def default_progress(quiet: bool) -> Progress:
+    if quiet:
+        return _quiet
+
+    def emit(msg: str) -> None:
+        print(f"aufs2overlay: {msg}", file=sys.stderr, flush=True)
+
+    return emit
+
+
+def discovered_records(layers, parents, containers_found, findings):
+    """Rows for a new run: link ids chosen once here, persisted, so a resumed run writes the same tree."""
+    from migrator.linkid import new_link_ids
+
+    link_ids = new_link_ids(len(layers))
+    layer_rows = [
+        LayerRecord(id=layer.id, seq=i, parent=layer.parent, ancestors="\n".join(layer.ancestors),
+                    link_id=link_ids[i], has_child=layer.id in parents, state="discovered")
+        for i, layer in enumerate(layers)
+    ]
+    container_rows = [
+        ContainerRecord(id=c.id, state=c.state, original=c.original, note=c.note,
+                        mode=(c.st.st_mode & 0o7777) if c.st else 0o600,
+                        uid=c.st.st_uid if c.st else 0, gid=c.st.st_gid if c.st else 0,
+                        atime_ns=c.st.st_atime_ns if c.st else 0, mtime_ns=c.st.st_mtime_ns if c.st else 0)
+        for c in containers_found
+    ]
+    finding_rows = [FindingRecord(layer_id=None, kind=k, detail=d) for k, d in findings]
+    return layer_rows, container_rows, finding_rows
+
+
+def dirs_whose_times_change(root: str, container_ids: List[str]) -> List[SavedTimeRecord]:
+    """The run adds or renames entries in these directories: keep their times so rollback can put them back."""
+    rows = []
+    for rel in [".", "image"] + [os.path.join("containers", cid) for cid in container_ids]:
+        try:
+            st = os.lstat(os.path.join(root, rel))
+        except FileNotFoundError:
+            continue
+        rows.append(SavedTimeRecord(path=rel, atime_ns=st.st_atime_ns, mtime_ns=st.st_mtime_ns))
+    return rows
+
+
+def restore_dir_times(root: str, rows: List[SavedTimeRecord]) -> None:
+    for row in rows:
+        path = os.path.join(root, row.path)
+        if os.path.isdir(path) and not os.path.islink(path):
+            os.utime(path, ns=(row.atime_ns, row.mtime_ns), follow_symlinks=False)
+            fsio.fsync_path(path)

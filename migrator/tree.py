@@ -1,0 +1,141 @@
+"""Walking two trees side by side with directory file descriptors, and copying metadata between them.
+
+The walk never resolves a path: each directory is opened relative to its parent's descriptor with
+``O_NOFOLLOW``, so a symlink inside layer data is an entry like any other and is never followed.  It holds
+two descriptors per level of depth and one directory's list of subdirectory names per level, never a list of
+the whole tree.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from typing import Callable, Iterator, List, Optional, Tuple
+
+import xattr
+
+from migrator import checkpoints, fsio
+
+OVERLAY_XATTR_PREFIX = b"trusted.overlay."
+
+# visit(src_fd, dst_fd, rel) handles one directory's entries and returns the names of the subdirectories to
+# descend into (each must already exist on both sides).  leave(src_fd, dst_fd) runs after all of them.
+Visit = Callable[[int, int, bytes], List[str]]
+Leave = Callable[[int, int], None]
+
+
+def walk_pair(src_fd: int, dst_fd: int, visit: Visit, leave: Optional[Leave] = None, label: str = "") -> None:
+    """Depth-first walk of two directory trees in lockstep.  The caller keeps ownership of the two root fds."""
+    frames: List[Tuple[int, int, bytes, Iterator[str], bool]] = []
+    frames.append((src_fd, dst_fd, b"", iter(visit(src_fd, dst_fd, b"")), False))
+    try:
+        while frames:
+            s_fd, d_fd, rel, pending, owned = frames[-1]
+            name = next(pending, None)
+            if name is None:
+                frames.pop()
+                try:
+                    if leave is not None:
+                        leave(s_fd, d_fd)
+                finally:
+                    if owned:
+                        os.close(s_fd)
+                        os.close(d_fd)
+                checkpoints.reached(f"walked {label}")
+                continue
+            child_s = fsio.open_dir(name, s_fd, noatime=True)
+            try:
+                child_d = fsio.open_dir(name, d_fd)
+            except BaseException:
+                os.close(child_s)
+                raise
+            child_rel = rel + b"/" + os.fsencode(name)
+            frames.append((child_s, child_d, child_rel, iter(()), True))
+            subdirs = visit(child_s, child_d, child_rel)
+            frames[-1] = (child_s, child_d, child_rel, iter(subdirs), True)
+    finally:
+        for s_fd, d_fd, _rel, _pending, owned in frames:
+            if owned:
+                os.close(s_fd)
+                os.close(d_fd)
+
+
+def copy_xattrs(src: object, dst: object, nofollow: bool = False) -> List[bytes]:
+    """Copy every xattr but ``trusted.overlay.*`` (those would steer overlayfs); return the names dropped."""
+    dropped = []
+    try:
+        names = xattr.list(src, nofollow=nofollow)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return dropped
+        raise
+    for name in names:
+        if name.startswith(OVERLAY_XATTR_PREFIX):
+            dropped.append(name)
+            continue
+        xattr.set(dst, name, xattr.get(src, name, nofollow=nofollow), nofollow=nofollow)
+    return dropped
+
+
+def copy_dir_meta(src_fd: int, dst_fd: int) -> List[bytes]:
+    """Owner, mode (setuid/setgid/sticky included) and xattrs of a directory; times are set last, elsewhere."""
+    st = os.fstat(src_fd)
+    os.fchown(dst_fd, st.st_uid, st.st_gid)
+    os.fchmod(dst_fd, stat.S_IMODE(st.st_mode))
+    return copy_xattrs(src_fd, dst_fd)
+
+
+def copy_dir_times(src_fd: int, dst_fd: int) -> None:
+    st = os.fstat(src_fd)
+    os.utime(dst_fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def copy_entry(src_fd: int, dst_fd: int, name: str) -> None:
+    """Copy one non-directory entry with all its metadata (the fallback when it cannot be hardlinked)."""
+    st = os.stat(name, dir_fd=src_fd, follow_symlinks=False)
+    mode = st.st_mode
+    if stat.S_ISREG(mode):
+        s = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_fd)
+        try:
+            d = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                        dir_fd=dst_fd)
+            try:
+                _copy_data(s, d, st.st_size)
+                os.fchown(d, st.st_uid, st.st_gid)
+                os.fchmod(d, stat.S_IMODE(mode))
+                copy_xattrs(s, d)
+                os.utime(d, ns=(st.st_atime_ns, st.st_mtime_ns))
+            finally:
+                os.close(d)
+        finally:
+            os.close(s)
+        return
+    if stat.S_ISLNK(mode):
+        os.symlink(os.readlink(name, dir_fd=src_fd), name, dir_fd=dst_fd)
+    else:  # fifo, socket, character or block device
+        os.mknod(name, stat.S_IFMT(mode) | 0o600, st.st_rdev, dir_fd=dst_fd)
+        os.chmod(name, stat.S_IMODE(mode), dir_fd=dst_fd)
+    os.chown(name, st.st_uid, st.st_gid, dir_fd=dst_fd, follow_symlinks=False)
+    os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_fd, follow_symlinks=False)
+
+
+def _copy_data(src: int, dst: int, size: int) -> None:
+    """Copy file data, keeping holes: a sparse file stays sparse (SEEK_DATA/SEEK_HOLE)."""
+    offset = 0
+    while offset < size:
+        try:
+            data_start = os.lseek(src, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole is left
+                break
+            raise
+        hole = os.lseek(src, data_start, os.SEEK_HOLE)
+        pos = data_start
+        while pos < hole:
+            n = os.copy_file_range(src, dst, hole - pos, pos, pos)
+            if n == 0:
+                break
+            pos += n
+        offset = hole
+    os.ftruncate(dst, size)

@@ -1,0 +1,111 @@
+"""Checks of a migrated tree: every layer's overlay2 structure, no aufs residue, and each chain mounts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from typing import Dict, List
+
+from migrations_state.store import Store
+from migrator import containers, overlay
+from migrator.runtime import Paths
+
+DONE_PHASES = ("completed", "cleaning", "cleaned")
+
+
+def _read(path: str) -> "bytes | None":
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def aufs_residue(diff_dir: str) -> List[str]:
+    """Names that must not survive into overlay2: any ``.wh.`` entry (whiteout, opaque marker, aufs internal)."""
+    found = []
+    for top, dirs, files in os.walk(os.fsencode(diff_dir)):
+        for name in dirs + files:
+            if name.startswith(b".wh."):
+                found.append(os.path.join(top, name).decode("utf-8", "backslashreplace"))
+    return found
+
+
+def layer_problems(tree: str, layer_id: str, link_id: str, ancestor_links: List[str], has_child: bool) -> List[str]:
+    problems = []
+    ldir = os.path.join(tree, layer_id)
+    if not os.path.isdir(os.path.join(ldir, "diff")):
+        return [f"{layer_id}: no diff/ directory"]
+    if _read(os.path.join(ldir, "link")) != link_id.encode():
+        problems.append(f"{layer_id}: link file is not {link_id}")
+    try:
+        target = os.readlink(os.path.join(tree, "l", link_id))
+        if target != f"../{layer_id}/diff":
+            problems.append(f"{layer_id}: l/{link_id} points to {target}")
+    except OSError:
+        problems.append(f"{layer_id}: l/{link_id} is missing")
+    lower = _read(os.path.join(ldir, "lower"))
+    if ancestor_links:
+        if lower != overlay.lower_value(ancestor_links):
+            problems.append(f"{layer_id}: lower is {lower!r}")
+        if not os.path.isdir(os.path.join(ldir, "work")):
+            problems.append(f"{layer_id}: no work/ directory")
+    elif lower is not None:
+        problems.append(f"{layer_id}: a base layer with a lower file")
+    if has_child and _read(os.path.join(ldir, "committed")) is None:
+        problems.append(f"{layer_id}: no committed marker")
+    problems += [f"{layer_id}: aufs entry left in the tree: {p}" for p in aufs_residue(os.path.join(ldir, "diff"))]
+    return problems
+
+
+def mount_problem(tree: str, layer_id: str, ancestor_links: List[str]) -> "str | None":
+    """Mount the layer's chain read-only the way dockerd does (relative ``l/`` paths from the tree)."""
+    with tempfile.TemporaryDirectory(prefix="a2o-verify-") as scratch:
+        mnt, empty = os.path.join(scratch, "mnt"), os.path.join(scratch, "empty")
+        os.mkdir(mnt)
+        os.mkdir(empty)
+        # Without an upper layer overlayfs wants two lowers: an empty one stands in under a base layer.
+        lowers = ":".join([f"{layer_id}/diff"] + [f"l/{link}" for link in ancestor_links] + [empty])
+        res = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", f"ro,lowerdir={lowers}", mnt],
+                             cwd=tree, capture_output=True, text=True)
+        if res.returncode != 0:
+            return f"{layer_id}: the kernel refuses to mount its chain: {res.stderr.strip()}"
+        try:
+            os.listdir(mnt)
+        finally:
+            subprocess.run(["umount", mnt], check=False)
+    return None
+
+
+def verify(paths: Paths, store: Store) -> List[str]:
+    run = store.run()
+    if run.phase not in DONE_PHASES:
+        return [f"the migration is {run.phase}, not completed"]
+    if run.phase == "cleaned":
+        return []
+    problems: List[str] = []
+    records = store.layers()
+    links: Dict[str, str] = {r.id: r.link_id for r in records}
+    can_mount = os.geteuid() == 0
+    for r in records:
+        ancestors = r.ancestors.split("\n") if r.ancestors else []
+        ancestor_links = [links[a] for a in ancestors]
+        found = layer_problems(paths.tree, r.id, r.link_id, ancestor_links, r.has_child)
+        if not found and can_mount:
+            problem = mount_problem(paths.tree, r.id, ancestor_links)
+            found = [problem] if problem else []
+        problems += found
+    if os.path.isdir(paths.image_aufs) and not os.path.isdir(paths.image_overlay2):
+        problems.append("image/overlay2/ is missing")
+    for c in store.containers():
+        if c.state != "switched":
+            continue
+        data = _read(os.path.join(paths.root, "containers", c.id, containers.CONFIG))
+        try:
+            driver = containers.locate_driver(data.decode("utf-8"))[0] if data is not None else None
+        except ValueError:
+            driver = None
+        if driver != "overlay2":
+            problems.append(f"container {c.id}: Driver is {driver!r}, not 'overlay2'")
+    return problems

@@ -1,0 +1,177 @@
+"""The conversion is right: every layer's chain, mounted by the kernel, shows what aufs showed."""
+
+import json
+import os
+import re
+import stat
+
+import pytest
+
+from tests.aufsview import aufs_view
+from tests.conftest import cli, needs_root, run_args
+from tests.manifest import diff_manifests, manifest
+from tests.overlaymount import mounted_chain
+
+pytestmark = needs_root
+
+
+def aufs_chains(root):
+    layers_dir = os.path.join(root, "aufs", "layers")
+    chains = {}
+    for lid in os.listdir(os.path.join(root, "aufs", "diff")):
+        lfile = os.path.join(layers_dir, lid)
+        if not os.path.exists(lfile):
+            continue
+        with open(lfile) as f:
+            ancestors = [line for line in f.read().split("\n") if line]
+        chains[lid] = [os.path.join(root, "aufs", "diff", x) for x in [lid] + ancestors]
+    return chains
+
+
+def assert_chains_match_aufs(root):
+    tree = os.path.join(root, "overlay2")
+    chains = aufs_chains(root)
+    assert chains, "no layers to check"
+    for lid, chain in chains.items():
+        expected = aufs_view(chain)
+        with mounted_chain(tree, lid) as mnt:
+            got = manifest(mnt)
+        assert got == expected, f"layer {lid}: {diff_manifests(expected, got)}"
+    return chains
+
+
+def aufs_side(root):
+    return {"aufs": manifest(os.path.join(root, "aufs")),
+            "image/aufs": manifest(os.path.join(root, "image", "aufs"))}
+
+
+def test_sample_root_every_chain_matches_aufs(sample_root):
+    before = aufs_side(sample_root)
+    cli(*run_args(sample_root), check=0)
+    chains = assert_chains_match_aufs(sample_root)
+    assert len(chains) == 6
+    assert aufs_side(sample_root) == before, "run changed the aufs data"
+    cli("verify", "--root", sample_root, check=0)
+
+
+def test_real_balena_root_matches_aufs(fixture_root):
+    before = aufs_side(fixture_root)
+    cli(*run_args(fixture_root), check=0)
+    assert_chains_match_aufs(fixture_root)
+    assert aufs_side(fixture_root) == before
+    # The fixture's a2o-test image: /tmp/f1 gone, /tmp/d1 holds only d1f2, hlkn and slkn present.
+    top = "0ea3c275c06095f504eeded40409cb1c8f2df7a0c13999a290855f5d583b6b78"
+    with mounted_chain(os.path.join(fixture_root, "overlay2"), top) as mnt:
+        assert not os.path.lexists(os.path.join(mnt, "tmp", "f1"))
+        assert os.listdir(os.path.join(mnt, "tmp", "d1")) == ["d1f2"]
+        assert os.path.isfile(os.path.join(mnt, "tmp", "hlkn"))
+        assert os.readlink(os.path.join(mnt, "tmp", "slkn")) == "/tmp/d1/d1f2"
+        assert os.path.samestat(os.stat(os.path.join(mnt, "tmp", "hlkn")),
+                                os.stat(os.path.join(mnt, "tmp", "d1", "d1f2")))
+
+
+def test_overlay2_layout_is_dockerds(sample_root):
+    cli(*run_args(sample_root), check=0)
+    tree = os.path.join(sample_root, "overlay2")
+    doc = json.loads(cli("status", "--root", sample_root, "--json", check=0).stdout)
+    assert doc["phase"] == "completed"
+    assert {layer["state"] for layer in doc["layers"]} == {"committed"}
+
+    def mode(*p):
+        return stat.S_IMODE(os.lstat(os.path.join(tree, *p)).st_mode)
+
+    assert mode() == 0o710 and mode("l") == 0o700
+    chains = aufs_chains(sample_root)
+    parents = {os.path.basename(c[1]) for c in chains.values() if len(c) > 1}
+    links = {}
+    for lid, chain in chains.items():
+        assert mode(lid) == 0o710
+        with open(os.path.join(tree, lid, "link"), "rb") as f:
+            link = f.read().decode()
+        assert re.fullmatch(r"[A-Z2-7]{26}", link) and mode(lid, "link") == 0o644
+        assert os.readlink(os.path.join(tree, "l", link)) == f"../{lid}/diff"
+        links[lid] = link
+        assert os.path.exists(os.path.join(tree, lid, "committed")) == (lid in parents)
+        if lid in parents:
+            assert mode(lid, "committed") == 0o600 and os.path.getsize(os.path.join(tree, lid, "committed")) == 0
+        if len(chain) == 1:
+            assert not os.path.exists(os.path.join(tree, lid, "lower"))
+            assert not os.path.exists(os.path.join(tree, lid, "work"))
+        else:
+            assert mode(lid, "work") == 0o700
+            assert mode(lid, "lower") == 0o644
+    assert len(set(links.values())) == len(links)
+    for lid, chain in chains.items():
+        if len(chain) > 1:
+            with open(os.path.join(tree, lid, "lower"), "rb") as f:
+                lower = f.read()
+            assert lower == ":".join(f"l/{links[os.path.basename(a)]}" for a in chain[1:]).encode()
+    # Every whiteout is its own inode (aufs hardlinks them to each other), no .wh. name survives.
+    devices = []
+    for top, dirs, files in os.walk(tree):
+        for name in dirs + files:
+            assert not name.startswith(".wh."), os.path.join(top, name)
+            st = os.lstat(os.path.join(top, name))
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                devices.append(st.st_ino)
+                assert st.st_nlink == 1
+    assert len(devices) == len(set(devices)) >= 5
+    # The image store is a faithful copy.
+    assert manifest(os.path.join(sample_root, "image", "overlay2")) == manifest(
+        os.path.join(sample_root, "image", "aufs"))
+
+
+def test_container_config_changes_only_driver(sample_root):
+    from migrator.sample import layer_id
+
+    cfg = os.path.join(sample_root, "containers", layer_id("container"), "config.v2.json")
+    with open(cfg, "rb") as f:
+        original = f.read()
+    cli(*run_args(sample_root), check=0)
+    with open(cfg, "rb") as f:
+        new = f.read()
+    assert new == original.replace(b'"Driver":"aufs"', b'"Driver":"overlay2"')
+    assert b'"MountPoints":{"/data":{"Driver":"local"' in new
+    assert stat.S_IMODE(os.stat(cfg).st_mode) == 0o600
+
+
+def test_link_ids_chosen_once_and_kept_on_resume(sample_root):
+    trace_env = {"AUFS2OVERLAY_KILL_AT": "30"}
+    res = cli(*run_args(sample_root), env=trace_env)
+    assert res.returncode == -9
+    from migrations_state.store import Store
+
+    store = Store(os.path.join(sample_root, ".aufs2overlay", "state.db"))
+    first = {r.id: r.link_id for r in store.layers()}
+    store.close()
+    cli(*run_args(sample_root), check=0)
+    for lid, link in first.items():
+        with open(os.path.join(sample_root, "overlay2", lid, "link")) as f:
+            assert f.read() == link
+
+
+def test_findings_are_reported(sample_root):
+    res = cli("run", "--root", sample_root, "--engine-pidfile", "/nonexistent", check=0)
+    assert "skipped-removing-layer" in res.stderr
+    doc = json.loads(cli("status", "--root", sample_root, "--json", check=0).stdout)
+    kinds = {f["kind"] for f in doc["findings"]}
+    assert {"skipped-removing-layer", "container-without-config", "dropped-aufs-internal",
+            "whiteout-beside-entry"} <= kinds
+    plnk = [f for f in doc["findings"] if f["kind"] == "dropped-aufs-internal"]
+    assert any(f["detail"].endswith(".wh..wh.plnk") for f in plnk)
+    assert any(f["detail"].endswith(".wh..wh.strange") for f in plnk)
+
+
+@pytest.mark.parametrize("link_target", ["/etc/shadow", "../../../../../../etc/passwd", "/nonexistent"])
+def test_symlinks_in_layers_are_never_followed(tmp_path, link_target):
+    from migrator import sample
+
+    root = str(tmp_path / "docker")
+    lid = sample.layer_id("only")
+    sample.build_aufs_root(root, {lid: ([], [(b"evil", "link", {"to": link_target.encode()}),
+                                             (b"d", "dir", {}), (b"d/evil2", "link", {"to": b"/etc"})])},
+                           {"img": [lid]}, {})
+    cli(*run_args(root), check=0)
+    evil = os.path.join(root, "overlay2", lid, "diff", "evil")
+    assert os.path.islink(evil) and os.readlink(evil) == link_target
+    assert os.path.samestat(os.lstat(evil), os.lstat(os.path.join(root, "aufs", "diff", lid, "evil")))
