@@ -1,0 +1,179 @@
+"""A migration killed at any instant resumes to the same tree, or rolls back to the exact starting root."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import cli, needs_root, run_args
+from tests.manifest import diff_manifests, manifest
+from tests.signature import tree_signature
+
+pytestmark = needs_root
+
+WORKDIR = b".aufs2overlay"
+
+
+def root_state(root):
+    """The whole engine root but the migrator's own work area (its state database and lock)."""
+    return manifest(root, skip={WORKDIR})
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    from migrator import sample
+
+    root = str(tmp_path_factory.mktemp("template") / "docker")
+    sample.build_sample_root(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(template, tmp_path_factory):
+    """An uninterrupted run, and the checkpoints it passed."""
+    root = str(tmp_path_factory.mktemp("reference") / "docker")
+    subprocess.run(["cp", "-a", template, root], check=True)
+    trace = os.path.join(os.path.dirname(root), "trace")
+    started = time.monotonic()
+    cli(*run_args(root), env={"AUFS2OVERLAY_CHECKPOINT_TRACE": trace}, check=0)
+    duration = time.monotonic() - started
+    with open(trace) as f:
+        labels = [line.rstrip("\n").split(" ", 1)[1] for line in f]
+    return {"signature": tree_signature(root), "labels": labels, "duration": duration}
+
+
+def fresh(template, tmp_path, name="docker"):
+    root = str(tmp_path / name)
+    subprocess.run(["rm", "-rf", root], check=True)
+    subprocess.run(["cp", "-a", template, root], check=True)
+    return root
+
+
+def kill_at(root, n):
+    res = cli(*run_args(root), env={"AUFS2OVERLAY_KILL_AT": str(n)})
+    assert res.returncode == -signal.SIGKILL, f"checkpoint {n} not reached: {res.stderr}"
+
+
+def phase_boundaries(labels):
+    """The first checkpoint of each kind: discovery, each layer state, each phase, the switch steps."""
+    seen, picks = set(), []
+    for n, label in enumerate(labels, 1):
+        kind = " ".join(w for w in label.split() if len(w) < 40 and not w.isupper())
+        if kind not in seen:
+            seen.add(kind)
+            picks.append(n)
+    return picks
+
+
+def test_checkpoints_cover_every_phase(reference):
+    labels = reference["labels"]
+    for needed in ("recorded discovery", "recorded phase switching", "recorded image_staged=True",
+                   "rename overlay2.temp -> overlay2", "recorded phase completed"):
+        assert needed in labels
+    for state in ("linked", "whiteouts-converted", "lowers-written", "committed"):
+        assert any(label.startswith("recorded layer") and label.endswith(" " + state) for label in labels)
+
+
+def test_rollback_at_every_phase_restores_the_exact_root(template, reference, tmp_path):
+    picks = phase_boundaries(reference["labels"])
+    assert len(picks) >= 12
+    for n in picks:
+        root = fresh(template, tmp_path)
+        before = root_state(root)
+        kill_at(root, n)
+        res = cli("rollback", "--root", root, "--engine-pidfile", "/nonexistent", "-q")
+        if reference["labels"][n - 1] == "recorded phase completed":
+            assert res.returncode == 3 and "--force" in res.stderr
+            cli("rollback", "--root", root, "--engine-pidfile", "/nonexistent", "--force", "-q", check=0)
+        else:
+            assert res.returncode == 0, res.stderr
+        after = root_state(root)
+        assert after == before, f"checkpoint {n} ({reference['labels'][n - 1]}): {diff_manifests(before, after)}"
+        assert cli("status", "--root", root).returncode == 6
+
+
+def test_rollback_after_completion_needs_force(template, tmp_path):
+    root = fresh(template, tmp_path)
+    before = root_state(root)
+    cli(*run_args(root), check=0)
+    res = cli("rollback", "--root", root, "--engine-pidfile", "/nonexistent")
+    assert res.returncode == 3 and "--force" in res.stderr
+    assert os.path.isdir(os.path.join(root, "overlay2"))
+    cli("rollback", "--root", root, "--engine-pidfile", "/nonexistent", "--force", check=0)
+    assert root_state(root) == before
+    # After a rollback, run starts over and completes.
+    cli(*run_args(root), check=0)
+    cli("verify", "--root", root, check=0)
+
+
+def test_cleanup_leaves_only_overlay2_data(template, reference, tmp_path):
+    root = fresh(template, tmp_path)
+    res = cli("cleanup", "--root", root, "--engine-pidfile", "/nonexistent")
+    assert res.returncode == 3  # nothing completed yet: refused
+    cli(*run_args(root), check=0)
+    expected = reference["signature"]
+    cli("cleanup", "--root", root, "--engine-pidfile", "/nonexistent", check=0)
+    assert sorted(os.listdir(root)) == ["containers", "image", "overlay2"]
+    assert os.listdir(os.path.join(root, "image")) == ["overlay2"]
+    assert tree_signature(root) == expected
+    assert cli(*run_args(root), check=0).stdout.startswith("nothing to migrate")
+
+
+def test_random_checkpoint_kills_then_finish(template, reference, tmp_path):
+    """Kill at a random checkpoint, again and again, until a run gets through."""
+    rng = random.Random(1234)
+    total = len(reference["labels"])
+    root = fresh(template, tmp_path)
+    kills = 0
+    while True:
+        res = cli(*run_args(root), env={"AUFS2OVERLAY_KILL_AT": str(rng.randint(1, total // 3))})
+        if res.returncode == 0:
+            break
+        assert res.returncode == -signal.SIGKILL, res.stderr
+        kills += 1
+        assert kills < 200
+    assert kills >= 3
+    assert tree_signature(root) == reference["signature"]
+    cli("verify", "--root", root, check=0)
+
+
+def test_random_time_kills_then_finish(template, reference, tmp_path):
+    """SIGKILL after a random delay, again and again (not at a checkpoint: anywhere)."""
+    rng = random.Random(99)
+    root = fresh(template, tmp_path)
+    kills = 0
+    for _ in range(60):
+        proc = subprocess.Popen([sys.executable, "-m", "migrator", *run_args(root)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.0, reference["duration"]))
+        if proc.poll() is None:
+            proc.kill()
+            kills += 1
+        if proc.wait() == 0:
+            break
+    cli(*run_args(root), check=0)
+    assert kills >= 3
+    assert tree_signature(root) == reference["signature"]
+
+
+@pytest.mark.slow
+def test_every_checkpoint_resume_and_rollback(template, reference, tmp_path):
+    """For every checkpoint N of a full run: killed at N then resumed gives the reference tree; killed at N
+    then rolled back gives the exact starting root."""
+    labels = reference["labels"]
+    for n in range(1, len(labels) + 1):
+        root = fresh(template, tmp_path, "resume")
+        kill_at(root, n)
+        cli(*run_args(root), check=0)
+        assert tree_signature(root) == reference["signature"], f"resume after checkpoint {n} {labels[n - 1]}"
+
+        root = fresh(template, tmp_path, "rollback")
+        before = root_state(root)
+        kill_at(root, n)
+        cli("rollback", "--root", root, "--engine-pidfile", "/nonexistent", "--force", "-q", check=0)
+        after = root_state(root)
+        assert after == before, f"rollback after checkpoint {n} {labels[n - 1]}: {diff_manifests(before, after)}"
