@@ -45,6 +45,9 @@ class LayerRecord(Base):
     ancestors: Mapped[str] = mapped_column(Text, default="")
     link_id: Mapped[str] = mapped_column(String(26), unique=True)
     has_child: Mapped[bool] = mapped_column(default=False)
+    # A container's writable layer: overlay2 writes into it in place, so its files are copied, not hardlinked
+    # (a write through a hardlink would change the aufs data that rollback must return).
+    writable: Mapped[bool] = mapped_column(default=False)
     state: Mapped[str] = mapped_column(String(32), index=True)
     entries: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[Optional[str]] = mapped_column(Text, nullable=True)

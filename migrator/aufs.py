@@ -26,6 +26,7 @@ _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
 class AufsLayer:
     id: str
     ancestors: List[str]  # nearest parent first
+    writable: bool = False  # a container's own layer: overlay2 will write into it in place
 
     @property
     def parent(self) -> "str | None":
@@ -64,11 +65,13 @@ def _read_small(path: str, limit: int) -> bytes:
     return data
 
 
-def layer_store_references(root: str) -> Set[str]:
-    """Layer ids the image layer store names (cache-id of image layers, mount-id/init-id of containers)."""
+def layer_store_references(root: str, files: Tuple[str, ...] = ("cache-id", "mount-id", "init-id")) -> Set[str]:
+    """Layer ids the image layer store names in ``files`` (``cache-id`` of image layers, ``mount-id`` of
+    containers' writable layers, ``init-id`` of their init layers)."""
     refs: Set[str] = set()
     layerdb = os.path.join(root, "image", "aufs", "layerdb")
-    for sub, names in (("sha256", ("cache-id",)), ("mounts", ("mount-id", "init-id"))):
+    for sub, all_names in (("sha256", ("cache-id",)), ("mounts", ("mount-id", "init-id"))):
+        names = [n for n in all_names if n in files]
         base = os.path.join(layerdb, sub)
         try:
             entries = os.listdir(base)
@@ -156,5 +159,6 @@ def discover(root: str) -> Discovery:
             raise Refused(f"aufs/layers/{name} disagrees with aufs/layers/{ancestors[0]} about the ancestry")
 
     ordered = sorted(candidates.items(), key=lambda item: (len(item[1]), item[0]))
-    result.layers = [AufsLayer(id=name, ancestors=ancestors) for name, ancestors in ordered]
+    writable = layer_store_references(root, ("mount-id",))
+    result.layers = [AufsLayer(id=name, ancestors=ancestors, writable=name in writable) for name, ancestors in ordered]
     return result

@@ -144,15 +144,21 @@ def switch(root: str, cid: str, original: bytes, mode: int, uid: int, gid: int) 
 
 
 def restore(root: str, cid: str, original: bytes, mode: int, uid: int, gid: int,
-            times_ns: Tuple[int, int]) -> None:
-    """Put the config back byte for byte, with its mode, owner and times; a re-run is a no-op."""
+            times_ns: Tuple[int, int]) -> bool:
+    """Put the config back byte for byte, with its mode, owner and times; a re-run is a no-op.
+
+    Returns False when the container's directory is gone (an engine removed the container after the
+    migration completed): there is nothing left to put the config into.
+    """
     cdir = os.path.join(root, "containers", cid)
+    if not os.path.isdir(cdir) or os.path.islink(cdir):
+        return False
     path = os.path.join(cdir, CONFIG)
     try:
         current, st = _read_config(path)
         if (current == original and stat.S_IMODE(st.st_mode) == mode and (st.st_uid, st.st_gid) == (uid, gid)
                 and st.st_mtime_ns == times_ns[1]):
-            return
+            return True
     except FileNotFoundError:
         pass
     fd = fsio.open_dir(cdir)
@@ -160,3 +166,4 @@ def restore(root: str, cid: str, original: bytes, mode: int, uid: int, gid: int,
         fsio.atomic_write(fd, CONFIG, original, mode, owner=(uid, gid), times_ns=times_ns)
     finally:
         os.close(fd)
+    return True

@@ -10,7 +10,7 @@ import errno
 import os
 import stat
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import xattr
 
@@ -56,8 +56,9 @@ def prepare_tree(tree_root: str) -> None:
         os.close(pfd)
 
 
-def build_layer_tree(src_dir: str, tree_root: str, layer_id: str) -> StepResult:
-    """Step ``discovered → linked``: rebuild ``<tree>/<id>/diff`` from scratch, hardlinking every entry.
+def build_layer_tree(src_dir: str, tree_root: str, layer_id: str, copy: bool = False) -> StepResult:
+    """Step ``discovered → linked``: rebuild ``<tree>/<id>/diff`` from scratch, hardlinking every entry
+    (``copy``: copying it with its metadata, for a container's writable layer, which overlay2 changes in place).
 
     Whiteouts and aufs internals are left out here (the next step converts them); a partial tree from an
     earlier, cut-off attempt is removed first, which is what makes the step idempotent.
@@ -77,7 +78,8 @@ def build_layer_tree(src_dir: str, tree_root: str, layer_id: str) -> StepResult:
                 try:
                     for dropped in tree.copy_dir_meta(src_fd, dst_fd):
                         result.note("dropped-overlay-xattr", b"", dropped.decode("ascii", "replace"))
-                    tree.walk_pair(src_fd, dst_fd, _linker(result), label=f"link {layer_id}")
+                    carry = _Copier(dst_fd, result) if copy else _link_entry
+                    tree.walk_pair(src_fd, dst_fd, _linker(result, carry), label=f"link {layer_id}")
                 finally:
                     os.close(dst_fd)
             finally:
@@ -90,7 +92,7 @@ def build_layer_tree(src_dir: str, tree_root: str, layer_id: str) -> StepResult:
     return result
 
 
-def _linker(result: StepResult):
+def _linker(result: StepResult, carry):
     def visit(s_fd: int, d_fd: int, rel: bytes) -> List[str]:
         subdirs = []
         with os.scandir(s_fd) as it:
@@ -104,7 +106,7 @@ def _linker(result: StepResult):
                 if entry.is_dir(follow_symlinks=False):
                     subdirs.append(name)
                 else:
-                    _link_entry(s_fd, d_fd, name, rel, result)
+                    carry(s_fd, d_fd, name, rel, result)
         for name in subdirs:
             os.mkdir(name, 0o700, dir_fd=d_fd)
             cs = fsio.open_dir(name, s_fd, noatime=True)
@@ -132,6 +134,27 @@ def _link_entry(s_fd: int, d_fd: int, name: str, rel: bytes, result: StepResult)
             raise
         tree.copy_entry(s_fd, d_fd, name)
         result.note("copied-link-limit", rel, name)
+
+
+class _Copier:
+    """Copies entries of a writable layer, keeping its hardlink groups: the second name of an inode is
+    linked to the first copy (by its path below the layer root, through directories this step created)."""
+
+    def __init__(self, root_fd: int, result: StepResult) -> None:
+        self.root_fd = root_fd
+        self.first_copy: Dict[Tuple[int, int], bytes] = {}
+        result.note("copied-writable-layer", b"")
+
+    def __call__(self, s_fd: int, d_fd: int, name: str, rel: bytes, result: StepResult) -> None:
+        st = os.stat(name, dir_fd=s_fd, follow_symlinks=False)
+        key = (st.st_dev, st.st_ino)
+        here = (rel + b"/" + os.fsencode(name)).lstrip(b"/")
+        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode) and key in self.first_copy:
+            os.link(self.first_copy[key], name, src_dir_fd=self.root_fd, dst_dir_fd=d_fd, follow_symlinks=False)
+            return
+        tree.copy_entry(s_fd, d_fd, name)
+        if st.st_nlink > 1:
+            self.first_copy[key] = here
 
 
 def convert_whiteouts(src_dir: str, tree_root: str, layer_id: str) -> StepResult:

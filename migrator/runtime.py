@@ -104,7 +104,7 @@ class LayerTask:
         return os.path.join(self.paths.aufs_diff, self.id)
 
     def build_tree(self) -> None:
-        self.result = overlay.build_layer_tree(self.src, self.paths.temp_tree, self.id)
+        self.result = overlay.build_layer_tree(self.src, self.paths.temp_tree, self.id, copy=self.record.writable)
 
     def convert_whiteouts_in_tree(self) -> None:
         self.result = overlay.convert_whiteouts(self.src, self.paths.temp_tree, self.id)
@@ -209,11 +209,12 @@ class Migration:
         p = self.paths
         run = self.store.run()
         for record in self.store.containers():
-            if record.original is not None and record.state in ("pending", "switched", "restored"):
-                containers.restore(p.root, record.id, record.original, record.mode, record.uid, record.gid,
-                                   (record.atime_ns, record.mtime_ns))
-                if record.state != "restored":
-                    self.store.set_container_state(record.id, "restored")
+            if record.original is not None and record.state in ("pending", "switched"):
+                restored = containers.restore(p.root, record.id, record.original, record.mode, record.uid,
+                                              record.gid, (record.atime_ns, record.mtime_ns))
+                self.store.set_container_state(record.id, "restored" if restored else "gone")
+                if not restored:
+                    self.progress(f"container {record.id} was removed since the migration; not restored")
         owned_final = run.rollback_from in ("switching", "completed")
         removals = [(p.image_dir, os.path.basename(p.image_stage)), (p.root, os.path.basename(p.temp_tree))]
         if owned_final:
@@ -268,7 +269,8 @@ def discovered_records(layers, parents, containers_found, findings):
     link_ids = new_link_ids(len(layers))
     layer_rows = [
         LayerRecord(id=layer.id, seq=i, parent=layer.parent, ancestors="\n".join(layer.ancestors),
-                    link_id=link_ids[i], has_child=layer.id in parents, state="discovered")
+                    link_id=link_ids[i], has_child=layer.id in parents, writable=layer.writable,
+                    state="discovered")
         for i, layer in enumerate(layers)
     ]
     container_rows = [

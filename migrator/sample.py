@@ -144,6 +144,8 @@ CONTAINER: List[Entry] = [  # a writable layer as aufs leaves it after a power c
     (b"home/user", "wh", {"hardlink_base": True}),
     (b"tmp", "dir", {"mode": 0o1777}),
     (b"tmp/scratch", "file", {"data": b"scratch" * 100}),
+    (b"tmp/h1", "file", {"data": b"linked in the container", "mode": 0o640, "uid": 1000}),
+    (b"tmp/h2", "hard", {"to": b"tmp/h1"}),
 ]
 
 

@@ -175,3 +175,22 @@ def test_symlinks_in_layers_are_never_followed(tmp_path, link_target):
     evil = os.path.join(root, "overlay2", lid, "diff", "evil")
     assert os.path.islink(evil) and os.readlink(evil) == link_target
     assert os.path.samestat(os.lstat(evil), os.lstat(os.path.join(root, "aufs", "diff", lid, "evil")))
+
+
+def test_writable_layer_is_copied_not_shared(sample_root):
+    """overlay2 writes a container's own layer in place: sharing its inodes with aufs would let the engine
+    change the aufs data behind rollback's back."""
+    from migrator.sample import layer_id
+
+    cid = layer_id("container")
+    cli(*run_args(sample_root), check=0)
+    new = os.path.join(sample_root, "overlay2", cid, "diff", "tmp")
+    old = os.path.join(sample_root, "aufs", "diff", cid, "tmp")
+    for name in ("scratch", "h1", "h2"):
+        assert os.lstat(os.path.join(new, name)).st_ino != os.lstat(os.path.join(old, name)).st_ino
+    assert os.path.samestat(os.lstat(os.path.join(new, "h1")), os.lstat(os.path.join(new, "h2")))
+    assert os.lstat(os.path.join(new, "h1")).st_nlink == 2
+    # Image layers are hardlinked.
+    base = layer_id("base")
+    assert os.path.samestat(os.lstat(os.path.join(sample_root, "overlay2", base, "diff", "bin", "busybox")),
+                            os.lstat(os.path.join(sample_root, "aufs", "diff", base, "bin", "busybox")))

@@ -1,0 +1,280 @@
+"""Real-engine acceptance: a real dockerd accepts the migrated root, and every image and container is intact.
+
+1. A private dockerd (overlay2) builds images with real RUN steps and makes containers; everything an engine
+   can tell about them is recorded; the engine stops.
+2. The root is turned into the root the aufs driver would have written (tests/aufsbuilder.py).
+3. ``aufs2overlay run`` migrates it; dockerd starts on it with overlay2 and must see the same things.
+4. The engine stops; ``rollback --force`` gives back the aufs root exactly as built in step 2.
+
+The tests in this module run in order and share one engine root.
+"""
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+
+import pytest
+
+from tests import dockerd as dk
+from tests.aufsbuilder import build_aufs_root
+from tests.conftest import cli, unpack_fixture
+from tests.manifest import diff_manifests, manifest
+
+pytestmark = [pytest.mark.engine, pytest.mark.skipif(dk.available() is not None, reason=str(dk.available()))]
+
+BUSYBOX = shutil.which("busybox") or "/bin/busybox"
+
+APP_DOCKERFILE = """FROM a2o/base
+RUN mkdir -p /data/d1 /data/keep/sub /deep/a/b/c/d/e/f/g/h/i/j/k/l/m/n/o/p \\
+ && echo one > /data/d1/f && echo two > /data/f2 && echo three > /data/keep/sub/k \\
+ && mkfifo /data/fifo && ln /data/f2 /data/hl && ln -s /data/f2 /data/sl && ln -s ../../etc /data/up \\
+ && echo suid > /data/suid && chmod 4755 /data/suid && mkdir -m 2775 /data/sgid && chmod 1777 /data/d1 \\
+ && echo deep > /deep/a/b/c/d/e/f/g/h/i/j/k/l/m/n/o/p/file && touch /data/empty
+RUN rm /data/f2 && rm -r /data/d1 && mkdir /data/d1 && echo new > /data/d1/g && rm /bin/vi
+RUN rm -r /data/keep && echo top > /data/top
+"""
+OTHER_DOCKERFILE = """FROM a2o/base
+RUN echo other > /other && rm -r /tmp
+"""
+# What a container sees, minus what the engine mounts afresh at every start (/proc, /sys, /dev, /etc/hosts…).
+VIEW = ("find / -xdev ! -path / ! -path /proc ! -path /sys ! -path /dev ! -path /etc/hosts ! -path /etc/hostname "
+        "! -path /etc/resolv.conf ! -path /.dockerenv ! -path /etc ! -path /etc/mtab -exec stat -c '%n %F %a %u %g %s %Y %N' {} + | sort; "
+        "cat /data/d1/g /data/hl /data/suid 2>&1; cat /other 2>&1; true")
+RAN_CMD = ("if [ ! -e /data/added ]; then echo added > /data/added; rm /data/hl; rm -r /deep/a/b; "
+           "echo more >> /data/d1/g; mkdir -p /data/newdir; fi; exec sleep 1000")
+
+
+def export_listing(data: bytes):
+    out = []
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        for m in tar.getmembers():
+            digest = hashlib.sha256(tar.extractfile(m).read()).hexdigest() if m.isfile() else None
+            out.append((m.name, m.type, m.mode, m.uid, m.gid, m.size, int(m.mtime), m.linkname,
+                        m.devmajor, m.devminor, digest))
+    return sorted(out)
+
+
+def image_ids(engine):
+    lines = engine.out("image", "ls", "-a", "--no-trunc", "--format", "{{.ID}} {{.Repository}}:{{.Tag}}")
+    return sorted(lines.splitlines())
+
+
+def saved_layer_digests(engine, ref):
+    """sha256 of each layer tar of ``docker save``, and the image's rootfs.diff_ids."""
+    data = engine.docker("save", ref).stdout
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        manifest_ = json.load(tar.extractfile("manifest.json"))[0]
+        config = json.load(tar.extractfile(manifest_["Config"]))
+        digests = ["sha256:" + hashlib.sha256(tar.extractfile(p).read()).hexdigest() for p in manifest_["Layers"]]
+    return data, digests, config["rootfs"]["diff_ids"]
+
+
+def make_base_rootfs(dest):
+    """A minimal busybox root filesystem, as a tar for ``docker import``."""
+    os.makedirs(os.path.join(dest, "bin"))
+    shutil.copy2(os.path.realpath(BUSYBOX), os.path.join(dest, "bin", "busybox"))
+    applets = subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True, check=True).stdout.split()
+    for applet in applets:
+        if applet != "busybox":
+            os.symlink("busybox", os.path.join(dest, "bin", applet))
+    for d, mode in (("etc", 0o755), ("tmp", 0o1777), ("root", 0o700), ("proc", 0o555), ("sys", 0o555),
+                    ("dev", 0o755), ("var", 0o755), ("home", 0o755)):
+        os.makedirs(os.path.join(dest, d), exist_ok=True)
+        os.chmod(os.path.join(dest, d), mode)
+    with open(os.path.join(dest, "etc", "passwd"), "w") as f:
+        f.write("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        tar.add(dest, arcname=".")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def world():
+    """Steps 1 and 2: the recorded facts and the aufs root."""
+    base = tempfile.mkdtemp(prefix="a2o-engine-", dir="/var/tmp")
+    root = os.path.join(base, "docker")
+    engine = dk.Dockerd(root)
+    facts = {"root": root, "base": base}
+    try:
+        engine.start()
+        engine.docker("import", "-", "a2o/base:latest", input=make_base_rootfs(os.path.join(base, "rootfs")))
+        for tag, dockerfile in (("a2o/app:latest", APP_DOCKERFILE), ("a2o/other:latest", OTHER_DOCKERFILE)):
+            ctx = os.path.join(base, "ctx-" + tag.split("/")[1].split(":")[0])
+            os.makedirs(ctx)
+            with open(os.path.join(ctx, "Dockerfile"), "w") as f:
+                f.write(dockerfile)
+            engine.docker("build", "-q", "-t", tag, ctx)
+        engine.docker("tag", "a2o/app:latest", "a2o/app:v1")
+        engine.docker("create", "--name", "c_new", "a2o/app", "sh", "-c", "exec sleep 1000")
+        engine.docker("run", "-d", "--name", "c_ran", "a2o/app", "sh", "-c", RAN_CMD)
+        engine.docker("run", "--name", "c_vol", "-v", "vol1:/vol", "a2o/app", "sh", "-c", "echo voldata > /vol/v")
+        facts["ran_view"] = engine.out("exec", "c_ran", "sh", "-c", VIEW)
+        engine.docker("stop", "-t", "1", "c_ran")
+        facts["images"] = image_ids(engine)
+        facts["saves"] = {}
+        facts["digests"] = {}
+        for ref in ("a2o/base:latest", "a2o/app:latest", "a2o/other:latest"):
+            data, digests, diff_ids = saved_layer_digests(engine, ref)
+            assert digests == diff_ids
+            facts["saves"][ref] = data
+            facts["digests"][ref] = digests
+        facts["views"] = {ref: engine.out("run", "--rm", ref, "sh", "-c", VIEW)
+                          for ref in ("a2o/app:latest", "a2o/other:latest")}
+        facts["containers"] = {}
+        for name in ("c_new", "c_ran", "c_vol"):
+            cid = engine.out("inspect", "-f", "{{.Id}}", name).strip()
+            facts["containers"][name] = {
+                "id": cid,
+                "diff": sorted(engine.out("diff", name).splitlines()),
+                "export": export_listing(engine.docker("export", name).stdout),
+            }
+    finally:
+        engine.cleanup()
+    build_aufs_root(root, facts["saves"])
+    facts["aufs_manifest"] = manifest(os.path.join(root, "aufs"))
+    facts["image_aufs_manifest"] = manifest(os.path.join(root, "image", "aufs"))
+    facts["configs"] = {}
+    for c in facts["containers"].values():
+        with open(os.path.join(root, "containers", c["id"], "config.v2.json"), "rb") as f:
+            facts["configs"][c["id"]] = f.read()
+    yield facts
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def migrated(world):
+    """Step 3: migrate, then a dockerd with overlay2 on the result."""
+    root = world["root"]
+    res = cli("run", "--root", root, "--engine-pidfile", "/nonexistent")
+    assert res.returncode == 0, res.stderr
+    cli("verify", "--root", root, check=0)
+    engine = dk.Dockerd(root)
+    try:
+        engine.start()
+        yield engine
+    finally:
+        engine.cleanup()
+
+
+def test_the_aufs_root_is_real_aufs(world):
+    aufs = world["aufs_manifest"]
+    assert any(p.endswith(b".wh..wh..opq") for p in aufs)
+    assert any(p.endswith(b"/.wh.f2") for p in aufs)
+    assert any(b".wh..wh.plnk/" in p for p in aufs)
+
+
+def test_same_images_and_tags(world, migrated):
+    assert image_ids(migrated) == world["images"]
+
+
+def test_saved_layers_match_diff_ids(world, migrated):
+    for ref, digests in world["digests"].items():
+        _data, got, diff_ids = saved_layer_digests(migrated, ref)
+        assert got == diff_ids == digests, ref
+
+
+def test_images_show_the_same_files(world, migrated):
+    for ref, expected in world["views"].items():
+        assert migrated.out("run", "--rm", ref, "sh", "-c", VIEW) == expected, ref
+    data = migrated.out("run", "--rm", "a2o/app", "ls", "-A", "/data").split()
+    assert "f2" not in data and "keep" not in data and {"d1", "hl", "sl", "fifo", "suid", "top"} <= set(data)
+    assert migrated.out("run", "--rm", "a2o/app", "ls", "-A", "/data/d1").split() == ["g"]
+    assert migrated.docker("run", "--rm", "a2o/app", "test", "-e", "/bin/vi", check=False).returncode == 1
+
+
+def test_containers_diff_and_export_unchanged(world, migrated):
+    for name, c in world["containers"].items():
+        assert sorted(migrated.out("diff", name).splitlines()) == c["diff"], name
+        got = export_listing(migrated.docker("export", name).stdout)
+        assert got == c["export"], (name, [x for x in got if x not in c["export"]][:5],
+                                    [x for x in c["export"] if x not in got][:5])
+
+
+def test_stopped_containers_start_and_see_their_changes(world, migrated):
+    migrated.docker("start", "c_ran")
+    try:
+        assert migrated.out("exec", "c_ran", "sh", "-c", VIEW) == world["ran_view"]
+        # Writes in place into the container's own layer: they must not reach the aufs data (rollback).
+        migrated.docker("exec", "c_ran", "sh", "-c", "echo appended >> /data/added && chmod 600 /data/added")
+    finally:
+        migrated.docker("stop", "-t", "1", "c_ran")
+    migrated.docker("start", "c_new")
+    migrated.docker("stop", "-t", "1", "c_new")
+
+
+def test_volume_data_is_there(migrated):
+    assert migrated.out("run", "--rm", "-v", "vol1:/vol", "a2o/base", "cat", "/vol/v") == "voldata\n"
+
+
+def test_build_from_a_migrated_image(world, migrated):
+    ctx = os.path.join(world["base"], "ctx-new")
+    os.makedirs(ctx)
+    with open(os.path.join(ctx, "Dockerfile"), "w") as f:
+        f.write("FROM a2o/app\nRUN cat /data/d1/g > /built && rm /data/top\n")
+    migrated.docker("build", "-q", "-t", "a2o/new", ctx)
+    assert migrated.out("run", "--rm", "a2o/new", "sh", "-c", "cat /built; ls /data") .split("\n")[0] == "new"
+
+
+def test_rm_and_rmi_remove_migrated_layers(world, migrated):
+    root = world["root"]
+    c_new = world["containers"]["c_new"]["id"]
+    mount_id = open(os.path.join(root, "image", "overlay2", "layerdb", "mounts", c_new, "mount-id")).read()
+    assert os.path.isdir(os.path.join(root, "overlay2", mount_id))
+    migrated.docker("rm", "c_new")
+    assert not os.path.exists(os.path.join(root, "overlay2", mount_id))
+    assert not os.path.exists(os.path.join(root, "overlay2", mount_id + "-init"))
+    top_other = world["digests"]["a2o/other:latest"]
+    before = set(os.listdir(os.path.join(root, "overlay2")))
+    migrated.docker("rmi", "a2o/other")
+    after = set(os.listdir(os.path.join(root, "overlay2")))
+    assert len(before - after) == 1 and len(top_other) == 2  # its own layer went, the shared base stayed
+
+
+def test_rollback_force_returns_the_aufs_root(world, migrated):
+    migrated.stop()
+    root = world["root"]
+    res = cli("rollback", "--root", root, "--engine-pidfile", "/nonexistent", "--force")
+    assert res.returncode == 0, res.stderr
+    aufs_now = manifest(os.path.join(root, "aufs"))
+    assert aufs_now == world["aufs_manifest"], diff_manifests(world["aufs_manifest"], aufs_now)
+    assert manifest(os.path.join(root, "image", "aufs")) == world["image_aufs_manifest"]
+    assert not os.path.exists(os.path.join(root, "overlay2"))
+    assert not os.path.exists(os.path.join(root, "image", "overlay2"))
+    c_new = world["containers"]["c_new"]["id"]
+    for cid, data in world["configs"].items():
+        path = os.path.join(root, "containers", cid, "config.v2.json")
+        if cid == c_new:
+            assert not os.path.exists(path)  # removed by the engine after completion: nothing to restore
+            continue
+        with open(path, "rb") as f:
+            assert f.read() == data
+
+
+def test_real_balena_root_runs_on_dockerd(tmp_path):
+    root = tempfile.mkdtemp(prefix="a2o-balena-", dir="/var/tmp")
+    shutil.rmtree(root)
+    unpack_fixture(root)
+    try:
+        cli("run", "--root", root, "--engine-pidfile", "/nonexistent", check=0)
+        engine = dk.Dockerd(root)
+        try:
+            engine.start()
+            repos = engine.out("image", "ls", "--format", "{{.Repository}}").split()
+            assert "a2o-test" in repos and "busybox" in repos
+            _data, digests, diff_ids = saved_layer_digests(engine, "a2o-test")
+            assert digests == diff_ids
+            out = engine.out("run", "--rm", "a2o-test", "sh", "-c",
+                             "ls /tmp/f1 2>&1; ls -A /tmp/d1; ls /tmp/hlkn /tmp/slkn; readlink /tmp/slkn")
+            lines = out.splitlines()
+            assert "No such file" in lines[0]
+            assert lines[1:] == ["d1f2", "/tmp/hlkn", "/tmp/slkn", "/tmp/d1/d1f2"]
+        finally:
+            engine.cleanup()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
