@@ -63,7 +63,7 @@ def _overlay_dir_to_aufs(src: str, dest: str, writable: bool) -> None:
             f.write(b"an aufs pseudo-link left by a power cut")
         os.makedirs(os.path.join(dest, ".wh..wh.orph"), mode=0o700)
     dir_times = {}
-    for top, dirs, files in os.walk(dest):
+    for top, _dirs, files in os.walk(dest):
         st = os.lstat(top)
         dir_times[top] = (st.st_atime_ns, st.st_mtime_ns)
         for name in xattr.list(top, nofollow=True):
@@ -108,7 +108,7 @@ def build_aufs_root(root: str, saved_images: Dict[str, bytes]) -> None:
         os.makedirs(os.path.join(root, "aufs", "mnt", layer_id), exist_ok=True)
 
     cache_of_chain: Dict[str, str] = {}
-    for ref, tar_bytes in saved_images.items():
+    for _ref, tar_bytes in saved_images.items():
         with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
             manifest = json.load(tar.extractfile("manifest.json"))[0]
             config = json.load(tar.extractfile(manifest["Config"]))

@@ -43,7 +43,8 @@ RUN echo other > /other && rm -r /tmp
 """
 # What a container sees, minus what the engine mounts afresh at every start (/proc, /sys, /dev, /etc/hosts…).
 VIEW = ("find / -xdev ! -path / ! -path /proc ! -path /sys ! -path /dev ! -path /etc/hosts ! -path /etc/hostname "
-        "! -path /etc/resolv.conf ! -path /.dockerenv ! -path /etc ! -path /etc/mtab -exec stat -c '%n %F %a %u %g %s %Y %N' {} + | sort; "
+        "! -path /etc/resolv.conf ! -path /.dockerenv ! -path /etc ! -path /etc/mtab "
+        "-exec stat -c '%n %F %a %u %g %s %Y %N' {} + | sort; "
         "cat /data/d1/g /data/hl /data/suid 2>&1; cat /other 2>&1; true")
 RAN_CMD = ("if [ ! -e /data/added ]; then echo added > /data/added; rm /data/hl; rm -r /deep/a/b; "
            "echo more >> /data/d1/g; mkdir -p /data/newdir; fi; exec sleep 1000")
