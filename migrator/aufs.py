@@ -86,6 +86,14 @@ def layer_store_references(root: str, files: Tuple[str, ...] = ("cache-id", "mou
     return refs
 
 
+def layer_store_container_ids(root: str) -> Set[str]:
+    """Containers the aufs layer store knows (``image/aufs/layerdb/mounts/<id>``)."""
+    try:
+        return set(os.listdir(os.path.join(root, "image", "aufs", "layerdb", "mounts")))
+    except (FileNotFoundError, NotADirectoryError):
+        return set()
+
+
 def parse_layers_file(data: bytes) -> List[str]:
     """``aufs/layers/<id>``: one ancestor id a line, nearest parent first; empty for a base layer."""
     text = data.decode("ascii")

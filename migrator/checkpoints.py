@@ -5,7 +5,8 @@ walked) calls ``reached(label)``.  Two environment variables, read here and nowh
 test hooks; with neither set, ``reached`` only counts:
 
 - ``AUFS2OVERLAY_CHECKPOINT_TRACE=PATH``: append ``N label`` for every checkpoint to PATH (to enumerate them);
-- ``AUFS2OVERLAY_KILL_AT=N``: SIGKILL this process at the N-th checkpoint (1-based), a crash at that instant.
+- ``AUFS2OVERLAY_KILL_AT=N``: SIGKILL this process at the N-th checkpoint (1-based), a crash at that instant;
+- ``AUFS2OVERLAY_STOP_AT=N``: SIGSTOP it there instead, so a test can copy the disk as a power cut would leave it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import signal
 
 _KILL_AT = int(os.environ.get("AUFS2OVERLAY_KILL_AT", "0") or 0)
+_STOP_AT = int(os.environ.get("AUFS2OVERLAY_STOP_AT", "0") or 0)
 _TRACE = os.environ.get("AUFS2OVERLAY_CHECKPOINT_TRACE") or None
 _count = 0
 
@@ -27,3 +29,5 @@ def reached(label: str) -> None:
             f.write(f"{_count} {label}\n")
     if _count == _KILL_AT:
         os.kill(os.getpid(), signal.SIGKILL)
+    if _count == _STOP_AT:
+        os.kill(os.getpid(), signal.SIGSTOP)

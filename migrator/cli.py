@@ -6,6 +6,9 @@ import argparse
 import sys
 from typing import List, Optional
 
+from sqlalchemy.exc import SQLAlchemyError
+
+from migrations_state.store import StateDatabaseError
 from migrator import commands
 from migrator.errors import EXIT_FAILED, MigratorError
 
@@ -42,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc)
+    return " ".join(text.split())[:500] + "; fix the cause and run the same command again"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -59,8 +67,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except MigratorError as exc:
         print(f"aufs2overlay: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except OSError as exc:
-        print(f"aufs2overlay: error: {exc}", file=sys.stderr)
+    except (OSError, StateDatabaseError, SQLAlchemyError) as exc:
+        print(f"aufs2overlay: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("aufs2overlay: interrupted; run the same command again to resume", file=sys.stderr)

@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 from migrations_state.machine import ROLLBACK_FORCED, ROLLBACK_FREE
 from migrations_state.store import StateDatabaseError, Store
-from migrator import aufs, containers, engine, fsio, sample
+from migrator import aufs, containers, engine, fsio, recovery, sample
 from migrator import verify as verifier
 from migrator.errors import (
     EXIT_IN_PROGRESS,
@@ -69,11 +69,12 @@ def _remove_state_db(path: str) -> None:
 def _discover(paths: Paths) -> tuple:
     """Every refusal of a new run happens here, before anything is written."""
     discovery = aufs.discover(paths.root)
-    found, container_findings = containers.find_containers(paths.root)
+    found, container_findings = containers.find_containers(paths.root, lambda c: recovery.original_of(paths, c))
     for path, what in ((paths.tree, "overlay2/"), (paths.image_overlay2, "image/overlay2/")):
         if fsio.lexists(path):
-            raise Refused(f"{what} already exists in {paths.root} and is not this migration's "
-                          "(an engine ran with overlay2?); move it away, then run again")
+            raise Refused(f"{what} already exists in {paths.root} and is not this migration's (an engine ran "
+                          "with overlay2, or a migration lost its state database: 'aufs2overlay rollback --force' "
+                          "removes it); move it away, then run again")
     times = dirs_whose_times_change(paths.root, [c.id for c in found if c.state == "pending"])
     return discovery, found, container_findings, times
 
@@ -88,6 +89,7 @@ def _start(paths: Paths, discovery, found, container_findings, times, progress) 
             findings.append(("removed-leftover", os.path.join(parent, name)))
     for kind, detail in findings:
         progress(f"note: {kind}: {detail}")
+    recovery.keep_originals(paths, found)
     os.makedirs(os.path.dirname(paths.state_db), mode=0o700, exist_ok=True)
     _remove_state_db(paths.state_db)
     store = Store(paths.state_db, create=True)
@@ -227,10 +229,12 @@ def rollback(root: str, state_db: Optional[str] = None, force: bool = False,
     """Undo the migration: the aufs root as it was, every container config byte for byte."""
     paths = _paths(root, state_db)
     progress = default_progress(quiet)
-    store = _open_store(paths)
+    try:
+        store = _open_store(paths)
+    except MigratorError as exc:
+        return _rollback_without_state(paths, force, engine_pidfiles, progress, str(exc))
     if store is None:
-        _say(f"nothing to roll back: no migration state at {paths.state_db}")
-        return EXIT_OK
+        return _rollback_without_state(paths, force, engine_pidfiles, progress, None)
     store.close()
     _refuse_running_engine(paths, engine_pidfiles)
     with root_lock(paths):
@@ -255,6 +259,34 @@ def rollback(root: str, state_db: Optional[str] = None, force: bool = False,
         finally:
             store.close()
     _say(f"rolled back: {paths.root} is on aufs as before the migration")
+    return EXIT_OK
+
+
+def _rollback_without_state(paths: Paths, force: bool, engine_pidfiles, progress, problem: Optional[str]) -> int:
+    """No usable state database: with --force, rebuild the aufs root from what is on disk."""
+    if not fsio.lexists(paths.aufs):
+        _say(f"nothing to roll back: {paths.root} has no aufs/")
+        return EXIT_OK
+    if problem is None and not recovery.leftovers(paths):
+        _say(f"nothing to roll back: no migration state at {paths.state_db} and no overlay2 tree")
+        return EXIT_OK
+    if not force:
+        raise Refused(f"{problem or 'no state database at ' + paths.state_db}; "
+                      "'aufs2overlay rollback --force' rebuilds the aufs root from what is on disk")
+    _refuse_running_engine(paths, engine_pidfiles)
+    with root_lock(paths):
+        if fsio.lexists(paths.state_db):
+            unusable = f"{paths.state_db}.unusable"
+            os.replace(paths.state_db, unusable)
+            fsio.fsync_path(os.path.dirname(paths.state_db))
+            progress(f"moved the unusable state database to {unusable}")
+        _remove_state_db(paths.state_db)
+        try:
+            recovery.rollback_from_disk(paths, progress)
+        except OSError as exc:
+            raise MigratorError(f"{exc}; fix the cause and run 'rollback --force' again") from exc
+    _say(f"rolled back from disk: {paths.root} is on aufs (directory times could not be restored without the "
+         "state database)")
     return EXIT_OK
 
 

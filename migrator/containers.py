@@ -12,7 +12,7 @@ import re
 import stat
 from dataclasses import dataclass
 from json.decoder import scanstring
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from migrator import fsio
 from migrator.errors import Refused
@@ -76,7 +76,7 @@ def with_driver(data: bytes, driver: str) -> bytes:
     return (text[:start] + json.dumps(driver) + text[end:]).encode("utf-8")
 
 
-def _read_config(path: str) -> Tuple[bytes, os.stat_result]:
+def read_config(path: str) -> Tuple[bytes, os.stat_result]:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
@@ -95,8 +95,13 @@ def _read_config(path: str) -> Tuple[bytes, os.stat_result]:
     return b"".join(chunks), st
 
 
-def find_containers(root: str) -> Tuple[List[FoundContainer], List[Tuple[str, str]]]:
-    """Every ``containers/<id>/``; an unreadable config of an aufs container refuses the migration."""
+def find_containers(root: str, kept_original: Callable[[str], Optional[Tuple[bytes, os.stat_result]]] = lambda c: None
+                    ) -> Tuple[List[FoundContainer], List[Tuple[str, str]]]:
+    """Every ``containers/<id>/``; an unreadable config of an aufs container refuses the migration.
+
+    ``kept_original(cid)`` gives the original config an earlier attempt kept before switching it (when that
+    attempt's state database was lost): such a container is still pending, with that original.
+    """
     base = os.path.join(root, "containers")
     found: List[FoundContainer] = []
     findings: List[Tuple[str, str]] = []
@@ -115,11 +120,14 @@ def find_containers(root: str) -> Tuple[List[FoundContainer], List[Tuple[str, st
             found.append(FoundContainer(cid, None, None, "skipped", "no config.v2.json"))
             continue
         try:
-            data, st = _read_config(path)
+            data, st = read_config(path)
             driver, _s, _e = locate_driver(data.decode("utf-8"))
         except (OSError, ValueError, UnicodeDecodeError) as exc:
             raise Refused(f"containers/{cid}/{CONFIG} is unreadable ({exc}); fix or remove that container") from None
-        if driver in AUFS_DRIVER_VALUES:
+        kept = kept_original(cid) if driver == "overlay2" else None
+        if kept is not None:
+            found.append(FoundContainer(cid, kept[0], kept[1], "pending", "switched by an earlier attempt"))
+        elif driver in AUFS_DRIVER_VALUES:
             found.append(FoundContainer(cid, data, st, "pending"))
         else:
             found.append(FoundContainer(cid, data, st, "skipped", f"Driver is {driver!r}"))
@@ -130,7 +138,7 @@ def switch(root: str, cid: str, original: bytes, mode: int, uid: int, gid: int) 
     """Atomically replace the config by the original with ``"Driver": "overlay2"``; a re-run is a no-op."""
     cdir = os.path.join(root, "containers", cid)
     wanted = with_driver(original, "overlay2")
-    current, _st = _read_config(os.path.join(cdir, CONFIG))
+    current, _st = read_config(os.path.join(cdir, CONFIG))
     if current == wanted:
         return
     if current != original:
@@ -155,7 +163,7 @@ def restore(root: str, cid: str, original: bytes, mode: int, uid: int, gid: int,
         return False
     path = os.path.join(cdir, CONFIG)
     try:
-        current, st = _read_config(path)
+        current, st = read_config(path)
         if (current == original and stat.S_IMODE(st.st_mode) == mode and (st.st_uid, st.st_gid) == (uid, gid)
                 and st.st_mtime_ns == times_ns[1]):
             return True

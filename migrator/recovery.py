@@ -1,0 +1,83 @@
+"""Rollback from what is on disk, for when the state database is gone or unreadable.
+
+Without the database the tool cannot know which of ``overlay2/`` and ``image/overlay2/`` it made, so this path
+runs only with ``--force`` and only while ``aufs/`` is there to go back to.  Container configs come back from
+the copies kept in the work area at discovery (``.aufs2overlay/originals/``), byte for byte; a config without
+such a copy gets its ``Driver`` set back to ``aufs``.  What it cannot restore without the database: the
+times of ROOT, ``image/`` and the container directories.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, List
+
+from migrator import aufs, containers, fsio
+from migrator.runtime import Paths
+
+ORIGINALS = "originals"
+
+
+def originals_dir(paths: Paths) -> str:
+    return os.path.join(paths.workdir, ORIGINALS)
+
+
+def keep_originals(paths: Paths, found: List[containers.FoundContainer]) -> None:
+    """Copies of the configs about to be switched, with their metadata, durable before the database exists."""
+    pending = [c for c in found if c.state == "pending" and c.original is not None]
+    if not pending:
+        return
+    os.makedirs(originals_dir(paths), mode=0o700, exist_ok=True)
+    fd = fsio.open_dir(originals_dir(paths))
+    try:
+        for c in pending:
+            fsio.atomic_write(fd, f"{c.id}.{containers.CONFIG}", c.original, c.st.st_mode & 0o7777,
+                              owner=(c.st.st_uid, c.st.st_gid), times_ns=(c.st.st_atime_ns, c.st.st_mtime_ns))
+    finally:
+        os.close(fd)
+    fsio.fsync_path(paths.workdir)
+
+
+def original_of(paths: Paths, cid: str) -> "tuple | None":
+    """(bytes, stat) of the kept original config of ``cid``, if there is one that says aufs."""
+    path = os.path.join(originals_dir(paths), f"{cid}.{containers.CONFIG}")
+    try:
+        data, st = containers.read_config(path)
+        driver = containers.locate_driver(data.decode("utf-8"))[0]
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return (data, st) if driver in containers.AUFS_DRIVER_VALUES else None
+
+
+def rollback_from_disk(paths: Paths, progress: Callable[[str], None]) -> None:
+    """Remove every overlay2 artefact and give aufs containers their configs back; idempotent."""
+    aufs_containers = aufs.layer_store_container_ids(paths.root)
+    base = os.path.join(paths.root, "containers")
+    for cid in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+        cfg = os.path.join(base, cid, containers.CONFIG)
+        try:
+            data, _st = containers.read_config(cfg)
+            driver = containers.locate_driver(data.decode("utf-8"))[0]
+        except (OSError, ValueError, UnicodeDecodeError):
+            continue
+        if driver != "overlay2" or cid not in aufs_containers:
+            continue  # not switched, or created on overlay2 after the migration: an aufs engine ignores it
+        kept = original_of(paths, cid)
+        if kept is not None:
+            data, st = kept
+            containers.restore(paths.root, cid, data, st.st_mode & 0o7777, st.st_uid, st.st_gid,
+                               (st.st_atime_ns, st.st_mtime_ns))
+        else:
+            containers.restore(paths.root, cid, containers.with_driver(data, "aufs"), _st.st_mode & 0o7777,
+                               _st.st_uid, _st.st_gid, (_st.st_atime_ns, _st.st_mtime_ns))
+        progress(f"container {cid} back on aufs")
+    for parent, name in ((paths.image_dir, "overlay2.temp"), (paths.root, "overlay2.temp"),
+                         (paths.image_dir, "overlay2"), (paths.root, "overlay2")):
+        if fsio.lexists(os.path.join(parent, name)):
+            progress(f"removing {os.path.join(parent, name)}")
+            fsio.ensure_absent_durably(parent, name)
+
+
+def leftovers(paths: Paths) -> List[str]:
+    """What a lost migration may have left: the trees it builds and renames."""
+    return [p for p in (paths.temp_tree, paths.tree, paths.image_stage, paths.image_overlay2) if fsio.lexists(p)]
