@@ -1,16 +1,23 @@
 """The durable store: the only place a state is written to the database.
 
-SQLite runs in WAL mode with ``synchronous=FULL``: every committed transaction has its WAL frames fsynced
-before ``commit()`` returns, so a state that was recorded survives a power cut (SQLite's documented
-guarantee for WAL+FULL).  Each record method is one transaction; the checkpoint after it lets the
-fault-injection tests crash right after a state became durable.
+SQLite runs with a rollback journal (``journal_mode=DELETE``) and ``synchronous=FULL``: ``commit()`` returns
+only after the journal and the database file have been fsynced, so a recorded state survives a power cut, and
+an interrupted transaction is rolled back from its journal at the next open (SQLite's documented guarantee).
+WAL mode would need one fsync less per commit, but its shared-memory index is an mmap-ed file that SQLite
+extends sparsely: on a full filesystem with 1 KiB blocks (mkfs.ext4's default below 512 MiB, common on device
+data partitions) touching it raises SIGBUS instead of an error.  The rollback journal has no such file.
+
+A new database is built under a temporary name and renamed into place, so ``state.db`` exists only complete.
+Each record method is one transaction; the checkpoint after it lets the fault-injection tests crash right
+after a state became durable.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, Iterator, List, Optional
 
 from sqlalchemy import create_engine, event, func, select, update
 from sqlalchemy.exc import DatabaseError
@@ -37,7 +44,7 @@ def _now() -> str:
 
 def _on_connect(dbapi_conn, _record) -> None:
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA journal_mode=DELETE")
     cur.execute("PRAGMA synchronous=FULL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA busy_timeout=5000")
@@ -51,53 +58,88 @@ def _checkpoint(label: str) -> None:
 
 
 class Store:
-    """Open (or create) the state database at ``path``."""
+    """Open the state database at ``path`` (``Store.create`` makes a new one)."""
 
-    def __init__(self, path: str, create: bool = False) -> None:
+    def __init__(self, path: str) -> None:
         self.path = path
-        if not create and not os.path.exists(path):
+        if not os.path.exists(path):
             raise StateDatabaseError(f"no state database at {path}")
+        self._open(path)
+        try:
+            with self._session() as s:
+                run = s.get(RunRecord, 1)
+            if run is None:
+                raise StateDatabaseError(f"state database {path} holds no migration")
+            if run.schema_version != SCHEMA_VERSION:
+                raise StateDatabaseError(
+                    f"state database {path} has schema {run.schema_version}, this tool knows {SCHEMA_VERSION}")
+        except DatabaseError as exc:
+            self.engine.dispose()
+            raise StateDatabaseError(f"state database {path} is unreadable: {exc.orig}{filesystem_hint(path)}") from exc
+        except StateDatabaseError:
+            self.engine.dispose()
+            raise
+
+    def _open(self, path: str) -> None:
         self.engine = create_engine(f"sqlite:///{path}", future=True)
         event.listen(self.engine, "connect", _on_connect)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
+
+    @classmethod
+    def create(cls, path: str, root: str, strategy: str, layers: Iterable[LayerRecord],
+               containers: Iterable[ContainerRecord], findings: Iterable[FindingRecord],
+               saved_times: Iterable[SavedTimeRecord] = ()) -> "Store":
+        """Record a whole discovery: built as ``<path>.new`` in one transaction, fsynced, renamed into place.
+
+        Either ``path`` holds the run with all its layers, or it does not exist.
+        """
+        tmp = path + ".new"
+        for suffix in ("", "-journal"):
+            if os.path.exists(tmp + suffix):
+                os.unlink(tmp + suffix)
+        builder = cls.__new__(cls)
+        builder.path = tmp
+        builder._open(tmp)
+        now = _now()
         try:
-            if create:
-                Base.metadata.create_all(self.engine)
-                _fsync_dir(os.path.dirname(os.path.abspath(path)))
-            else:
-                with self._session() as s:
-                    run = s.get(RunRecord, 1)
-                if run is None:
-                    raise StateDatabaseError(f"state database {path} holds no migration")
-                if run.schema_version != SCHEMA_VERSION:
-                    raise StateDatabaseError(
-                        f"state database {path} has schema {run.schema_version}, this tool knows {SCHEMA_VERSION}")
+            Base.metadata.create_all(builder.engine)
+            with builder._session.begin() as s:
+                s.add(RunRecord(id=1, schema_version=SCHEMA_VERSION, phase="converting", strategy=strategy,
+                                root=root, created_at=now, updated_at=now))
+                s.add_all(list(layers))
+                s.flush()
+                s.add_all(list(containers))
+                s.add_all(list(findings))
+                s.add_all(list(saved_times))
         except DatabaseError as exc:
-            self.engine.dispose()
-            raise StateDatabaseError(f"state database {path} is unreadable: {exc.orig}") from exc
+            raise StateDatabaseError(f"state database {path} cannot be created: {exc.orig}"
+                                     f"{filesystem_hint(path)}") from exc
+        finally:
+            builder.engine.dispose()
+        fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))
+        _checkpoint("recorded discovery")
+        return cls(path)
 
     def close(self) -> None:
         self.engine.dispose()
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[Session]:
+        """One durable transaction; a failure names the database and what the filesystem lacks."""
+        try:
+            with self._session.begin() as s:
+                yield s
+        except DatabaseError as exc:
+            raise StateDatabaseError(f"state database {self.path}: {exc.orig}{filesystem_hint(self.path)}") from exc
+
     def session(self) -> Session:
         return self._session()
-
-    # -- creation ---------------------------------------------------------------------------------------
-
-    def create_run(self, root: str, strategy: str, layers: Iterable[LayerRecord],
-                   containers: Iterable[ContainerRecord], findings: Iterable[FindingRecord],
-                   saved_times: Iterable[SavedTimeRecord] = ()) -> None:
-        """Record a whole discovery in one transaction: either the run exists with all its layers, or not."""
-        now = _now()
-        with self._session.begin() as s:
-            s.add(RunRecord(id=1, schema_version=SCHEMA_VERSION, phase="converting", strategy=strategy,
-                            root=root, created_at=now, updated_at=now))
-            s.add_all(list(layers))
-            s.flush()
-            s.add_all(list(containers))
-            s.add_all(list(findings))
-            s.add_all(list(saved_times))
-        _checkpoint("recorded discovery")
 
     # -- reads ------------------------------------------------------------------------------------------
 
@@ -135,17 +177,17 @@ class Store:
         values = {"phase": phase, "updated_at": _now(), "last_error": None}
         if rollback_from is not None:
             values["rollback_from"] = rollback_from
-        with self._session.begin() as s:
+        with self._transaction() as s:
             s.execute(update(RunRecord).where(RunRecord.id == 1).values(**values))
         _checkpoint(f"recorded phase {phase}")
 
     def set_image_staged(self, staged: bool) -> None:
-        with self._session.begin() as s:
+        with self._transaction() as s:
             s.execute(update(RunRecord).where(RunRecord.id == 1).values(image_staged=staged, updated_at=_now()))
         _checkpoint(f"recorded image_staged={staged}")
 
     def set_error(self, message: Optional[str]) -> None:
-        with self._session.begin() as s:
+        with self._transaction() as s:
             s.execute(update(RunRecord).where(RunRecord.id == 1).values(last_error=message, updated_at=_now()))
 
     def set_layer_state(self, layer_id: str, state: str, entries: Optional[int] = None,
@@ -154,20 +196,35 @@ class Store:
         values = {"state": state, "error": None}
         if entries is not None:
             values["entries"] = entries
-        with self._session.begin() as s:
+        with self._transaction() as s:
             s.execute(update(LayerRecord).where(LayerRecord.id == layer_id).values(**values))
             s.add_all(list(findings))
             s.execute(update(RunRecord).where(RunRecord.id == 1).values(updated_at=_now()))
         _checkpoint(f"recorded layer {layer_id} {state}")
 
     def set_layer_error(self, layer_id: str, message: str) -> None:
-        with self._session.begin() as s:
+        with self._transaction() as s:
             s.execute(update(LayerRecord).where(LayerRecord.id == layer_id).values(error=message))
 
     def set_container_state(self, container_id: str, state: str) -> None:
-        with self._session.begin() as s:
+        with self._transaction() as s:
             s.execute(update(ContainerRecord).where(ContainerRecord.id == container_id).values(state=state))
         _checkpoint(f"recorded container {container_id} {state}")
+
+
+def filesystem_hint(path: str) -> str:
+    """Why SQLite may have failed where it says only "unable to open database file"."""
+    try:
+        st = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    except OSError:
+        return ""
+    if st.f_flag & os.ST_RDONLY:
+        return " (the filesystem is read-only)"
+    if st.f_bavail == 0:
+        return " (no space left on the filesystem)"
+    if st.f_favail == 0:
+        return " (no free inodes left on the filesystem)"
+    return ""
 
 
 def _fsync_dir(path: str) -> None:

@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _one_line(exc: BaseException) -> str:
     text = str(getattr(exc, "orig", None) or exc)
+    if isinstance(exc, SQLAlchemyError):
+        text = f"state database: {text}"
     return " ".join(text.split())[:500] + "; fix the cause and run the same command again"
 
 

@@ -58,7 +58,7 @@ def _refuse_running_engine(paths: Paths, pidfiles: Optional[Sequence[str]]) -> N
 
 
 def _remove_state_db(path: str) -> None:
-    for suffix in ("", "-wal", "-shm", "-journal"):
+    for suffix in ("", "-wal", "-shm", "-journal", ".new", ".new-journal"):
         try:
             os.unlink(path + suffix)
         except FileNotFoundError:
@@ -92,9 +92,8 @@ def _start(paths: Paths, discovery, found, container_findings, times, progress) 
     recovery.keep_originals(paths, found)
     os.makedirs(os.path.dirname(paths.state_db), mode=0o700, exist_ok=True)
     _remove_state_db(paths.state_db)
-    store = Store(paths.state_db, create=True)
     layers, container_rows, finding_rows = discovered_records(discovery.layers, discovery.parents, found, findings)
-    store.create_run(paths.root, STRATEGY, layers, container_rows, finding_rows, times)
+    store = Store.create(paths.state_db, paths.root, STRATEGY, layers, container_rows, finding_rows, times)
     progress(f"discovered {len(layers)} layers, {sum(c.state == 'pending' for c in found)} containers on aufs")
     return store
 

@@ -1,0 +1,241 @@
+"""Faults: disk full, out of inodes, read-only filesystem, a concurrent run, a lost or corrupted state database.
+
+Each gives one clear error line, a documented exit code, an unchanged aufs tree, and a way forward.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import cli, run_args
+from tests.loopfs import LoopFS, can_loop
+from tests.manifest import manifest
+from tests.signature import tree_signature
+
+pytestmark = pytest.mark.skipif(can_loop() is not None, reason=str(can_loop()))
+
+WORKDIR = b".aufs2overlay"
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    from migrator import sample
+
+    root = str(tmp_path_factory.mktemp("f-template") / "docker")
+    sample.build_sample_root(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(template, tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("f-reference") / "docker")
+    subprocess.run(["cp", "-a", template, root], check=True)
+    cli(*run_args(root), check=0)
+    return tree_signature(root)
+
+
+def aufs_side(root):
+    return (manifest(os.path.join(root, "aufs")), manifest(os.path.join(root, "image", "aufs")))
+
+
+def one_error_line(res):
+    lines = [line for line in res.stderr.splitlines() if line.startswith("aufs2overlay: error:")]
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    return lines[0]
+
+
+def fill(path, leave_bytes):
+    """Fill the filesystem of ``path`` until about ``leave_bytes`` are free (to root, who may use the reserve):
+    a reserve file of that size first, then everything else in shrinking chunks, then the reserve goes."""
+    filler = os.path.join(path, "filler")
+    os.makedirs(filler, exist_ok=True)
+    reserve = os.path.join(filler, "reserve")
+    if leave_bytes:
+        with open(reserve, "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, leave_bytes)
+    n = 0
+    for chunk in (1 << 20, 64 << 10, 4 << 10, 1 << 10):
+        while True:
+            try:
+                with open(os.path.join(filler, f"{n}"), "wb") as f:
+                    n += 1
+                    os.posix_fallocate(f.fileno(), 0, chunk)
+            except OSError:
+                break
+    if leave_bytes:
+        os.unlink(reserve)
+    return filler
+
+
+def use_inodes(path, leave):
+    d = os.path.join(path, "inode-filler")
+    os.makedirs(d, exist_ok=True)
+    i = 0
+    while os.statvfs(path).f_ffree > leave:
+        open(os.path.join(d, str(i)), "wb").close()
+        i += 1
+    return d
+
+
+def test_disk_full_at_many_points(template, reference, tmp_path):
+    """The disk fills up before the state database exists, while it is created, inside the conversion, in the
+    switch: each time one error line, exit 1, the aufs data unchanged, and after freeing space `run` finishes."""
+    outcomes = []
+    for leave_kib in range(0, 200, 10):
+        disk = LoopFS.create(str(tmp_path), size_mb=8)
+        try:
+            root = os.path.join(disk.mountpoint, "docker")
+            subprocess.run(["cp", "-a", template, root], check=True)
+            before = aufs_side(root)
+            filler = fill(disk.mountpoint, leave_kib * 1024)
+            res = cli("run", "--root", root, "--engine-pidfile", "/nonexistent")
+            if res.returncode == 0:
+                outcomes.append("completed")
+            else:
+                assert res.returncode == 1, res.stderr
+                line = one_error_line(res)
+                assert any(w in line for w in ("No space left", "full")), line
+                assert aufs_side(root) == before
+                progress = [x for x in res.stderr.splitlines() if not x.startswith("aufs2overlay: error")]
+                outcomes.append(progress[-1] if progress else "before any progress")
+                subprocess.run(["rm", "-rf", filler], check=True)  # the way forward: free space, run again
+                cli(*run_args(root), check=0)
+            assert tree_signature(root) == reference
+        finally:
+            disk.destroy()
+    failures = [o for o in outcomes if o != "completed"]
+    assert len(set(failures)) >= 4, outcomes  # it failed at several different points
+    assert any("layer" in o for o in failures) and any("switching" in o or "staged" in o for o in failures)
+
+
+def test_rollback_works_on_a_full_disk(template, tmp_path):
+    disk = LoopFS.create(str(tmp_path), size_mb=8)
+    try:
+        root = os.path.join(disk.mountpoint, "docker")
+        subprocess.run(["cp", "-a", template, root], check=True)
+        before = manifest(root)
+        fill(disk.mountpoint, 64 * 1024)
+        assert cli(*run_args(root)).returncode == 1
+        cli("rollback", "--root", root, "--engine-pidfile", "/nonexistent", check=0)
+        assert manifest(root, skip={WORKDIR}) == before
+    finally:
+        disk.destroy()
+
+
+@pytest.mark.parametrize("leave", [0, 5, 40])
+def test_out_of_inodes(template, reference, tmp_path, leave):
+    disk = LoopFS.create(str(tmp_path), size_mb=16, inodes=1024)
+    try:
+        root = os.path.join(disk.mountpoint, "docker")
+        subprocess.run(["cp", "-a", template, root], check=True)
+        before = aufs_side(root)
+        filler = use_inodes(disk.mountpoint, leave)
+        res = cli(*run_args(root))
+        assert res.returncode == 1, res.stderr
+        assert any(w in one_error_line(res) for w in ("No space left", "full", "no free inodes"))
+        assert aufs_side(root) == before
+        subprocess.run(["rm", "-rf", filler], check=True)
+        cli(*run_args(root), check=0)
+        assert tree_signature(root) == reference
+    finally:
+        disk.destroy()
+
+
+def test_read_only_filesystem(template, reference, tmp_path):
+    disk = LoopFS.create(str(tmp_path), size_mb=16)
+    try:
+        root = os.path.join(disk.mountpoint, "docker")
+        subprocess.run(["cp", "-a", template, root], check=True)
+        before = aufs_side(root)
+        disk.remount("ro")
+        res = cli(*run_args(root))
+        assert res.returncode == 1 and "Read-only" in one_error_line(res)
+        disk.remount("rw")
+        # Read-only when a migration is half done (killed mid-conversion): one line, then it resumes.
+        res = cli(*run_args(root), env={"AUFS2OVERLAY_KILL_AT": "20"})
+        assert res.returncode == -signal.SIGKILL
+        disk.remount("ro")
+        for args in (run_args(root), ["rollback", "--root", root, "--engine-pidfile", "/nonexistent"]):
+            res = cli(*args)
+            assert res.returncode == 1 and "read-only" in one_error_line(res).lower(), res.stderr
+        assert aufs_side(root) == before
+        disk.remount("rw")
+        cli(*run_args(root), check=0)
+        assert tree_signature(root) == reference
+    finally:
+        disk.destroy()
+
+
+def test_concurrent_run_is_locked_out(template, tmp_path):
+    root = str(tmp_path / "docker")
+    subprocess.run(["cp", "-a", template, root], check=True)
+    env = dict(os.environ, AUFS2OVERLAY_STOP_AT="10")
+    proc = subprocess.Popen([sys.executable, "-m", "migrator", *run_args(root)], env=env)
+    try:
+        while open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "T":
+            time.sleep(0.01)
+        for args in (run_args(root), ["rollback", "--root", root, "--engine-pidfile", "/nonexistent"],
+                     ["cleanup", "--root", root, "--engine-pidfile", "/nonexistent"]):
+            res = cli(*args)
+            assert res.returncode in (3, 4), res.stderr
+            if args[0] != "cleanup":
+                assert res.returncode == 4 and "another aufs2overlay" in one_error_line(res)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        proc.wait()
+    assert proc.returncode == 0
+
+
+def kill_at_label(root, prefix):
+    trace = root + ".trace"
+    # Find the checkpoint number on a dry copy, then kill the real run there.
+    probe = root + ".probe"
+    subprocess.run(["cp", "-a", root, probe], check=True)
+    cli(*run_args(probe), env={"AUFS2OVERLAY_CHECKPOINT_TRACE": trace}, check=0)
+    with open(trace) as f:
+        n = next(int(line.split()[0]) for line in f if line.split(" ", 1)[1].startswith(prefix))
+    res = cli(*run_args(root), env={"AUFS2OVERLAY_KILL_AT": str(n)})
+    assert res.returncode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("where", ["recorded layer", "recorded container", "rename overlay2.temp",
+                                   "recorded phase completed"])
+@pytest.mark.parametrize("damage", ["deleted", "corrupted"])
+def test_state_database_lost_mid_run(template, reference, tmp_path, where, damage):
+    root = str(tmp_path / "docker")
+    subprocess.run(["cp", "-a", template, root], check=True)
+    before = manifest(root)
+    kill_at_label(root, where)
+    db = os.path.join(root, ".aufs2overlay", "state.db")
+    if damage == "deleted":
+        for suffix in ("", "-journal"):
+            if os.path.exists(db + suffix):
+                os.unlink(db + suffix)
+    else:
+        with open(db, "r+b") as f:
+            f.write(b"this is not a database" * 100)
+    status = cli("status", "--root", root)
+    if damage == "corrupted":
+        assert status.returncode == 1 and "unreadable" in one_error_line(status)
+        res = cli(*run_args(root))
+        assert res.returncode == 1 and "rollback --force" in one_error_line(res)
+    res = cli("rollback", "--root", root, "--engine-pidfile", "/nonexistent")
+    if res.returncode == 0:
+        assert "nothing to roll back" in res.stdout
+    else:
+        assert res.returncode == 3 and "--force" in one_error_line(res)
+    # rollback --force rebuilds the aufs root from what is on disk: aufs data, image store and every config
+    # exactly as before (directory times aside: they lived in the lost database).
+    cli("rollback", "--root", root, "--engine-pidfile", "/nonexistent", "--force", check=0)
+    after = manifest(root, skip={WORKDIR})
+    changed = {p for p in set(before) | set(after) if before.get(p) != after.get(p)}
+    assert all(os.path.isdir(os.path.join(root.encode(), p)) for p in changed), changed
+    for p in changed:
+        assert before[p][:4] == after[p][:4] and before[p][5:] == after[p][5:]  # only the mtime differs
+    cli(*run_args(root), check=0)
+    assert tree_signature(root) == reference
+    cli("verify", "--root", root, check=0)
