@@ -155,6 +155,15 @@ def discover(root: str) -> Discovery:
                               "its ancestry is unknown")
             result.findings.append(("skipped-layer-without-layers-file", f"aufs/diff/{name}"))
 
+    for name in candidates:
+        seen, current = {name}, candidates[name]
+        while current:
+            parent = current[0]
+            if parent in seen:
+                raise Refused(f"layer {name} has a cycle in its ancestry (through {parent})")
+            seen.add(parent)
+            current = candidates.get(parent, [])
+
     for name, ancestors in candidates.items():
         if len(ancestors) > MAX_LOWERS:
             raise Refused(f"layer {name} has {len(ancestors)} ancestors; overlay2 allows at most {MAX_LOWERS}")
@@ -165,6 +174,9 @@ def discover(root: str) -> Discovery:
                 raise Refused(f"layer {name} names ancestor {ancestor}, which has no usable aufs/diff/{ancestor}")
         if ancestors and candidates[ancestors[0]] != ancestors[1:]:
             raise Refused(f"aufs/layers/{name} disagrees with aufs/layers/{ancestors[0]} about the ancestry")
+
+    for ref in sorted(layer_store_references(root) - set(candidates)):
+        result.findings.append(("dangling-layer-reference", f"image/aufs/layerdb names {ref}, which has no layer"))
 
     ordered = sorted(candidates.items(), key=lambda item: (len(item[1]), item[0]))
     writable = layer_store_references(root, ("mount-id",))

@@ -105,8 +105,13 @@ def _linker(result: StepResult, carry):
                 result.entries += 1
                 if entry.is_dir(follow_symlinks=False):
                     subdirs.append(name)
-                else:
-                    carry(s_fd, d_fd, name, rel, result)
+                    continue
+                if not entry.is_file(follow_symlinks=False) and not entry.is_symlink():
+                    st = entry.stat(follow_symlinks=False)
+                    if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                        # aufs shows it as a device; overlayfs can only read it as a whiteout.
+                        result.note("device-0-0-reads-as-whiteout", rel, name)
+                carry(s_fd, d_fd, name, rel, result)
         for name in subdirs:
             os.mkdir(name, 0o700, dir_fd=d_fd)
             cs = fsio.open_dir(name, s_fd, noatime=True)

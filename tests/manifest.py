@@ -26,14 +26,29 @@ def _xattrs(path: bytes) -> Tuple:
 
 
 def _digest(path: bytes) -> str:
+    """sha256 over the data regions and their offsets (SEEK_DATA): a 1 TiB sparse file hashes in no time."""
     h = hashlib.sha256()
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NOATIME", 0))
     try:
-        while True:
-            chunk = os.read(fd, 1 << 20)
-            if not chunk:
+        size = os.fstat(fd).st_size
+        offset = 0
+        while offset < size:
+            try:
+                start = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError:
                 break
-            h.update(chunk)
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            os.lseek(fd, start, os.SEEK_SET)
+            pos = start
+            while pos < end:
+                chunk = os.read(fd, min(1 << 20, end - pos))
+                if not chunk:
+                    break
+                stripped = chunk.rstrip(b"\0")  # zeros hash the same whether stored or a hole
+                if stripped:
+                    h.update(b"%d:" % pos + stripped)
+                pos += len(chunk)
+            offset = end
     finally:
         os.close(fd)
     return h.hexdigest()
