@@ -1,0 +1,212 @@
+#!/usr/bin/env python3
+"""Benchmark: aufs2overlay run against `cp -al` of the same layer directories, in one run, alternating.
+
+    python3 tests/benchmark.py [--scale 1.0] [--rounds 5] [--workdir /var/tmp/a2o-bench] [--cold]
+
+It builds a realistic aufs root (a distribution base, runtime and application layers, whiteouts, opaque
+directories, containers with -init and writable layers; at scale 1.0 about 270,000 entries in 34 layers) by
+hardlinking real trees of this machine (/usr, /etc, a Python installation), so building it copies no data.
+Then, per round and alternating: `cp -al` of every aufs/diff/<id> into a scratch tree, and `aufs2overlay run`
+(hardlink strategy, durability on) followed by an untimed rollback that returns the root to its start. It
+prints medians, the ratio to `cp -al`, entries per second, the migrator's peak RSS, and the machine.
+Needs root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from typing import Dict, List, Tuple
+
+SOURCES = [  # (name, source trees) — a distribution base, runtimes, and libraries, like real images
+    ("base", ["/usr/bin", "/usr/sbin", "/etc", "/usr/share"]),
+    ("libs-a", ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu"]),
+    ("libs-b", ["/usr/lib/python3", "/usr/lib/gcc", "/usr/lib/jvm"]),
+    ("libs-c", ["/usr/lib/llvm-14", "/usr/lib/node_modules", "/usr/lib/git-core"]),
+    ("headers", ["/usr/include"]),
+]
+
+
+def layer_id(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
+def sh(*cmd: str) -> None:
+    subprocess.run(cmd, check=True)
+
+
+def python_trees() -> List[str]:
+    prefix = os.path.realpath(sys.prefix)
+    lib = os.path.join(prefix, "lib")
+    trees = [os.path.join(lib, d) for d in sorted(os.listdir(lib))
+             if d.startswith("python3") and os.path.isdir(os.path.join(lib, d))]
+    return trees
+
+
+def add_tree(diff: str, src: str) -> None:
+    """Hardlink ``src`` under ``diff`` at its own path (cp -al): a real tree, and no data copied."""
+    if not os.path.isdir(src):
+        return
+    dest = os.path.join(diff, src.lstrip("/"))
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    sh("cp", "-al", src, dest)
+
+
+def generated_layer(diff: str, n: int, seed: int, deletes: List[str], opaque: List[str]) -> None:
+    """An application layer: n small files in deep and wide directories, whiteouts and opaque dirs."""
+    for i in range(n):
+        d = os.path.join(diff, "app", f"m{seed}", f"d{i % 37}", f"e{i % 11}")
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, f"f{i}.py"), "w") as f:
+            f.write(f"# module {seed}/{i}\n")
+    for path in deletes:
+        parent, name = os.path.split(path.lstrip("/"))
+        os.makedirs(os.path.join(diff, parent), exist_ok=True)
+        wh = os.path.join(diff, parent, ".wh." + name)
+        with open(wh, "w"):
+            pass
+        os.chmod(wh, 0o444)
+    for path in opaque:
+        d = os.path.join(diff, path.lstrip("/"))
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, ".wh..wh..opq"), "w"):
+            pass
+        with open(os.path.join(d, "replaced"), "w") as f:
+            f.write("new content\n")
+
+
+def build_root(root: str, scale: float) -> Tuple[int, int]:
+    """Write the benchmark root; return (layers, entries)."""
+    diff_root = os.path.join(root, "aufs", "diff")
+    layers_root = os.path.join(root, "aufs", "layers")
+    os.makedirs(diff_root)
+    os.makedirs(layers_root)
+    chain: List[str] = []
+
+    def new_layer(name: str, parents: List[str]) -> str:
+        lid = layer_id(name)
+        os.makedirs(os.path.join(diff_root, lid))
+        with open(os.path.join(layers_root, lid), "w") as f:
+            f.write("".join(p + "\n" for p in parents))
+        return lid
+
+    sources = list(SOURCES) + [(f"python-{i}", [t]) for i, t in enumerate(python_trees())]
+    for name, trees in sources:
+        lid = new_layer(name, list(reversed(chain)))
+        for tree in trees:
+            add_tree(os.path.join(diff_root, lid), tree)
+        chain.append(lid)
+    n_app = max(1, int(25 * scale))
+    per_layer = int(2000 * scale)
+    deletable = [p for p in ("/usr/bin/perl", "/usr/share/doc", "/etc/motd", "/usr/share/man", "/usr/bin/gcc")
+                 if os.path.lexists(p)]
+    for i in range(n_app):
+        lid = new_layer(f"app-{i}", list(reversed(chain)))
+        generated_layer(os.path.join(diff_root, lid), per_layer, i, deletable[i % len(deletable):][:1] if i % 3 == 0
+                        else [], ["/usr/share/zoneinfo"] if i % 7 == 3 else [])
+        chain.append(lid)
+    image_top = list(reversed(chain))
+    for c in range(2):
+        cid = layer_id(f"container-{c}")
+        init = new_layer(cid + "-init", image_top)
+        os.makedirs(os.path.join(diff_root, init, "etc"))
+        for f in ("hosts", "hostname", "resolv.conf"):
+            open(os.path.join(diff_root, init, "etc", f), "w").close()
+        rw = new_layer(cid, [init] + image_top)
+        generated_layer(os.path.join(diff_root, rw), 300, 100 + c, ["/etc/motd"] if c else [], [])
+        m = os.path.join(root, "image", "aufs", "layerdb", "mounts", cid)
+        os.makedirs(m)
+        for fname, value in (("mount-id", cid), ("init-id", init)):
+            with open(os.path.join(m, fname), "w") as f:
+                f.write(value)
+    entries = int(subprocess.run(["sh", "-c", f"find {diff_root} -mindepth 2 | wc -l"], capture_output=True,
+                                 text=True, check=True).stdout)
+    return len(os.listdir(diff_root)), entries
+
+
+def drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def timed(cmd: List[str]) -> Tuple[float, int]:
+    """Wall time and peak RSS (KiB) of one command."""
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.monotonic() - start
+    if status != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed with status {status}")
+    return elapsed, usage.ru_maxrss
+
+
+def cp_al(root: str, scratch: str) -> List[str]:
+    diff_root = os.path.join(root, "aufs", "diff")
+    ids = sorted(os.listdir(diff_root))
+    script = f"mkdir -p {scratch} && cd {diff_root} && for d in {' '.join(ids)}; do cp -al $d {scratch}/$d; done"
+    return ["sh", "-c", script]
+
+
+def machine(workdir: str) -> Dict[str, str]:
+    fs = subprocess.run(["findmnt", "-no", "FSTYPE,OPTIONS", "-T", workdir], capture_output=True, text=True).stdout
+    return {"cores": str(os.cpu_count()), "kernel": platform.release(), "python": platform.python_version(),
+            "filesystem": fs.strip(), "cpu": platform.processor() or platform.machine()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", type=float, default=1.0, help="application-layer size factor (default 1.0)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--workdir", default="/var/tmp/a2o-bench")
+    ap.add_argument("--cold", action="store_true", help="drop the page cache before each timed command")
+    ap.add_argument("--keep", action="store_true")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("the benchmark needs root")
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    root = os.path.join(args.workdir, "docker")
+    scratch = os.path.join(args.workdir, "scratch")
+    n_layers, n_entries = build_root(root, args.scale)
+    print(f"machine: {machine(args.workdir)}")
+    print(f"root: {n_layers} layers, {n_entries} entries")
+    migrate = [sys.executable, "-m", "migrator", "run", "--root", root, "--engine-pidfile", "/nonexistent", "-q"]
+    rollback = [sys.executable, "-m", "migrator", "rollback", "--root", root, "--engine-pidfile", "/nonexistent",
+                "--force", "-q"]
+    results: Dict[str, List[float]] = {"cp -al": [], "aufs2overlay run": []}
+    rss: List[int] = []
+    for r in range(args.rounds):
+        if args.cold:
+            drop_caches()
+        t, _ = timed(cp_al(root, scratch))
+        results["cp -al"].append(t)
+        shutil.rmtree(scratch)
+        if args.cold:
+            drop_caches()
+        t, peak = timed(migrate)
+        results["aufs2overlay run"].append(t)
+        rss.append(peak)
+        subprocess.run(rollback, check=True, stdout=subprocess.DEVNULL)
+        shutil.rmtree(os.path.join(root, ".aufs2overlay"))
+        print(f"round {r + 1}: cp -al {results['cp -al'][-1]:.2f}s, run {t:.2f}s, peak RSS {peak / 1024:.0f} MiB",
+              flush=True)
+    ref = statistics.median(results["cp -al"])
+    print(f"\n{'':20} {'median s':>9} {'ratio':>7} {'entries/s':>10}")
+    for name, times in results.items():
+        med = statistics.median(times)
+        print(f"{name:20} {med:9.2f} {med / ref:7.2f} {n_entries / med:10.0f}")
+    print(f"aufs2overlay peak RSS: max {max(rss) / 1024:.0f} MiB over {args.rounds} rounds")
+    if not args.keep:
+        shutil.rmtree(args.workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
