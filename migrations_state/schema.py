@@ -68,6 +68,17 @@ class ContainerRecord(Base):
     note: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
 
 
+class WhiteoutDirRecord(Base):
+    """A directory of a layer that holds aufs whiteouts or an opaque marker, found by the link step and recorded
+    with the ``linked`` state, so the whiteout step visits only these directories (and can resume)."""
+
+    __tablename__ = "whiteout_dir"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    layer_id: Mapped[str] = mapped_column(ForeignKey("layer.id"), index=True)
+    path: Mapped[bytes] = mapped_column(LargeBinary)  # relative to the layer's root, b"" for the root itself
+
+
 class SavedTimeRecord(Base):
     """Times of directories the run changes entries in (ROOT, image/, containers/<id>/), for an exact rollback."""
 

@@ -23,6 +23,7 @@ from sqlalchemy import create_engine, event, func, select, update
 from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import Session, sessionmaker
 
+from migrations_state.errors import StateDatabaseError, filesystem_hint
 from migrations_state.schema import (
     SCHEMA_VERSION,
     Base,
@@ -31,11 +32,8 @@ from migrations_state.schema import (
     LayerRecord,
     RunRecord,
     SavedTimeRecord,
+    WhiteoutDirRecord,
 )
-
-
-class StateDatabaseError(Exception):
-    """The state database is missing a run, unreadable, or from another schema."""
 
 
 def _now() -> str:
@@ -163,6 +161,11 @@ class Store:
         with self._session() as s:
             return list(s.scalars(select(ContainerRecord).order_by(ContainerRecord.id)))
 
+    def whiteout_dirs(self, layer_id: str) -> List[bytes]:
+        with self._session() as s:
+            return list(s.scalars(select(WhiteoutDirRecord.path).where(WhiteoutDirRecord.layer_id == layer_id)
+                                  .order_by(WhiteoutDirRecord.id)))
+
     def saved_times(self) -> List[SavedTimeRecord]:
         with self._session() as s:
             return list(s.scalars(select(SavedTimeRecord).order_by(SavedTimeRecord.path)))
@@ -191,7 +194,7 @@ class Store:
             s.execute(update(RunRecord).where(RunRecord.id == 1).values(last_error=message, updated_at=_now()))
 
     def set_layer_state(self, layer_id: str, state: str, entries: Optional[int] = None,
-                        findings: Iterable[FindingRecord] = ()) -> None:
+                        findings: Iterable[FindingRecord] = (), whiteout_dirs: Iterable[bytes] = ()) -> None:
         """One transaction per layer step: the new state and what the step found."""
         values = {"state": state, "error": None}
         if entries is not None:
@@ -199,6 +202,7 @@ class Store:
         with self._transaction() as s:
             s.execute(update(LayerRecord).where(LayerRecord.id == layer_id).values(**values))
             s.add_all(list(findings))
+            s.add_all([WhiteoutDirRecord(layer_id=layer_id, path=p) for p in whiteout_dirs])
             s.execute(update(RunRecord).where(RunRecord.id == 1).values(updated_at=_now()))
         _checkpoint(f"recorded layer {layer_id} {state}")
 
@@ -210,21 +214,6 @@ class Store:
         with self._transaction() as s:
             s.execute(update(ContainerRecord).where(ContainerRecord.id == container_id).values(state=state))
         _checkpoint(f"recorded container {container_id} {state}")
-
-
-def filesystem_hint(path: str) -> str:
-    """Why SQLite may have failed where it says only "unable to open database file"."""
-    try:
-        st = os.statvfs(os.path.dirname(os.path.abspath(path)))
-    except OSError:
-        return ""
-    if st.f_flag & os.ST_RDONLY:
-        return " (the filesystem is read-only)"
-    if st.f_bavail == 0:
-        return " (no space left on the filesystem)"
-    if st.f_favail == 0:
-        return " (no free inodes left on the filesystem)"
-    return ""
 
 
 def _fsync_dir(path: str) -> None:

@@ -13,21 +13,26 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 _KILL_AT = int(os.environ.get("AUFS2OVERLAY_KILL_AT", "0") or 0)
 _STOP_AT = int(os.environ.get("AUFS2OVERLAY_STOP_AT", "0") or 0)
 _TRACE = os.environ.get("AUFS2OVERLAY_CHECKPOINT_TRACE") or None
 _count = 0
+_lock = threading.Lock()
 
 
 def reached(label: str) -> None:
-    """Count one checkpoint; trace it or die here when a test asked for it."""
+    """Count one checkpoint; trace it or die here when a test asked for it (layers run in threads: the
+    count is taken under a lock, and a kill or stop takes the whole process at that instant)."""
     global _count
-    _count += 1
-    if _TRACE:
-        with open(_TRACE, "a", encoding="utf-8", errors="backslashreplace") as f:
-            f.write(f"{_count} {label}\n")
-    if _count == _KILL_AT:
-        os.kill(os.getpid(), signal.SIGKILL)
-    if _count == _STOP_AT:
-        os.kill(os.getpid(), signal.SIGSTOP)
+    with _lock:
+        _count += 1
+        n = _count
+        if _TRACE:
+            with open(_TRACE, "a", encoding="utf-8", errors="backslashreplace") as f:
+                f.write(f"{n} {label}\n")
+        if n == _KILL_AT:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if n == _STOP_AT:
+            os.kill(os.getpid(), signal.SIGSTOP)

@@ -6,11 +6,9 @@ import argparse
 import sys
 from typing import List, Optional
 
-from sqlalchemy.exc import SQLAlchemyError
-
-from migrations_state.store import StateDatabaseError
-from migrator import commands
-from migrator.errors import EXIT_FAILED, MigratorError
+from migrations_state.errors import StateDatabaseError
+from migrator import report
+from migrator.errors import EXIT_FAILED, EXIT_USAGE, MigratorError
 
 DEFAULT_ROOT = "/var/lib/docker"
 
@@ -33,7 +31,9 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
         return p
 
-    add("run", "start or resume the migration (exit 0 only when completed)")
+    p = add("run", "start or resume the migration (exit 0 only when completed)")
+    p.add_argument("-j", "--jobs", type=int, default=report.DEFAULT_JOBS, metavar="N",
+                   help=f"layers converted at once (default {report.DEFAULT_JOBS}: the cores, at least 2, at most 4)")
     p = add("status", "show the phase, the layers by state, and what to do next", engine_check=False)
     p.add_argument("--json", action="store_true", help="one JSON object (schema in docs/operations.md)")
     p = add("rollback", "undo the migration and return the aufs root to its exact starting state")
@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _one_line(exc: BaseException) -> str:
     text = str(getattr(exc, "orig", None) or exc)
-    if isinstance(exc, SQLAlchemyError):
+    if type(exc).__module__.startswith("sqlalchemy"):
         text = f"state database: {text}"
     return " ".join(text.split())[:500] + "; fix the cause and run the same command again"
 
@@ -55,10 +55,14 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "run":
-            return commands.run(args.root, args.state_db, args.engine_pidfile, args.quiet)
         if args.command == "status":
-            return commands.status(args.root, args.state_db, args.json)
+            return report.status(args.root, args.state_db, args.json)
+        from migrator import commands  # the machinery; status answers without importing it
+
+        if args.command == "run":
+            if args.jobs < 1:
+                raise MigratorError("--jobs must be at least 1", EXIT_USAGE)
+            return commands.run(args.root, args.state_db, args.engine_pidfile, args.quiet, args.jobs)
         if args.command == "rollback":
             return commands.rollback(args.root, args.state_db, args.force, args.engine_pidfile, args.quiet)
         if args.command == "cleanup":
@@ -69,7 +73,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except MigratorError as exc:
         print(f"aufs2overlay: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except (OSError, StateDatabaseError, SQLAlchemyError) as exc:
+    except (OSError, StateDatabaseError) as exc:
+        print(f"aufs2overlay: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as exc:  # SQLAlchemy's errors, without importing SQLAlchemy for status
+        if type(exc).__module__.split(".")[0] != "sqlalchemy":
+            raise
         print(f"aufs2overlay: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

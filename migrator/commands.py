@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 from typing import Optional, Sequence
 
+from migrations_state.errors import StateDatabaseError
 from migrations_state.machine import ROLLBACK_FORCED, ROLLBACK_FREE
-from migrations_state.store import StateDatabaseError, Store
-from migrator import aufs, containers, engine, fsio, recovery, sample
+from migrations_state.store import Store
+from migrator import aufs, containers, engine, fsio, recovery, report, sample
 from migrator import verify as verifier
 from migrator.errors import (
-    EXIT_IN_PROGRESS,
     EXIT_OK,
-    EXIT_ROLLED_BACK,
     EXIT_USAGE,
     MigratorError,
     Refused,
@@ -30,16 +28,14 @@ from migrator.runtime import (
 )
 
 STRATEGY = "hardlink"
+DEFAULT_JOBS = report.DEFAULT_JOBS
 
 
 def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _paths(root: str, state_db: Optional[str]) -> Paths:
-    if not os.path.isdir(root) or os.path.islink(root):
-        raise MigratorError(f"engine root {root} is not a directory", EXIT_USAGE)
-    return Paths.for_root(root, state_db)
+_paths = report.paths_for
 
 
 def _open_store(paths: Paths) -> Optional[Store]:
@@ -99,7 +95,7 @@ def _start(paths: Paths, discovery, found, container_findings, times, progress) 
 
 
 def run(root: str, state_db: Optional[str] = None, engine_pidfiles: Optional[Sequence[str]] = None,
-        quiet: bool = False) -> int:
+        quiet: bool = False, jobs: int = DEFAULT_JOBS) -> int:
     """Start or resume the migration; exit 0 only once it has completed."""
     paths = _paths(root, state_db)
     progress = default_progress(quiet)
@@ -122,12 +118,12 @@ def run(root: str, state_db: Optional[str] = None, engine_pidfiles: Optional[Seq
                 store.close()
             store = _start(paths, *discovered, progress)
         try:
-            return _drive_run(paths, store, progress)
+            return _drive_run(paths, store, progress, jobs)
         finally:
             store.close()
 
 
-def _drive_run(paths: Paths, store: Store, progress) -> int:
+def _drive_run(paths: Paths, store: Store, progress, jobs: int) -> int:
     phase = store.run().phase
     if phase in ("completed", "cleaning", "cleaned"):
         _say(f"migration of {paths.root} already {phase}")
@@ -137,7 +133,7 @@ def _drive_run(paths: Paths, store: Store, progress) -> int:
     migration = Migration(paths, store, progress)
     try:
         if migration.state == "converting":
-            migration.convert_layers()
+            migration.convert_layers(jobs)
             if not migration.start_switching():
                 raise MigratorError("not every layer reached 'committed'; see 'aufs2overlay status'")
         if migration.state == "switching":
@@ -147,80 +143,6 @@ def _drive_run(paths: Paths, store: Store, progress) -> int:
         raise MigratorError(f"{exc}; fix the cause and run again: the migration resumes where it stopped") from exc
     _say(f"migration of {paths.root} completed: {len(store.layers())} layers now in overlay2/")
     return EXIT_OK
-
-
-NEXT_STEP = {
-    None: "nothing to do",
-    "not-started": "run 'aufs2overlay run' to migrate",
-    "converting": "run 'aufs2overlay run' to resume, or 'aufs2overlay rollback' to undo",
-    "switching": "run 'aufs2overlay run' to resume, or 'aufs2overlay rollback' to undo",
-    "completed": "start the engine with storage-driver overlay2; 'aufs2overlay cleanup' once satisfied",
-    "cleaning": "run 'aufs2overlay cleanup' to finish removing the aufs data",
-    "cleaned": "nothing to do",
-    "rolling-back": "run 'aufs2overlay rollback' to finish the rollback",
-    "rolled-back": "the aufs data is as it was; start the engine with aufs, or run again",
-}
-
-
-def status(root: str, state_db: Optional[str] = None, as_json: bool = False) -> int:
-    """Show the phase, each layer's state and what to do next."""
-    paths = _paths(root, state_db)
-    store = _open_store(paths)
-    if store is None:
-        phase = "not-started" if fsio.lexists(paths.aufs) else None
-        doc = {"root": paths.root, "phase": phase or "nothing-to-migrate", "strategy": None, "layers": [],
-               "containers": [], "findings": [], "last_error": None, "next": NEXT_STEP[phase]}
-        code = EXIT_OK
-    else:
-        try:
-            run_row = store.run()
-            doc = {
-                "root": paths.root,
-                "phase": run_row.phase,
-                "strategy": run_row.strategy,
-                "created_at": run_row.created_at,
-                "updated_at": run_row.updated_at,
-                "layers": [{"id": r.id, "state": r.state, "entries": r.entries, "error": r.error}
-                           for r in store.layers()],
-                "containers": [{"id": c.id, "state": c.state, "note": c.note} for c in store.containers()],
-                "findings": [{"kind": f.kind, "layer": f.layer_id, "detail": f.detail} for f in store.findings()],
-                "last_error": run_row.last_error,
-                "next": NEXT_STEP[run_row.phase],
-            }
-        finally:
-            store.close()
-        code = {"completed": EXIT_OK, "cleaned": EXIT_OK, "rolled-back": EXIT_ROLLED_BACK}.get(
-            doc["phase"], EXIT_IN_PROGRESS)
-    if as_json:
-        print(json.dumps(doc, indent=2, sort_keys=True))
-    else:
-        print(_status_text(doc))
-    return code
-
-
-def _status_text(doc: dict) -> str:
-    lines = [f"root:       {doc['root']}", f"phase:      {doc['phase']}"]
-    if doc["layers"]:
-        counts: dict = {}
-        for layer in doc["layers"]:
-            counts[layer["state"]] = counts.get(layer["state"], 0) + 1
-        lines.append(f"layers:     {len(doc['layers'])} ("
-                     + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ")")
-        for layer in doc["layers"]:
-            if layer["error"]:
-                lines.append(f"  error in {layer['id']}: {layer['error']}")
-    if doc["containers"]:
-        counts = {}
-        for c in doc["containers"]:
-            counts[c["state"]] = counts.get(c["state"], 0) + 1
-        lines.append(f"containers: {len(doc['containers'])} ("
-                     + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ")")
-    if doc["findings"]:
-        lines.append(f"findings:   {len(doc['findings'])} (see --json)")
-    if doc["last_error"]:
-        lines.append(f"last error: {doc['last_error']}")
-    lines.append(f"next:       {doc['next']}")
-    return "\n".join(lines)
 
 
 def rollback(root: str, state_db: Optional[str] = None, force: bool = False,
@@ -351,7 +273,7 @@ def demo(keep: bool = False) -> int:
         code = run(root, engine_pidfiles=[])
         if code == EXIT_OK:
             code = verify(root)
-        status(root)
+        report.status(root)
         return code
     finally:
         if keep:

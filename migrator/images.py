@@ -24,10 +24,9 @@ def stage_copy(src: str, dst: str) -> int:
         try:
             dst_fd = fsio.open_dir(name, pfd)
             try:
-                tree.copy_dir_meta(src_fd, dst_fd)
-
                 def visit(s_fd: int, d_fd: int, _rel: bytes) -> List[str]:
                     nonlocal count
+                    tree.copy_dir_meta(s_fd, d_fd)
                     subdirs = []
                     with os.scandir(s_fd) as it:
                         for entry in it:
@@ -38,13 +37,6 @@ def stage_copy(src: str, dst: str) -> int:
                                 tree.copy_entry(s_fd, d_fd, entry.name)
                     for sub in subdirs:
                         os.mkdir(sub, 0o700, dir_fd=d_fd)
-                        cs = fsio.open_dir(sub, s_fd, noatime=True)
-                        cd = fsio.open_dir(sub, d_fd)
-                        try:
-                            tree.copy_dir_meta(cs, cd)
-                        finally:
-                            os.close(cs)
-                            os.close(cd)
                     return subdirs
 
                 tree.walk_pair(src_fd, dst_fd, visit, tree.copy_dir_times, label="image copy")

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import xattr
 
-from migrator import fsio, tree
+from migrator import checkpoints, fsio, tree
 
 WH_PREFIX = ".wh."
 WH_META_PREFIX = ".wh..wh."
@@ -29,10 +29,12 @@ WORK_MODE = 0o700
 
 @dataclass
 class StepResult:
-    """What a step did, for the state record: entries carried over and findings worth reporting."""
+    """What a step did, for the state record: entries carried over, findings worth reporting, and (link step)
+    the directories that hold whiteouts or opaque markers, which the next step converts."""
 
     entries: int = 0
     findings: List[Tuple[str, str]] = field(default_factory=list)
+    whiteout_dirs: List[bytes] = field(default_factory=list)
 
     def note(self, kind: str, rel: bytes, name: Optional[str] = None) -> None:
         path = rel + (b"/" + os.fsencode(name) if name is not None else b"")
@@ -60,8 +62,10 @@ def build_layer_tree(src_dir: str, tree_root: str, layer_id: str, copy: bool = F
     """Step ``discovered → linked``: rebuild ``<tree>/<id>/diff`` from scratch, hardlinking every entry
     (``copy``: copying it with its metadata, for a container's writable layer, which overlay2 changes in place).
 
-    Whiteouts and aufs internals are left out here (the next step converts them); a partial tree from an
-    earlier, cut-off attempt is removed first, which is what makes the step idempotent.
+    Whiteouts and aufs internals are left out here; the directories holding whiteouts or opaque markers are
+    listed in the result, for the next step to convert (and to give their times, which a new whiteout device
+    changes).  Every other directory gets its times here, bottom-up.  A partial tree from an earlier, cut-off
+    attempt is removed first, which is what makes the step idempotent.
     """
     result = StepResult()
     tfd = fsio.open_dir(tree_root)
@@ -76,10 +80,9 @@ def build_layer_tree(src_dir: str, tree_root: str, layer_id: str, copy: bool = F
             try:
                 dst_fd = fsio.open_dir("diff", lfd)
                 try:
-                    for dropped in tree.copy_dir_meta(src_fd, dst_fd):
-                        result.note("dropped-overlay-xattr", b"", dropped.decode("ascii", "replace"))
                     carry = _Copier(dst_fd, result) if copy else _link_entry
-                    tree.walk_pair(src_fd, dst_fd, _linker(result, carry), label=f"link {layer_id}")
+                    visit, leave = _linker(result, carry)
+                    tree.walk_pair(src_fd, dst_fd, visit, leave, label=f"link {layer_id}")
                 finally:
                     os.close(dst_fd)
             finally:
@@ -93,13 +96,20 @@ def build_layer_tree(src_dir: str, tree_root: str, layer_id: str, copy: bool = F
 
 
 def _linker(result: StepResult, carry):
+    converting = set()  # directories left for the whiteout step, which sets their times
+
     def visit(s_fd: int, d_fd: int, rel: bytes) -> List[str]:
+        for dropped in tree.copy_dir_meta(s_fd, d_fd):
+            result.note("dropped-overlay-xattr", rel, dropped.decode("ascii", "replace"))
         subdirs = []
+        has_whiteouts = False
         with os.scandir(s_fd) as it:
             for entry in it:
                 name = entry.name
                 if name.startswith(WH_PREFIX):
-                    if name.startswith(WH_META_PREFIX) and name != OPAQUE_MARKER:
+                    if not name.startswith(WH_META_PREFIX) or name == OPAQUE_MARKER:
+                        has_whiteouts = True
+                    else:
                         result.note("dropped-aufs-internal", rel, name)
                     continue
                 result.entries += 1
@@ -114,20 +124,16 @@ def _linker(result: StepResult, carry):
                 carry(s_fd, d_fd, name, rel, result)
         for name in subdirs:
             os.mkdir(name, 0o700, dir_fd=d_fd)
-            cs = fsio.open_dir(name, s_fd, noatime=True)
-            try:
-                cd = fsio.open_dir(name, d_fd)
-                try:
-                    for dropped in tree.copy_dir_meta(cs, cd):
-                        result.note("dropped-overlay-xattr", rel + b"/" + os.fsencode(name),
-                                    dropped.decode("ascii", "replace"))
-                finally:
-                    os.close(cd)
-            finally:
-                os.close(cs)
+        if has_whiteouts:
+            result.whiteout_dirs.append(rel)
+            converting.add(rel)
         return subdirs
 
-    return visit
+    def leave(s_fd: int, d_fd: int, rel: bytes) -> None:
+        if rel not in converting:
+            tree.copy_dir_times(s_fd, d_fd)
+
+    return visit, leave
 
 
 def _link_entry(s_fd: int, d_fd: int, name: str, rel: bytes, result: StepResult) -> None:
@@ -162,59 +168,63 @@ class _Copier:
             self.first_copy[key] = here
 
 
-def convert_whiteouts(src_dir: str, tree_root: str, layer_id: str) -> StepResult:
-    """Step ``linked → whiteouts-converted``: aufs whiteouts become 0/0 character devices, opaque markers
-    become ``trusted.overlay.opaque=y``, then every directory gets its times (last, bottom-up, since creating
-    a device changes its parent's mtime).  Existing devices and xattrs are accepted, so a re-run converges.
+def convert_whiteouts(src_dir: str, tree_root: str, layer_id: str, whiteout_dirs: Sequence[bytes]) -> StepResult:
+    """Step ``linked → whiteouts-converted``: in each directory the link step listed, aufs whiteouts become 0/0
+    character devices and an opaque marker becomes ``trusted.overlay.opaque=y``; then the directory gets its
+    times (creating a device changed its mtime).  Existing devices and xattrs are accepted, so a re-run
+    converges.  Directories are reached component by component with ``O_NOFOLLOW``.
     """
     result = StepResult()
     lfd = fsio.open_dir(os.path.join(tree_root, layer_id))
     try:
-        src_fd = fsio.open_dir(src_dir, noatime=True)
+        src_root = fsio.open_dir(src_dir, noatime=True)
         try:
-            dst_fd = fsio.open_dir("diff", lfd)
+            dst_root = fsio.open_dir("diff", lfd)
             try:
-                tree.walk_pair(src_fd, dst_fd, _whiteout_converter(result), tree.copy_dir_times,
-                               label=f"whiteouts {layer_id}")
+                for rel in whiteout_dirs:
+                    s_fd = tree.open_path(src_root, rel, noatime=True)
+                    try:
+                        d_fd = tree.open_path(dst_root, rel)
+                        try:
+                            _convert_dir(s_fd, d_fd, rel, result)
+                            tree.copy_dir_times(s_fd, d_fd)
+                        finally:
+                            os.close(d_fd)
+                    finally:
+                        os.close(s_fd)
+                    checkpoints.reached(f"converted whiteouts {layer_id}")
             finally:
-                os.close(dst_fd)
+                os.close(dst_root)
         finally:
-            os.close(src_fd)
+            os.close(src_root)
         fsio.syncfs(lfd)
     finally:
         os.close(lfd)
     return result
 
 
-def _whiteout_converter(result: StepResult):
-    def visit(s_fd: int, d_fd: int, rel: bytes) -> List[str]:
-        with os.scandir(s_fd) as it:
-            kinds = {entry.name: entry.is_dir(follow_symlinks=False) for entry in it}
-        subdirs = []
-        for name, is_dir in kinds.items():
-            if name == OPAQUE_MARKER:
-                xattr.set(d_fd, OPAQUE_XATTR, b"y")
-                result.entries += 1
-            elif name.startswith(WH_META_PREFIX):
-                continue
-            elif name.startswith(WH_PREFIX):
-                target = name[len(WH_PREFIX):]
-                if target in ("", ".", ".."):
-                    result.note("ignored-bad-whiteout", rel, name)
-                elif target in kinds:
-                    # The layer holds both <name> and .wh.<name>: its own entry stays; for a directory that
-                    # means nothing below shows through, i.e. an opaque directory.
-                    if kinds[target]:
-                        _set_opaque_child(d_fd, target)
-                    result.note("whiteout-beside-entry", rel, name)
-                else:
-                    _make_whiteout(s_fd, d_fd, name, target)
-                result.entries += 1
-            elif is_dir:
-                subdirs.append(name)
-        return subdirs
-
-    return visit
+def _convert_dir(s_fd: int, d_fd: int, rel: bytes, result: StepResult) -> None:
+    with os.scandir(s_fd) as it:
+        kinds = {entry.name: entry.is_dir(follow_symlinks=False) for entry in it}
+    for name in kinds:
+        if name == OPAQUE_MARKER:
+            xattr.set(d_fd, OPAQUE_XATTR, b"y")
+            result.entries += 1
+        elif name.startswith(WH_META_PREFIX):
+            continue
+        elif name.startswith(WH_PREFIX):
+            target = name[len(WH_PREFIX):]
+            if target in ("", ".", ".."):
+                result.note("ignored-bad-whiteout", rel, name)
+            elif target in kinds:
+                # The layer holds both <name> and .wh.<name>: its own entry stays; for a directory that means
+                # nothing below shows through, i.e. an opaque directory.
+                if kinds[target]:
+                    _set_opaque_child(d_fd, target)
+                result.note("whiteout-beside-entry", rel, name)
+            else:
+                _make_whiteout(s_fd, d_fd, name, target)
+            result.entries += 1
 
 
 def _set_opaque_child(d_fd: int, name: str) -> None:

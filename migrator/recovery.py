@@ -13,7 +13,7 @@ import os
 from typing import Callable, List
 
 from migrator import aufs, containers, fsio
-from migrator.runtime import Paths
+from migrator.paths import Paths
 
 ORIGINALS = "originals"
 

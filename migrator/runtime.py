@@ -7,12 +7,13 @@ places that record a state.  The database row is the truth: every start rebuilds
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import fcntl
 import os
 import sys
+import threading
 import time
-from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional
 
 from migrations_state.machine import LAYER_NEXT, layer_machine, phase_machine
@@ -20,43 +21,7 @@ from migrations_state.schema import ContainerRecord, FindingRecord, LayerRecord,
 from migrations_state.store import Store
 from migrator import containers, fsio, images, overlay
 from migrator.errors import Locked, MigratorError
-
-WORKDIR = ".aufs2overlay"
-STATE_DB = "state.db"
-TEMP_TREE = "overlay2.temp"
-
-
-@dataclass(frozen=True)
-class Paths:
-    """Every location the migrator reads or writes, derived from the engine root."""
-
-    root: str
-    state_db: str
-
-    @classmethod
-    def for_root(cls, root: str, state_db: Optional[str] = None) -> "Paths":
-        root = os.path.abspath(root)
-        return cls(root, os.path.abspath(state_db) if state_db else os.path.join(root, WORKDIR, STATE_DB))
-
-    def __getattr__(self, name: str) -> str:
-        rel = _RELATIVE.get(name)
-        if rel is None:
-            raise AttributeError(name)
-        return os.path.join(self.root, *rel)
-
-
-_RELATIVE = {
-    "workdir": (WORKDIR,),
-    "lock": (WORKDIR, "lock"),
-    "aufs": ("aufs",),
-    "aufs_diff": ("aufs", "diff"),
-    "temp_tree": (TEMP_TREE,),
-    "tree": ("overlay2",),
-    "image_dir": ("image",),
-    "image_aufs": ("image", "aufs"),
-    "image_stage": ("image", "overlay2.temp"),
-    "image_overlay2": ("image", "overlay2"),
-}
+from migrator.paths import Paths
 
 
 @contextlib.contextmanager
@@ -107,7 +72,8 @@ class LayerTask:
         self.result = overlay.build_layer_tree(self.src, self.paths.temp_tree, self.id, copy=self.record.writable)
 
     def convert_whiteouts_in_tree(self) -> None:
-        self.result = overlay.convert_whiteouts(self.src, self.paths.temp_tree, self.id)
+        self.result = overlay.convert_whiteouts(self.src, self.paths.temp_tree, self.id,
+                                                self.store.whiteout_dirs(self.id))
 
     def write_lower_files(self) -> None:
         ancestors = self.record.ancestors.split("\n") if self.record.ancestors else []
@@ -122,10 +88,14 @@ class LayerTask:
     def record_state(self) -> None:
         findings = []
         entries = None
+        whiteout_dirs: List[bytes] = []
         if self.result is not None:
-            entries = self.result.entries if self.state == "linked" else None
+            if self.state == "linked":
+                entries = self.result.entries
+                whiteout_dirs = self.result.whiteout_dirs
             findings = [FindingRecord(layer_id=self.id, kind=k, detail=d) for k, d in self.result.findings]
-        self.store.set_layer_state(self.id, self.state, entries=entries, findings=findings)
+        self.store.set_layer_state(self.id, self.state, entries=entries, findings=findings,
+                                   whiteout_dirs=whiteout_dirs)
 
 
 class Migration:
@@ -142,18 +112,29 @@ class Migration:
 
     # -- converting -------------------------------------------------------------------------------------
 
-    def convert_layers(self) -> None:
-        """Drive every layer to ``committed``, resuming each from its recorded state."""
+    def convert_layers(self, jobs: int = 1) -> None:
+        """Drive every layer to ``committed``, resuming each from its recorded state.
+
+        Layers are independent (every link id was fixed at discovery), so ``jobs`` threads convert several at
+        once: the work is system calls, which release the GIL.  Each thread has its own machine; the first
+        failure stops the hand-out of new layers, lets the running ones finish their step, and is raised.
+        """
         overlay.prepare_tree(self.paths.temp_tree)
         records = self.store.layers()
         link_ids = {r.id: r.link_id for r in records}
-        machine = layer_machine()
-        total = len(records)
-        for n, record in enumerate(records, 1):
-            if record.state == "committed":
-                continue
+        pending = [r for r in records if r.state != "committed"]
+        done = [len(records) - len(pending)]
+        lock = threading.Lock()
+        local = threading.local()
+        failed = threading.Event()
+
+        def convert(record: LayerRecord) -> None:
+            if failed.is_set():
+                return
+            if not hasattr(local, "machine"):
+                local.machine = layer_machine()
             task = LayerTask(record, link_ids, self.paths, self.store)
-            machine.add_model(task, initial=record.state)
+            local.machine.add_model(task, initial=record.state)
             started = time.monotonic()
             entries = record.entries
             try:
@@ -161,13 +142,29 @@ class Migration:
                     getattr(task, LAYER_NEXT[task.state])()
                     if task.state == "linked" and task.result is not None:
                         entries = task.result.entries
-            except OSError as exc:
-                self.store.set_layer_error(record.id, f"{task.state}: {exc}")
+            except BaseException as exc:
+                failed.set()
+                if isinstance(exc, OSError):
+                    self.store.set_layer_error(record.id, f"{task.state}: {exc}")
                 raise
             finally:
-                machine.remove_model(task)
-            self.progress(f"[{n}/{total}] layer {record.id} committed "
+                local.machine.remove_model(task)
+            with lock:
+                done[0] += 1
+                n = done[0]
+            self.progress(f"[{n}/{len(records)}] layer {record.id} committed "
                           f"({entries} entries, {time.monotonic() - started:.2f}s)")
+
+        if jobs <= 1:
+            for record in pending:
+                convert(record)
+            return
+        with concurrent.futures.ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="layer") as pool:
+            futures = [pool.submit(convert, record) for record in pending]
+            errors = [f.exception() for f in futures]
+        for error in errors:
+            if error is not None:
+                raise error
 
     def all_layers_committed(self) -> bool:
         states = self.store.layer_states()

@@ -20,9 +20,9 @@ from migrator import checkpoints, fsio
 OVERLAY_XATTR_PREFIX = b"trusted.overlay."
 
 # visit(src_fd, dst_fd, rel) handles one directory's entries and returns the names of the subdirectories to
-# descend into (each must already exist on both sides).  leave(src_fd, dst_fd) runs after all of them.
+# descend into (each must already exist on both sides).  leave(src_fd, dst_fd, rel) runs after all of them.
 Visit = Callable[[int, int, bytes], List[str]]
-Leave = Callable[[int, int], None]
+Leave = Callable[[int, int, bytes], None]
 
 
 def walk_pair(src_fd: int, dst_fd: int, visit: Visit, leave: Optional[Leave] = None, label: str = "") -> None:
@@ -37,7 +37,7 @@ def walk_pair(src_fd: int, dst_fd: int, visit: Visit, leave: Optional[Leave] = N
                 frames.pop()
                 try:
                     if leave is not None:
-                        leave(s_fd, d_fd)
+                        leave(s_fd, d_fd, rel)
                 finally:
                     if owned:
                         os.close(s_fd)
@@ -59,6 +59,22 @@ def walk_pair(src_fd: int, dst_fd: int, visit: Visit, leave: Optional[Leave] = N
             if owned:
                 os.close(s_fd)
                 os.close(d_fd)
+
+
+def open_path(root_fd: int, rel: bytes, noatime: bool = False) -> int:
+    """Open the directory ``rel`` below ``root_fd`` one component at a time, never following a symlink."""
+    fd = os.dup(root_fd)
+    try:
+        for part in rel.split(b"/"):
+            if not part:
+                continue
+            child = fsio.open_dir(os.fsdecode(part), fd, noatime=noatime)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def copy_xattrs(src: object, dst: object, nofollow: bool = False) -> List[bytes]:
@@ -86,7 +102,7 @@ def copy_dir_meta(src_fd: int, dst_fd: int) -> List[bytes]:
     return copy_xattrs(src_fd, dst_fd)
 
 
-def copy_dir_times(src_fd: int, dst_fd: int) -> None:
+def copy_dir_times(src_fd: int, dst_fd: int, _rel: bytes = b"") -> None:
     st = os.fstat(src_fd)
     os.utime(dst_fd, ns=(st.st_atime_ns, st.st_mtime_ns))
 

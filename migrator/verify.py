@@ -9,7 +9,7 @@ from typing import Dict, List
 
 from migrations_state.store import Store
 from migrator import containers, overlay
-from migrator.runtime import Paths
+from migrator.paths import Paths
 
 DONE_PHASES = ("completed", "cleaning", "cleaned")
 

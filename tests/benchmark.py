@@ -104,7 +104,7 @@ def build_root(root: str, scale: float) -> Tuple[int, int]:
             add_tree(os.path.join(diff_root, lid), tree)
         chain.append(lid)
     n_app = max(1, int(25 * scale))
-    per_layer = int(2000 * scale)
+    per_layer = int(2100 * scale)
     deletable = [p for p in ("/usr/bin/perl", "/usr/share/doc", "/etc/motd", "/usr/share/man", "/usr/bin/gcc")
                  if os.path.lexists(p)]
     for i in range(n_app):
@@ -138,7 +138,8 @@ def drop_caches() -> None:
 
 
 def timed(cmd: List[str]) -> Tuple[float, int]:
-    """Wall time and peak RSS (KiB) of one command."""
+    """Wall time and peak RSS (KiB) of one command, started on a quiet disk (earlier deletions synced)."""
+    os.sync()
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     _pid, status, usage = os.wait4(proc.pid, 0)
@@ -168,6 +169,7 @@ def main() -> int:
     ap.add_argument("--workdir", default="/var/tmp/a2o-bench")
     ap.add_argument("--cold", action="store_true", help="drop the page cache before each timed command")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--jobs", type=int, default=None, help="aufs2overlay run --jobs (default: its own)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("the benchmark needs root")
@@ -178,6 +180,8 @@ def main() -> int:
     print(f"machine: {machine(args.workdir)}")
     print(f"root: {n_layers} layers, {n_entries} entries")
     migrate = [sys.executable, "-m", "migrator", "run", "--root", root, "--engine-pidfile", "/nonexistent", "-q"]
+    if args.jobs:
+        migrate += ["--jobs", str(args.jobs)]
     rollback = [sys.executable, "-m", "migrator", "rollback", "--root", root, "--engine-pidfile", "/nonexistent",
                 "--force", "-q"]
     results: Dict[str, List[float]] = {"cp -al": [], "aufs2overlay run": []}

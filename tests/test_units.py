@@ -49,3 +49,23 @@ def test_layer_ids():
     assert aufs.valid_id("a" * 64) and aufs.valid_id("a" * 64 + "-init")
     for bad in ("", ".", "..", "a/b", "a b", "a\nb", "caf\udce9", "-x"):
         assert not aufs.valid_id(bad)
+
+
+def test_status_reader_reads_what_the_store_wrote(tmp_path):
+    """reader.py uses plain SQL for speed: this keeps its column names honest against the ORM schema."""
+    from migrations_state import reader
+    from migrations_state.schema import ContainerRecord, FindingRecord, LayerRecord
+    from migrations_state.store import Store
+
+    db = str(tmp_path / "state.db")
+    layers = [LayerRecord(id=f"l{i}", seq=i, parent=None, ancestors="", link_id=f"{'A' * 25}{i}", has_child=False,
+                          state="discovered") for i in range(3)]
+    store = Store.create(db, "/root", "hardlink", layers, [ContainerRecord(id="c", state="pending")],
+                         [FindingRecord(layer_id="l1", kind="k", detail="d")])
+    store.set_layer_state("l1", "linked", entries=7)
+    store.close()
+    doc = reader.read_status(db)
+    assert doc["run"]["phase"] == "converting" and doc["run"]["strategy"] == "hardlink"
+    assert doc["layers"] == [("l0", "discovered", 0, None), ("l1", "linked", 7, None), ("l2", "discovered", 0, None)]
+    assert doc["containers"] == [("c", "pending", None)]
+    assert doc["findings"] == [("k", "l1", "d")]

@@ -1,0 +1,44 @@
+"""Every location the migrator reads or writes, derived from the engine root."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+WORKDIR = ".aufs2overlay"
+STATE_DB = "state.db"
+TEMP_TREE = "overlay2.temp"
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Every location the migrator reads or writes, derived from the engine root."""
+
+    root: str
+    state_db: str
+
+    @classmethod
+    def for_root(cls, root: str, state_db: Optional[str] = None) -> "Paths":
+        root = os.path.abspath(root)
+        return cls(root, os.path.abspath(state_db) if state_db else os.path.join(root, WORKDIR, STATE_DB))
+
+    def __getattr__(self, name: str) -> str:
+        rel = _RELATIVE.get(name)
+        if rel is None:
+            raise AttributeError(name)
+        return os.path.join(self.root, *rel)
+
+
+_RELATIVE = {
+    "workdir": (WORKDIR,),
+    "lock": (WORKDIR, "lock"),
+    "aufs": ("aufs",),
+    "aufs_diff": ("aufs", "diff"),
+    "temp_tree": (TEMP_TREE,),
+    "tree": ("overlay2",),
+    "image_dir": ("image",),
+    "image_aufs": ("image", "aufs"),
+    "image_stage": ("image", "overlay2.temp"),
+    "image_overlay2": ("image", "overlay2"),
+}
