@@ -1,8 +1,10 @@
 """The durable store: the only place a state is written to the database.
 
-SQLite runs with a rollback journal (``journal_mode=DELETE``) and ``synchronous=FULL``: ``commit()`` returns
-only after the journal and the database file have been fsynced, so a recorded state survives a power cut, and
-an interrupted transaction is rolled back from its journal at the next open (SQLite's documented guarantee).
+SQLite runs with a rollback journal (``journal_mode=DELETE``) and ``synchronous=EXTRA``: ``commit()`` returns
+only after the journal and the database file have been fsynced and the journal's deletion (the commit point)
+has been made durable by an fsync of its directory, so a recorded state survives a power cut; an interrupted
+transaction is rolled back from its journal at the next open (SQLite's documented guarantees; ``FULL`` would
+leave the deletion unsynced, and a cut right after a commit could roll that commit back).
 WAL mode would need one fsync less per commit, but its shared-memory index is an mmap-ed file that SQLite
 extends sparsely: on a full filesystem with 1 KiB blocks (mkfs.ext4's default below 512 MiB, common on device
 data partitions) touching it raises SIGBUS instead of an error.  The rollback journal has no such file.
@@ -43,7 +45,7 @@ def _now() -> str:
 def _on_connect(dbapi_conn, _record) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=DELETE")
-    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA synchronous=EXTRA")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA busy_timeout=5000")
     cur.close()
@@ -151,6 +153,13 @@ class Store:
     def layers(self) -> List[LayerRecord]:
         with self._session() as s:
             return list(s.scalars(select(LayerRecord).order_by(LayerRecord.seq)))
+
+    def layer(self, layer_id: str) -> LayerRecord:
+        with self._session() as s:
+            record = s.get(LayerRecord, layer_id)
+        if record is None:
+            raise StateDatabaseError(f"state database {self.path} has no layer {layer_id}")
+        return record
 
     def layer_states(self) -> Dict[str, int]:
         with self._session() as s:

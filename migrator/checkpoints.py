@@ -7,32 +7,41 @@ test hooks; with neither set, ``reached`` only counts:
 - ``AUFS2OVERLAY_CHECKPOINT_TRACE=PATH``: append ``N label`` for every checkpoint to PATH (to enumerate them);
 - ``AUFS2OVERLAY_KILL_AT=N``: SIGKILL this process at the N-th checkpoint (1-based), a crash at that instant;
 - ``AUFS2OVERLAY_STOP_AT=N``: SIGSTOP it there instead, so a test can copy the disk as a power cut would leave it.
+
+Layers are converted in worker processes, so the count lives in shared memory (inherited across fork) and a
+kill or stop goes to the migrator's whole process group: with a hook set, the migrator makes itself a process
+group leader at start, and a test stops or kills it all with ``os.killpg(pid, …)``.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
-import threading
 
 _KILL_AT = int(os.environ.get("AUFS2OVERLAY_KILL_AT", "0") or 0)
 _STOP_AT = int(os.environ.get("AUFS2OVERLAY_STOP_AT", "0") or 0)
 _TRACE = os.environ.get("AUFS2OVERLAY_CHECKPOINT_TRACE") or None
+_HOOKED = bool(_KILL_AT or _STOP_AT or _TRACE)
+_shared = multiprocessing.get_context("fork").Value("q", 0) if _HOOKED else None
 _count = 0
-_lock = threading.Lock()
+if _HOOKED and os.getpgrp() != os.getpid():
+    os.setpgrp()
 
 
 def reached(label: str) -> None:
-    """Count one checkpoint; trace it or die here when a test asked for it (layers run in threads: the
-    count is taken under a lock, and a kill or stop takes the whole process at that instant)."""
+    """Count one checkpoint; trace it, or kill or stop the whole migrator here, when a test asked for it."""
     global _count
-    with _lock:
+    if _shared is None:
         _count += 1
-        n = _count
+        return
+    with _shared.get_lock():
+        _shared.value += 1
+        n = _shared.value
         if _TRACE:
             with open(_TRACE, "a", encoding="utf-8", errors="backslashreplace") as f:
                 f.write(f"{n} {label}\n")
         if n == _KILL_AT:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.killpg(os.getpgrp(), signal.SIGKILL)
         if n == _STOP_AT:
-            os.kill(os.getpid(), signal.SIGSTOP)
+            os.killpg(os.getpgrp(), signal.SIGSTOP)

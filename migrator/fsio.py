@@ -83,10 +83,12 @@ def atomic_write(
     mode: int,
     owner: Optional[Tuple[int, int]] = None,
     times_ns: Optional[Tuple[int, int]] = None,
+    sync: bool = True,
 ) -> None:
     """Replace ``name`` in ``dir_fd`` by ``data``: write a temp file, fsync, rename over, fsync the directory.
 
-    A power cut leaves either the old or the new file, never a truncated one.
+    A power cut leaves either the old or the new file, never a truncated one.  ``sync=False`` leaves out the
+    two fsyncs, for a step that writes several files and then makes them all durable with one ``syncfs``.
     """
     tmp = f".{name}.a2o-tmp"
     try:
@@ -103,16 +105,19 @@ def atomic_write(
         os.fchmod(fd, mode)
         if times_ns is not None:
             os.utime(fd, ns=times_ns)
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    os.fsync(dir_fd)
+    if sync:
+        os.fsync(dir_fd)
     checkpoints.reached(f"write {name}")
 
 
-def atomic_symlink(dir_fd: int, name: str, target: str) -> None:
-    """Create or replace the symlink ``name`` -> ``target`` atomically, then fsync the directory."""
+def atomic_symlink(dir_fd: int, name: str, target: str, sync: bool = True) -> None:
+    """Create or replace the symlink ``name`` -> ``target`` atomically, then fsync the directory (or leave that
+    to the caller's ``syncfs``: ``sync=False``)."""
     try:
         if os.readlink(name, dir_fd=dir_fd) == target:
             return
@@ -125,7 +130,8 @@ def atomic_symlink(dir_fd: int, name: str, target: str) -> None:
         pass
     os.symlink(target, tmp, dir_fd=dir_fd)
     os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    os.fsync(dir_fd)
+    if sync:
+        os.fsync(dir_fd)
     checkpoints.reached(f"symlink {name}")
 
 

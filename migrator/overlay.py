@@ -197,7 +197,8 @@ def convert_whiteouts(src_dir: str, tree_root: str, layer_id: str, whiteout_dirs
                 os.close(dst_root)
         finally:
             os.close(src_root)
-        fsio.syncfs(lfd)
+        if whiteout_dirs:
+            fsio.syncfs(lfd)
     finally:
         os.close(lfd)
     return result
@@ -258,21 +259,22 @@ def lower_value(ancestor_link_ids: Sequence[str]) -> bytes:
 
 
 def write_layer_files(tree_root: str, layer_id: str, link_id: str, ancestor_link_ids: Sequence[str]) -> None:
-    """Step ``whiteouts-converted → lowers-written``: ``link``, ``lower``, ``work/`` and ``l/<LINKID>``."""
+    """Step ``whiteouts-converted → lowers-written``: ``link``, ``lower``, ``work/`` and ``l/<LINKID>``, each
+    written atomically (temp and rename), then made durable together by one ``syncfs``."""
     lfd = fsio.open_dir(os.path.join(tree_root, layer_id))
     try:
-        fsio.atomic_write(lfd, "link", link_id.encode("ascii"), 0o644)
+        fsio.atomic_write(lfd, "link", link_id.encode("ascii"), 0o644, sync=False)
         if ancestor_link_ids:
-            fsio.atomic_write(lfd, "lower", lower_value(ancestor_link_ids), 0o644)
+            fsio.atomic_write(lfd, "lower", lower_value(ancestor_link_ids), 0o644, sync=False)
             fsio.make_dir("work", WORK_MODE, dir_fd=lfd)
-            os.fsync(lfd)
+        links_fd = fsio.open_dir(os.path.join(tree_root, "l"))
+        try:
+            fsio.atomic_symlink(links_fd, link_id, f"../{layer_id}/diff", sync=False)
+        finally:
+            os.close(links_fd)
+        fsio.syncfs(lfd)
     finally:
         os.close(lfd)
-    links_fd = fsio.open_dir(os.path.join(tree_root, "l"))
-    try:
-        fsio.atomic_symlink(links_fd, link_id, f"../{layer_id}/diff")
-    finally:
-        os.close(links_fd)
 
 
 def write_committed_marker(tree_root: str, layer_id: str, has_child: bool) -> None:
@@ -281,6 +283,7 @@ def write_committed_marker(tree_root: str, layer_id: str, has_child: bool) -> No
         return
     lfd = fsio.open_dir(os.path.join(tree_root, layer_id))
     try:
-        fsio.atomic_write(lfd, "committed", b"", 0o600)
+        fsio.atomic_write(lfd, "committed", b"", 0o600, sync=False)
+        fsio.syncfs(lfd)
     finally:
         os.close(lfd)

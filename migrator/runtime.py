@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import ctypes
 import fcntl
+import multiprocessing
 import os
+import signal
 import sys
-import threading
 import time
 from typing import Callable, Dict, Iterator, List, Optional
 
@@ -41,8 +43,10 @@ def root_lock(paths: Paths) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise Locked(f"another aufs2overlay is working on {paths.root} (lock {paths.lock})") from None
+        _worker["lock_fd"] = fd
         yield
     finally:
+        _worker.pop("lock_fd", None)
         os.close(fd)
 
 
@@ -98,6 +102,48 @@ class LayerTask:
                                    whiteout_dirs=whiteout_dirs)
 
 
+def drive_layer(record: LayerRecord, link_ids: Dict[str, str], paths: Paths, store: Store,
+                machine) -> tuple:
+    """Take one layer from its recorded state to ``committed``; return (id, entries, seconds)."""
+    task = LayerTask(record, link_ids, paths, store)
+    machine.add_model(task, initial=record.state)
+    started = time.monotonic()
+    entries = record.entries
+    try:
+        while task.state != "committed":
+            getattr(task, LAYER_NEXT[task.state])()
+            if task.state == "linked" and task.result is not None:
+                entries = task.result.entries
+    except OSError as exc:
+        store.set_layer_error(record.id, f"{task.state}: {exc}")
+        raise
+    finally:
+        machine.remove_model(task)
+    return record.id, entries, time.monotonic() - started
+
+
+_worker: Dict[str, object] = {}
+
+
+def _worker_start() -> None:
+    """In each worker process: die with the migrator (a SIGKILL of the migrator must stop all of it)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:
+        os._exit(1)
+    lock_fd = _worker.pop("lock_fd", None)
+    if lock_fd is not None:
+        os.close(lock_fd)  # the flock belongs to the migrator: it must end with the migrator, not with us
+
+
+def _worker_convert(paths: Paths, layer_id: str, link_ids: Dict[str, str]) -> tuple:
+    if "store" not in _worker:
+        _worker["store"] = Store(paths.state_db)
+        _worker["machine"] = layer_machine()
+    store = _worker["store"]
+    return drive_layer(store.layer(layer_id), link_ids, paths, store, _worker["machine"])
+
+
 class Migration:
     """Model of the run's phase machine: converting → switching → completed (→ cleaning → cleaned),
     or → rolling-back → rolled-back."""
@@ -115,56 +161,39 @@ class Migration:
     def convert_layers(self, jobs: int = 1) -> None:
         """Drive every layer to ``committed``, resuming each from its recorded state.
 
-        Layers are independent (every link id was fixed at discovery), so ``jobs`` threads convert several at
-        once: the work is system calls, which release the GIL.  Each thread has its own machine; the first
-        failure stops the hand-out of new layers, lets the running ones finish their step, and is raised.
+        Layers are independent (every link id was fixed at discovery), so ``jobs`` worker processes convert
+        several at once, each with its own database connection and layer machine.  Processes, not threads:
+        the work is one system call per entry, and two threads handing the GIL back and forth around each of
+        them spent more time in the kernel than they saved (measured in docs/performance.md).  The first
+        failure stops the hand-out of new layers, lets the running ones finish, and is raised.
         """
         overlay.prepare_tree(self.paths.temp_tree)
         records = self.store.layers()
         link_ids = {r.id: r.link_id for r in records}
         pending = [r for r in records if r.state != "committed"]
-        done = [len(records) - len(pending)]
-        lock = threading.Lock()
-        local = threading.local()
-        failed = threading.Event()
+        done = len(records) - len(pending)
 
-        def convert(record: LayerRecord) -> None:
-            if failed.is_set():
-                return
-            if not hasattr(local, "machine"):
-                local.machine = layer_machine()
-            task = LayerTask(record, link_ids, self.paths, self.store)
-            local.machine.add_model(task, initial=record.state)
-            started = time.monotonic()
-            entries = record.entries
-            try:
-                while task.state != "committed":
-                    getattr(task, LAYER_NEXT[task.state])()
-                    if task.state == "linked" and task.result is not None:
-                        entries = task.result.entries
-            except BaseException as exc:
-                failed.set()
-                if isinstance(exc, OSError):
-                    self.store.set_layer_error(record.id, f"{task.state}: {exc}")
-                raise
-            finally:
-                local.machine.remove_model(task)
-            with lock:
-                done[0] += 1
-                n = done[0]
-            self.progress(f"[{n}/{len(records)}] layer {record.id} committed "
-                          f"({entries} entries, {time.monotonic() - started:.2f}s)")
+        def report(layer_id: str, entries: int, seconds: float) -> None:
+            nonlocal done
+            done += 1
+            self.progress(f"[{done}/{len(records)}] layer {layer_id} committed ({entries} entries, {seconds:.2f}s)")
 
-        if jobs <= 1:
+        if jobs <= 1 or len(pending) <= 1:
+            machine = layer_machine()
             for record in pending:
-                convert(record)
+                report(*drive_layer(record, link_ids, self.paths, self.store, machine))
             return
-        with concurrent.futures.ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="layer") as pool:
-            futures = [pool.submit(convert, record) for record in pending]
-            errors = [f.exception() for f in futures]
-        for error in errors:
-            if error is not None:
-                raise error
+        self.store.close()  # no pooled connection may cross the fork; the engine reconnects when needed
+        context = multiprocessing.get_context("fork")
+        with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context,
+                                                    initializer=_worker_start) as pool:
+            futures = [pool.submit(_worker_convert, self.paths, record.id, link_ids) for record in pending]
+            try:
+                for future in concurrent.futures.as_completed(futures):
+                    report(*future.result())
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
 
     def all_layers_committed(self) -> bool:
         states = self.store.layer_states()

@@ -185,7 +185,7 @@ def test_concurrent_run_is_locked_out(template, tmp_path):
             if args[0] != "cleanup":
                 assert res.returncode == 4 and "another aufs2overlay" in one_error_line(res)
     finally:
-        proc.send_signal(signal.SIGCONT)
+        os.killpg(proc.pid, signal.SIGCONT)  # the migrator and its layer workers
         proc.wait()
     assert proc.returncode == 0
 

@@ -6,6 +6,7 @@ no fsync), as the original Go migrator does.
 """
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -26,9 +27,9 @@ from migrator import fsio
 
 real = fsio.atomic_write
 
-def in_place(dir_fd, name, data, mode, owner=None, times_ns=None):
+def in_place(dir_fd, name, data, mode, owner=None, times_ns=None, sync=True):
     if name != "config.v2.json":
-        return real(dir_fd, name, data, mode, owner, times_ns)
+        return real(dir_fd, name, data, mode, owner, times_ns, sync)
     fd = os.open(name, os.O_WRONLY | os.O_TRUNC, dir_fd=dir_fd)  # the original's pattern: truncate, write
     os.write(fd, data)
     os.close(fd)
@@ -112,7 +113,10 @@ def power_cut_at(disk, template, n, scratch, bad_writer=False):
         first = disk.power_cut_copy(os.path.join(scratch, "cut-1.img"))
         second = disk.power_cut_copy(os.path.join(scratch, "cut-2.img"))
     finally:
-        proc.kill()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the migrator and its layer workers, frozen together
+        except ProcessLookupError:
+            pass
         proc.wait()
     return first, second, before
 
