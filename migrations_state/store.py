@@ -138,9 +138,6 @@ class Store:
         except DatabaseError as exc:
             raise StateDatabaseError(f"state database {self.path}: {exc.orig}{filesystem_hint(self.path)}") from exc
 
-    def session(self) -> Session:
-        return self._session()
-
     # -- reads ------------------------------------------------------------------------------------------
 
     def run(self) -> RunRecord:
@@ -178,10 +175,6 @@ class Store:
     def saved_times(self) -> List[SavedTimeRecord]:
         with self._session() as s:
             return list(s.scalars(select(SavedTimeRecord).order_by(SavedTimeRecord.path)))
-
-    def findings(self) -> List[FindingRecord]:
-        with self._session() as s:
-            return list(s.scalars(select(FindingRecord).order_by(FindingRecord.id)))
 
     # -- state changes ----------------------------------------------------------------------------------
 

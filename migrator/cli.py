@@ -7,7 +7,7 @@ import sys
 from typing import List, Optional
 
 from migrations_state.errors import StateDatabaseError
-from migrator import report
+from migrator import fsio, report
 from migrator.errors import EXIT_FAILED, EXIT_USAGE, MigratorError
 
 DEFAULT_ROOT = "/var/lib/docker"
@@ -54,6 +54,7 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    fsio.raise_fd_limit()  # walks hold two descriptors per level of a layer's depth
     try:
         if args.command == "status":
             return report.status(args.root, args.state_db, args.json)

@@ -9,7 +9,6 @@ symlink planted in layer data can never redirect a write.
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 import resource
 import shutil
@@ -181,7 +180,3 @@ def ensure_absent_durably(parent: str, name: str) -> None:
         finally:
             os.close(fd)
         checkpoints.reached(f"removed {name}")
-
-
-def is_enoent(exc: OSError) -> bool:
-    return exc.errno == errno.ENOENT

@@ -2,6 +2,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -23,6 +24,35 @@ def cli(*args, env=None, check=None):
 
 def run_args(root, *extra):
     return ["run", "--root", root, "--engine-pidfile", "/nonexistent", "-q", *extra]
+
+
+WORKDIR = b".aufs2overlay"
+
+
+@pytest.fixture(scope="session")
+def template(tmp_path_factory):
+    """The sample root, built once; tests copy it with ``cp -a`` (which keeps times, owners, xattrs, links)."""
+    from migrator import sample
+
+    root = str(tmp_path_factory.mktemp("template") / "docker")
+    sample.build_sample_root(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def reference(template, tmp_path_factory):
+    """An uninterrupted run of the template: the tree it made, the checkpoints it passed, how long it took."""
+    from tests.signature import tree_signature
+
+    root = str(tmp_path_factory.mktemp("reference") / "docker")
+    subprocess.run(["cp", "-a", template, root], check=True)
+    trace = os.path.join(os.path.dirname(root), "trace")
+    started = time.monotonic()
+    cli(*run_args(root), env={"AUFS2OVERLAY_CHECKPOINT_TRACE": trace}, check=0)
+    duration = time.monotonic() - started
+    with open(trace) as f:
+        labels = [line.rstrip("\n").split(" ", 1)[1] for line in f]
+    return {"signature": tree_signature(root), "labels": labels, "duration": duration}
 
 
 @pytest.fixture

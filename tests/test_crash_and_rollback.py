@@ -9,13 +9,12 @@ import time
 
 import pytest
 
-from tests.conftest import cli, needs_root, run_args
+from tests.conftest import WORKDIR, cli, needs_root, run_args
 from tests.manifest import diff_manifests, manifest
 from tests.signature import tree_signature
 
 pytestmark = needs_root
 
-WORKDIR = b".aufs2overlay"
 
 
 def root_state(root):
@@ -23,27 +22,6 @@ def root_state(root):
     return manifest(root, skip={WORKDIR})
 
 
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    from migrator import sample
-
-    root = str(tmp_path_factory.mktemp("template") / "docker")
-    sample.build_sample_root(root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def reference(template, tmp_path_factory):
-    """An uninterrupted run, and the checkpoints it passed."""
-    root = str(tmp_path_factory.mktemp("reference") / "docker")
-    subprocess.run(["cp", "-a", template, root], check=True)
-    trace = os.path.join(os.path.dirname(root), "trace")
-    started = time.monotonic()
-    cli(*run_args(root), env={"AUFS2OVERLAY_CHECKPOINT_TRACE": trace}, check=0)
-    duration = time.monotonic() - started
-    with open(trace) as f:
-        labels = [line.rstrip("\n").split(" ", 1)[1] for line in f]
-    return {"signature": tree_signature(root), "labels": labels, "duration": duration}
 
 
 def fresh(template, tmp_path, name="docker"):

@@ -11,31 +11,15 @@ import time
 
 import pytest
 
-from tests.conftest import cli, run_args
+from tests.conftest import WORKDIR, cli, run_args
 from tests.loopfs import LoopFS, can_loop
 from tests.manifest import manifest
 from tests.signature import tree_signature
 
 pytestmark = pytest.mark.skipif(can_loop() is not None, reason=str(can_loop()))
 
-WORKDIR = b".aufs2overlay"
 
 
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    from migrator import sample
-
-    root = str(tmp_path_factory.mktemp("f-template") / "docker")
-    sample.build_sample_root(root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def reference(template, tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("f-reference") / "docker")
-    subprocess.run(["cp", "-a", template, root], check=True)
-    cli(*run_args(root), check=0)
-    return tree_signature(root)
 
 
 def aufs_side(root):
@@ -104,7 +88,7 @@ def test_disk_full_at_many_points(template, reference, tmp_path):
                 outcomes.append(progress[-1] if progress else "before any progress")
                 subprocess.run(["rm", "-rf", filler], check=True)  # the way forward: free space, run again
                 cli(*run_args(root), check=0)
-            assert tree_signature(root) == reference
+            assert tree_signature(root) == reference["signature"]
         finally:
             disk.destroy()
     failures = [o for o in outcomes if o != "completed"]
@@ -140,7 +124,7 @@ def test_out_of_inodes(template, reference, tmp_path, leave):
         assert aufs_side(root) == before
         subprocess.run(["rm", "-rf", filler], check=True)
         cli(*run_args(root), check=0)
-        assert tree_signature(root) == reference
+        assert tree_signature(root) == reference["signature"]
     finally:
         disk.destroy()
 
@@ -165,7 +149,7 @@ def test_read_only_filesystem(template, reference, tmp_path):
         assert aufs_side(root) == before
         disk.remount("rw")
         cli(*run_args(root), check=0)
-        assert tree_signature(root) == reference
+        assert tree_signature(root) == reference["signature"]
     finally:
         disk.destroy()
 
@@ -190,14 +174,9 @@ def test_concurrent_run_is_locked_out(template, tmp_path):
     assert proc.returncode == 0
 
 
-def kill_at_label(root, prefix):
-    trace = root + ".trace"
-    # Find the checkpoint number on a dry copy, then kill the real run there.
-    probe = root + ".probe"
-    subprocess.run(["cp", "-a", root, probe], check=True)
-    cli(*run_args(probe), env={"AUFS2OVERLAY_CHECKPOINT_TRACE": trace}, check=0)
-    with open(trace) as f:
-        n = next(int(line.split()[0]) for line in f if line.split(" ", 1)[1].startswith(prefix))
+def kill_at_label(root, labels, prefix):
+    """SIGKILL a run at the first checkpoint whose label starts with ``prefix`` in the reference run."""
+    n = next(i for i, label in enumerate(labels, 1) if label.startswith(prefix))
     res = cli(*run_args(root), env={"AUFS2OVERLAY_KILL_AT": str(n)})
     assert res.returncode == -signal.SIGKILL
 
@@ -209,7 +188,7 @@ def test_state_database_lost_mid_run(template, reference, tmp_path, where, damag
     root = str(tmp_path / "docker")
     subprocess.run(["cp", "-a", template, root], check=True)
     before = manifest(root)
-    kill_at_label(root, where)
+    kill_at_label(root, reference["labels"], where)
     db = os.path.join(root, ".aufs2overlay", "state.db")
     if damage == "deleted":
         for suffix in ("", "-journal"):
@@ -237,5 +216,5 @@ def test_state_database_lost_mid_run(template, reference, tmp_path, where, damag
     for p in changed:
         assert before[p][:4] == after[p][:4] and before[p][5:] == after[p][5:]  # only the mtime differs
     cli(*run_args(root), check=0)
-    assert tree_signature(root) == reference
+    assert tree_signature(root) == reference["signature"]
     cli("verify", "--root", root, check=0)

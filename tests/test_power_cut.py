@@ -13,14 +13,13 @@ import time
 
 import pytest
 
-from tests.conftest import run_args
+from tests.conftest import WORKDIR, run_args
 from tests.loopfs import LoopFS, can_loop
 from tests.manifest import diff_manifests, manifest
 from tests.signature import tree_signature
 
 pytestmark = [pytest.mark.skipif(can_loop() is not None, reason=str(can_loop())), pytest.mark.slow]
 
-WORKDIR = b".aufs2overlay"
 BAD_CONFIG_WRITER = r"""
 import os, sys
 from migrator import fsio
@@ -60,26 +59,6 @@ def wait_stopped(proc, timeout=60):
     raise AssertionError("migrator never stopped")
 
 
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    from migrator import sample
-
-    root = str(tmp_path_factory.mktemp("pc-template") / "docker")
-    sample.build_sample_root(root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def reference(template, tmp_path_factory):
-    base = tmp_path_factory.mktemp("pc-reference")
-    root = str(base / "docker")
-    subprocess.run(["cp", "-a", template, root], check=True)
-    trace = str(base / "trace")
-    env = dict(os.environ, AUFS2OVERLAY_CHECKPOINT_TRACE=trace)
-    subprocess.run([sys.executable, "-m", "migrator", *run_args(root)], env=env, check=True)
-    with open(trace) as f:
-        labels = [line.rstrip("\n").split(" ", 1)[1] for line in f]
-    return {"signature": tree_signature(root), "labels": labels}
 
 
 @pytest.fixture(scope="module")
