@@ -44,7 +44,7 @@ def _open_store(paths: Paths) -> Optional[Store]:
     try:
         return Store(paths.state_db)
     except StateDatabaseError as exc:
-        raise MigratorError(f"{exc}; 'aufs2overlay status' explains, 'rollback --force' restores aufs") from None
+        raise MigratorError(f"{exc}; 'aufs2overlay rollback --force' restores aufs without it") from None
 
 
 def _refuse_running_engine(paths: Paths, pidfiles: Optional[Sequence[str]]) -> None:

@@ -71,11 +71,18 @@ def rollback_from_disk(paths: Paths, progress: Callable[[str], None]) -> None:
             containers.restore(paths.root, cid, containers.with_driver(data, "aufs"), _st.st_mode & 0o7777,
                                _st.st_uid, _st.st_gid, (_st.st_atime_ns, _st.st_mtime_ns))
         progress(f"container {cid} back on aufs")
-    for parent, name in ((paths.image_dir, "overlay2.temp"), (paths.root, "overlay2.temp"),
-                         (paths.image_dir, "overlay2"), (paths.root, "overlay2")):
-        if fsio.lexists(os.path.join(parent, name)):
-            progress(f"removing {os.path.join(parent, name)}")
-            fsio.ensure_absent_durably(parent, name)
+    remove_new_trees(paths, progress, final=True)
+
+
+def remove_new_trees(paths: Paths, progress: Callable[[str], None], final: bool) -> None:
+    """Remove, durably, the trees a migration builds: the staged ``image/overlay2.temp/`` and
+    ``overlay2.temp/`` always, and with ``final`` their renamed forms ``image/overlay2/`` and ``overlay2/``
+    (only when they are known to be the migration's, or the operator forced it)."""
+    trees = [paths.image_stage, paths.temp_tree] + ([paths.image_overlay2, paths.tree] if final else [])
+    for path in trees:
+        if fsio.lexists(path):
+            progress(f"removing {path}")
+            fsio.ensure_absent_durably(*os.path.split(path))
 
 
 def leftovers(paths: Paths) -> List[str]:

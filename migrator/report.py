@@ -1,8 +1,8 @@
 """``status``: what a migration's state is and what to do next, answered fast.
 
-Fleet tools poll it, so it reads the state database through ``migrations_state.reader`` (SQLAlchemy Core, no
-ORM) and imports nothing of the migrator's machinery: on 5,000 layers it answers in about 0.25 s, most of it
-Python and SQLAlchemy starting.
+Fleet tools poll it, so it reads the state database through ``migrations_state.reader`` (the standard
+library's sqlite3) and imports nothing of the migrator's machinery, SQLAlchemy included: on 5,000 layers it
+answers in about 0.1 s (docs/performance.md).
 """
 
 from __future__ import annotations

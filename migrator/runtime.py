@@ -21,7 +21,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 from migrations_state.machine import LAYER_NEXT, layer_machine, phase_machine
 from migrations_state.schema import ContainerRecord, FindingRecord, LayerRecord, SavedTimeRecord
 from migrations_state.store import Store
-from migrator import containers, fsio, images, overlay
+from migrator import containers, fsio, images, overlay, recovery
 from migrator.errors import Locked, MigratorError
 from migrator.paths import Paths
 
@@ -241,14 +241,8 @@ class Migration:
                 self.store.set_container_state(record.id, "restored" if restored else "gone")
                 if not restored:
                     self.progress(f"container {record.id} was removed since the migration; not restored")
-        owned_final = run.rollback_from in ("switching", "completed")
-        removals = [(p.image_dir, os.path.basename(p.image_stage)), (p.root, os.path.basename(p.temp_tree))]
-        if owned_final:
-            removals += [(p.image_dir, os.path.basename(p.image_overlay2)), (p.root, os.path.basename(p.tree))]
-        for parent, name in removals:
-            if fsio.lexists(parent):
-                self.progress(f"removing {os.path.join(parent, name)}")
-                fsio.ensure_absent_durably(parent, name)
+        # overlay2/ and image/overlay2/ are this run's only once it reached switching (refused before).
+        recovery.remove_new_trees(p, self.progress, final=run.rollback_from in ("switching", "completed"))
         restore_dir_times(p.root, self.store.saved_times())
 
     # -- cleanup ----------------------------------------------------------------------------------------
