@@ -13,7 +13,7 @@ from typing import Optional
 from sqlalchemy import ForeignKey, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class Base(DeclarativeBase):
@@ -49,6 +49,9 @@ class LayerRecord(Base):
     # (a write through a hardlink would change the aufs data that rollback must return).
     writable: Mapped[bool] = mapped_column(default=False)
     state: Mapped[str] = mapped_column(String(32), index=True)
+    # Times of aufs/diff/<id> at discovery: the in-place strategy moves that directory and gives them back.
+    atime_ns: Mapped[int] = mapped_column(Integer, default=0)
+    mtime_ns: Mapped[int] = mapped_column(Integer, default=0)
     entries: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
 
@@ -77,6 +80,39 @@ class WhiteoutDirRecord(Base):
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
     layer_id: Mapped[str] = mapped_column(ForeignKey("layer.id"), index=True)
     path: Mapped[bytes] = mapped_column(LargeBinary)  # relative to the layer's root, b"" for the root itself
+
+
+class ChangeRecord(Base):
+    """In-place strategy: one change to what was aufs data, journaled before it is made (``inplace.Change``)."""
+
+    __tablename__ = "change"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    layer_id: Mapped[str] = mapped_column(ForeignKey("layer.id"), index=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    dir: Mapped[bytes] = mapped_column(LargeBinary)
+    name: Mapped[Optional[bytes]] = mapped_column(LargeBinary, nullable=True)
+    action: Mapped[str] = mapped_column(String(16))
+    target: Mapped[Optional[bytes]] = mapped_column(LargeBinary, nullable=True)
+    stash: Mapped[Optional[str]] = mapped_column(String(20), nullable=True)
+    mode: Mapped[int] = mapped_column(Integer, default=0)
+    uid: Mapped[int] = mapped_column(Integer, default=0)
+    gid: Mapped[int] = mapped_column(Integer, default=0)
+    atime_ns: Mapped[int] = mapped_column(Integer, default=0)
+    mtime_ns: Mapped[int] = mapped_column(Integer, default=0)
+    xattr_before: Mapped[Optional[bytes]] = mapped_column(LargeBinary, nullable=True)
+
+
+class ChangedDirRecord(Base):
+    """In-place strategy: the times of a directory the journaled changes touch, as they were before."""
+
+    __tablename__ = "changed_dir"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    layer_id: Mapped[str] = mapped_column(ForeignKey("layer.id"), index=True)
+    dir: Mapped[bytes] = mapped_column(LargeBinary)
+    atime_ns: Mapped[int] = mapped_column(Integer)
+    mtime_ns: Mapped[int] = mapped_column(Integer)
 
 
 class SavedTimeRecord(Base):

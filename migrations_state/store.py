@@ -29,6 +29,8 @@ from migrations_state.errors import StateDatabaseError, filesystem_hint
 from migrations_state.schema import (
     SCHEMA_VERSION,
     Base,
+    ChangedDirRecord,
+    ChangeRecord,
     ContainerRecord,
     FindingRecord,
     LayerRecord,
@@ -207,6 +209,44 @@ class Store:
             s.add_all([WhiteoutDirRecord(layer_id=layer_id, path=p) for p in whiteout_dirs])
             s.execute(update(RunRecord).where(RunRecord.id == 1).values(updated_at=_now()))
         _checkpoint(f"recorded layer {layer_id} {state}")
+
+    def set_layer_states(self, changes: List[dict]) -> None:
+        """Several layers' steps in one transaction (the in-place strategy records a whole wave of layers after
+        one ``syncfs``); each item holds ``id``, ``state`` and optionally ``entries``, ``findings``,
+        ``whiteout_dirs``."""
+        if not changes:
+            return
+        with self._transaction() as s:
+            for c in changes:
+                values = {"state": c["state"], "error": None}
+                if c.get("entries") is not None:
+                    values["entries"] = c["entries"]
+                s.execute(update(LayerRecord).where(LayerRecord.id == c["id"]).values(**values))
+                s.add_all(list(c.get("findings", ())))
+                s.add_all([WhiteoutDirRecord(layer_id=c["id"], path=p) for p in c.get("whiteout_dirs", ())])
+            s.execute(update(RunRecord).where(RunRecord.id == 1).values(updated_at=_now()))
+        _checkpoint(f"recorded layers {changes[0]['state']}")
+
+    def record_changes(self, layer_id: str, changes: Iterable[ChangeRecord], dirs: Iterable[ChangedDirRecord],
+                       findings: Iterable[FindingRecord] = ()) -> None:
+        """The in-place journal of one layer, in one transaction, before any of its changes is made."""
+        with self._transaction() as s:
+            s.add_all(list(changes))
+            s.add_all(list(dirs))
+            s.add_all(list(findings))
+        _checkpoint(f"recorded journal {layer_id}")
+
+    def changes(self, layer_id: str) -> "tuple[List[ChangeRecord], List[ChangedDirRecord]]":
+        with self._session() as s:
+            rows = list(s.scalars(select(ChangeRecord).where(ChangeRecord.layer_id == layer_id)
+                                  .order_by(ChangeRecord.seq)))
+            dirs = list(s.scalars(select(ChangedDirRecord).where(ChangedDirRecord.layer_id == layer_id)
+                                  .order_by(ChangedDirRecord.id)))
+        return rows, dirs
+
+    def journaled_layers(self) -> List[str]:
+        with self._session() as s:
+            return list(s.scalars(select(ChangeRecord.layer_id).distinct()))
 
     def set_layer_error(self, layer_id: str, message: str) -> None:
         with self._transaction() as s:

@@ -27,6 +27,7 @@ class AufsLayer:
     id: str
     ancestors: List[str]  # nearest parent first
     writable: bool = False  # a container's own layer: overlay2 will write into it in place
+    times: Tuple[int, int] = (0, 0)  # atime and mtime of aufs/diff/<id>, in ns
 
     @property
     def parent(self) -> "str | None":
@@ -119,6 +120,7 @@ def discover(root: str) -> Discovery:
     root_dev = os.lstat(root).st_dev
 
     candidates: Dict[str, List[str]] = {}
+    times: Dict[str, Tuple[int, int]] = {}
     missing_layers_file: List[str] = []
     for name in sorted(os.listdir(diff_dir)):
         path = os.path.join(diff_dir, name)
@@ -135,6 +137,7 @@ def discover(root: str) -> Discovery:
             raise Refused(f"aufs/diff/{name!r} is not a layer id this tool recognises; move it out of aufs/diff")
         if est.st_dev != root_dev:
             raise Refused(f"aufs/diff/{name} is on another filesystem than {root}; hardlinks cannot cross it")
+        times[name] = (est.st_atime_ns, est.st_mtime_ns)
         lpath = os.path.join(layers_dir, name)
         lst = _lstat(lpath)
         if lst is None:
@@ -180,5 +183,6 @@ def discover(root: str) -> Discovery:
 
     ordered = sorted(candidates.items(), key=lambda item: (len(item[1]), item[0]))
     writable = layer_store_references(root, ("mount-id",))
-    result.layers = [AufsLayer(id=name, ancestors=ancestors, writable=name in writable) for name, ancestors in ordered]
+    result.layers = [AufsLayer(id=name, ancestors=ancestors, writable=name in writable, times=times[name])
+                     for name, ancestors in ordered]
     return result

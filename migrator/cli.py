@@ -34,6 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     p = add("run", "start or resume the migration (exit 0 only when completed)")
     p.add_argument("-j", "--jobs", type=int, default=report.DEFAULT_JOBS, metavar="N",
                    help=f"layers converted at once (default {report.DEFAULT_JOBS}: the cores, at least 2, at most 4)")
+    p.add_argument("--strategy", choices=("hardlink", "inplace"), default=None,
+                   help="hardlink (default for a new migration): build overlay2 beside the untouched aufs data; "
+                        "inplace: move each layer into overlay2 and convert it there, journaling every change "
+                        "(for full disks and huge roots). A migration resumes with the strategy it started with")
     p = add("status", "show the phase, the layers by state, and what to do next", engine_check=False)
     p.add_argument("--json", action="store_true", help="one JSON object (schema in docs/operations.md)")
     p = add("rollback", "undo the migration and return the aufs root to its exact starting state")
@@ -63,7 +67,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "run":
             if args.jobs < 1:
                 raise MigratorError("--jobs must be at least 1", EXIT_USAGE)
-            return commands.run(args.root, args.state_db, args.engine_pidfile, args.quiet, args.jobs)
+            return commands.run(args.root, args.state_db, args.engine_pidfile, args.quiet, args.jobs, args.strategy)
         if args.command == "rollback":
             return commands.rollback(args.root, args.state_db, args.force, args.engine_pidfile, args.quiet)
         if args.command == "cleanup":

@@ -27,7 +27,8 @@ from migrator.runtime import (
     root_lock,
 )
 
-STRATEGY = "hardlink"
+STRATEGIES = ("hardlink", "inplace")
+DEFAULT_STRATEGY = "hardlink"
 DEFAULT_JOBS = report.DEFAULT_JOBS
 
 
@@ -64,6 +65,10 @@ def _remove_state_db(path: str) -> None:
 
 def _discover(paths: Paths) -> tuple:
     """Every refusal of a new run happens here, before anything is written."""
+    moved = recovery.moved_layers(paths)
+    if moved:
+        raise Refused(f"layer {moved[0][0]} was moved out of aufs/diff by an in-place migration whose state "
+                      f"database is gone ({moved[0][1]}); 'aufs2overlay rollback --force' moves it back")
     discovery = aufs.discover(paths.root)
     found, container_findings = containers.find_containers(paths.root, lambda c: recovery.original_of(paths, c))
     for path, what in ((paths.tree, "overlay2/"), (paths.image_overlay2, "image/overlay2/")):
@@ -75,7 +80,7 @@ def _discover(paths: Paths) -> tuple:
     return discovery, found, container_findings, times
 
 
-def _start(paths: Paths, discovery, found, container_findings, times, progress) -> Store:
+def _start(paths: Paths, strategy: str, discovery, found, container_findings, times, progress) -> Store:
     findings = list(discovery.findings) + list(container_findings)
     for parent, name in ((paths.root, os.path.basename(paths.temp_tree)),
                          (paths.image_dir, os.path.basename(paths.image_stage))):
@@ -85,24 +90,29 @@ def _start(paths: Paths, discovery, found, container_findings, times, progress) 
             findings.append(("removed-leftover", os.path.join(parent, name)))
     for kind, detail in findings:
         progress(f"note: {kind}: {detail}")
+    fsio.ensure_absent_durably(paths.workdir, os.path.basename(paths.stash))  # journals of an earlier run
     recovery.keep_originals(paths, found)
     os.makedirs(os.path.dirname(paths.state_db), mode=0o700, exist_ok=True)
     _remove_state_db(paths.state_db)
     layers, container_rows, finding_rows = discovered_records(discovery.layers, discovery.parents, found, findings)
-    store = Store.create(paths.state_db, paths.root, STRATEGY, layers, container_rows, finding_rows, times)
-    progress(f"discovered {len(layers)} layers, {sum(c.state == 'pending' for c in found)} containers on aufs")
+    store = Store.create(paths.state_db, paths.root, strategy, layers, container_rows, finding_rows, times)
+    progress(f"discovered {len(layers)} layers, {sum(c.state == 'pending' for c in found)} containers on aufs; "
+             f"strategy {strategy}")
     return store
 
 
 def run(root: str, state_db: Optional[str] = None, engine_pidfiles: Optional[Sequence[str]] = None,
-        quiet: bool = False, jobs: int = DEFAULT_JOBS) -> int:
+        quiet: bool = False, jobs: int = DEFAULT_JOBS, strategy: Optional[str] = None) -> int:
     """Start or resume the migration; exit 0 only once it has completed."""
     paths = _paths(root, state_db)
     progress = default_progress(quiet)
+    if strategy is not None and strategy not in STRATEGIES:
+        raise MigratorError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}", EXIT_USAGE)
     store = _open_store(paths)
     if store is None and not fsio.lexists(paths.aufs):
         _say(f"nothing to migrate: {paths.root} has no aufs/")
         return EXIT_OK
+    _refuse_mixed_strategy(store, strategy)
     _refuse_running_engine(paths, engine_pidfiles)
     fresh = store is None or store.run().phase == "rolled-back"
     if fresh:
@@ -111,16 +121,28 @@ def run(root: str, state_db: Optional[str] = None, engine_pidfiles: Optional[Seq
         if store is not None:
             store.close()
         store = _open_store(paths)
+        _refuse_mixed_strategy(store, strategy)
         if store is None or store.run().phase == "rolled-back":
             if not fresh:
                 discovered = _discover(paths)
             if store is not None:
                 store.close()
-            store = _start(paths, *discovered, progress)
+            store = _start(paths, strategy or DEFAULT_STRATEGY, *discovered, progress)
         try:
             return _drive_run(paths, store, progress, jobs)
         finally:
             store.close()
+
+
+def _refuse_mixed_strategy(store: Optional[Store], strategy: Optional[str]) -> None:
+    """A migration resumes with the strategy it started with: the two leave different things half-done."""
+    if store is None or strategy is None:
+        return
+    run = store.run()
+    if run.phase != "rolled-back" and run.strategy != strategy:
+        store.close()
+        raise Refused(f"this migration was started with --strategy {run.strategy} and is {run.phase}; resume it "
+                      f"with --strategy {run.strategy} (or no --strategy), or roll it back first")
 
 
 def _drive_run(paths: Paths, store: Store, progress, jobs: int) -> int:
@@ -171,6 +193,10 @@ def rollback(root: str, state_db: Optional[str] = None, force: bool = False,
                 raise Refused("the migration completed; rolling back loses everything the engine did on overlay2 "
                               "since. Use --force to roll back anyway")
             migration = Migration(paths, store, progress)
+            missing = migration.missing_layers()
+            if missing:
+                raise Refused(f"{len(missing)} layer(s) moved in place are gone (e.g. {missing[0]}: removed by the "
+                              "engine since the migration); a rollback cannot give back their aufs data")
             if phase in ROLLBACK_FREE + ROLLBACK_FORCED:
                 migration.start_rollback()
             migration.finish_rollback()

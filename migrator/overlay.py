@@ -116,11 +116,7 @@ def _linker(result: StepResult, carry):
                 if entry.is_dir(follow_symlinks=False):
                     subdirs.append(name)
                     continue
-                if not entry.is_file(follow_symlinks=False) and not entry.is_symlink():
-                    st = entry.stat(follow_symlinks=False)
-                    if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-                        # aufs shows it as a device; overlayfs can only read it as a whiteout.
-                        result.note("device-0-0-reads-as-whiteout", rel, name)
+                note_zero_device(entry, rel, result)
                 carry(s_fd, d_fd, name, rel, result)
         for name in subdirs:
             os.mkdir(name, 0o700, dir_fd=d_fd)
@@ -134,6 +130,15 @@ def _linker(result: StepResult, carry):
             tree.copy_dir_times(s_fd, d_fd)
 
     return visit, leave
+
+
+def note_zero_device(entry: os.DirEntry, rel: bytes, result: StepResult) -> None:
+    """aufs shows a 0/0 character device as a device; overlayfs can only read it as a whiteout: report it.
+    (Only entries that are neither files nor symlinks, by ``d_type``, are ``stat``-ed.)"""
+    if not entry.is_file(follow_symlinks=False) and not entry.is_symlink():
+        st = entry.stat(follow_symlinks=False)
+        if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+            result.note("device-0-0-reads-as-whiteout", rel, entry.name)
 
 
 def _link_entry(s_fd: int, d_fd: int, name: str, rel: bytes, result: StepResult) -> None:
@@ -258,9 +263,11 @@ def lower_value(ancestor_link_ids: Sequence[str]) -> bytes:
     return ":".join(f"l/{link}" for link in ancestor_link_ids).encode("ascii")
 
 
-def write_layer_files(tree_root: str, layer_id: str, link_id: str, ancestor_link_ids: Sequence[str]) -> None:
+def write_layer_files(tree_root: str, layer_id: str, link_id: str, ancestor_link_ids: Sequence[str],
+                      sync: bool = True) -> None:
     """Step ``whiteouts-converted → lowers-written``: ``link``, ``lower``, ``work/`` and ``l/<LINKID>``, each
-    written atomically (temp and rename), then made durable together by one ``syncfs``."""
+    written atomically (temp and rename), then made durable together by one ``syncfs`` (``sync=False``: the
+    caller syncs once for many layers before recording them)."""
     lfd = fsio.open_dir(os.path.join(tree_root, layer_id))
     try:
         fsio.atomic_write(lfd, "link", link_id.encode("ascii"), 0o644, sync=False)
@@ -272,18 +279,20 @@ def write_layer_files(tree_root: str, layer_id: str, link_id: str, ancestor_link
             fsio.atomic_symlink(links_fd, link_id, f"../{layer_id}/diff", sync=False)
         finally:
             os.close(links_fd)
-        fsio.syncfs(lfd)
+        if sync:
+            fsio.syncfs(lfd)
     finally:
         os.close(lfd)
 
 
-def write_committed_marker(tree_root: str, layer_id: str, has_child: bool) -> None:
+def write_committed_marker(tree_root: str, layer_id: str, has_child: bool, sync: bool = True) -> None:
     """Step ``lowers-written → committed``: dockerd 20.10 marks every layer that has a child ``committed``."""
     if not has_child:
         return
     lfd = fsio.open_dir(os.path.join(tree_root, layer_id))
     try:
         fsio.atomic_write(lfd, "committed", b"", 0o600, sync=False)
-        fsio.syncfs(lfd)
+        if sync:
+            fsio.syncfs(lfd)
     finally:
         os.close(lfd)

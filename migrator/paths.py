@@ -33,6 +33,7 @@ class Paths:
 _RELATIVE = {
     "workdir": (WORKDIR,),
     "lock": (WORKDIR, "lock"),
+    "stash": (WORKDIR, "stash"),
     "aufs": ("aufs",),
     "aufs_diff": ("aufs", "diff"),
     "temp_tree": (TEMP_TREE,),

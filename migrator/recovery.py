@@ -10,9 +10,10 @@ times of ROOT, ``image/`` and the container directories.
 from __future__ import annotations
 
 import os
-from typing import Callable, List
+from typing import Callable, List, Tuple
 
-from migrator import aufs, containers, fsio
+from migrator import aufs, containers, fsio, inplace
+from migrator.errors import MigratorError
 from migrator.paths import Paths
 
 ORIGINALS = "originals"
@@ -71,7 +72,41 @@ def rollback_from_disk(paths: Paths, progress: Callable[[str], None]) -> None:
             containers.restore(paths.root, cid, containers.with_driver(data, "aufs"), _st.st_mode & 0o7777,
                                _st.st_uid, _st.st_gid, (_st.st_atime_ns, _st.st_mtime_ns))
         progress(f"container {cid} back on aufs")
+    for layer_id, diff in moved_layers(paths):
+        journal = inplace.read_journal_copy(os.path.join(paths.stash, layer_id)) or ([], [])
+        inplace.undo_layer(paths.aufs_diff, diff, os.path.join(paths.stash, layer_id), layer_id, *journal, None,
+                           progress)
+    sync_moved_back(paths)
     remove_new_trees(paths, progress, final=True)
+
+
+def moved_layers(paths: Paths) -> List[Tuple[str, str]]:
+    """``(id, diff)`` of every layer the in-place strategy moved out of ``aufs/diff`` (its ``aufs/layers/<id>``
+    is still there), found on disk: what no tree may be removed with."""
+    found = []
+    for tree_root in (paths.temp_tree, paths.tree):
+        try:
+            names = sorted(os.listdir(tree_root))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for layer_id in names:
+            diff = os.path.join(tree_root, layer_id, "diff")
+            if (fsio.lexists(diff) and not fsio.lexists(os.path.join(paths.aufs_diff, layer_id))
+                    and fsio.lexists(os.path.join(paths.aufs, "layers", layer_id))):
+                found.append((layer_id, diff))
+    return found
+
+
+def sync_moved_back(paths: Paths) -> None:
+    """Make the layers' return durable, and make sure none is left in a tree about to be removed."""
+    left = moved_layers(paths)
+    if left:
+        raise MigratorError(f"layer {left[0][0]} is still at {left[0][1]}; not removing the tree that holds it")
+    fd = fsio.open_dir(paths.root)
+    try:
+        fsio.syncfs(fd)
+    finally:
+        os.close(fd)
 
 
 def remove_new_trees(paths: Paths, progress: Callable[[str], None], final: bool) -> None:

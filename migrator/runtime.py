@@ -19,9 +19,16 @@ import time
 from typing import Callable, Dict, Iterator, List, Optional
 
 from migrations_state.machine import LAYER_NEXT, layer_machine, phase_machine
-from migrations_state.schema import ContainerRecord, FindingRecord, LayerRecord, SavedTimeRecord
+from migrations_state.schema import (
+    ChangedDirRecord,
+    ChangeRecord,
+    ContainerRecord,
+    FindingRecord,
+    LayerRecord,
+    SavedTimeRecord,
+)
 from migrations_state.store import Store
-from migrator import containers, fsio, images, overlay, recovery
+from migrator import containers, fsio, images, inplace, overlay, recovery
 from migrator.errors import Locked, MigratorError
 from migrator.paths import Paths
 
@@ -58,14 +65,21 @@ def _quiet(_msg: str) -> None:
 
 
 class LayerTask:
-    """Model of one layer's state machine; its callbacks are the layer steps of ``overlay``."""
+    """Model of one layer's state machine (hardlink strategy); its callbacks are the layer steps of ``overlay``.
 
-    def __init__(self, record: LayerRecord, link_ids: Dict[str, str], paths: Paths, store: Store) -> None:
+    ``record`` receives each reached state: by default it is written to the database at once.
+    """
+
+    sync_steps = True
+
+    def __init__(self, record: LayerRecord, link_ids: Dict[str, str], paths: Paths, store: Store,
+                 recorder: Optional[Callable[[dict], None]] = None) -> None:
         self.id = record.id
         self.record = record
         self.link_ids = link_ids
         self.paths = paths
         self.store = store
+        self.recorder = recorder or (lambda change: store.set_layer_state(change.pop("id"), **change))
         self.result: Optional[overlay.StepResult] = None
 
     @property
@@ -82,24 +96,71 @@ class LayerTask:
     def write_lower_files(self) -> None:
         ancestors = self.record.ancestors.split("\n") if self.record.ancestors else []
         overlay.write_layer_files(self.paths.temp_tree, self.id, self.record.link_id,
-                                  [self.link_ids[a] for a in ancestors])
+                                  [self.link_ids[a] for a in ancestors], sync=self.sync_steps)
         self.result = None
 
     def write_committed_marker(self) -> None:
-        overlay.write_committed_marker(self.paths.temp_tree, self.id, self.record.has_child)
+        overlay.write_committed_marker(self.paths.temp_tree, self.id, self.record.has_child, sync=self.sync_steps)
         self.result = None
 
     def record_state(self) -> None:
-        findings = []
-        entries = None
-        whiteout_dirs: List[bytes] = []
+        change = {"id": self.id, "state": self.state, "entries": None, "findings": [], "whiteout_dirs": []}
         if self.result is not None:
             if self.state == "linked":
-                entries = self.result.entries
-                whiteout_dirs = self.result.whiteout_dirs
-            findings = [FindingRecord(layer_id=self.id, kind=k, detail=d) for k, d in self.result.findings]
-        self.store.set_layer_state(self.id, self.state, entries=entries, findings=findings,
-                                   whiteout_dirs=whiteout_dirs)
+                change["entries"] = self.result.entries
+                change["whiteout_dirs"] = self.result.whiteout_dirs
+            change["findings"] = [FindingRecord(layer_id=self.id, kind=k, detail=d) for k, d in self.result.findings]
+        self.recorder(change)
+
+
+class InPlaceLayerTask(LayerTask):
+    """Model of one layer's state machine, in-place strategy: the same states and triggers, but the link step
+    moves ``aufs/diff/<id>`` into the tree and the whiteout step converts the layer where it stands, after
+    journaling every change.  Steps do not sync: ``Migration`` syncs once per wave of layers, then records."""
+
+    sync_steps = False
+
+    def __init__(self, record: LayerRecord, link_ids: Dict[str, str], paths: Paths, store: Store,
+                 recorder: Callable[[dict], None], scanned: Optional[overlay.StepResult]) -> None:
+        super().__init__(record, link_ids, paths, store, recorder)
+        self.scanned = scanned
+
+    @property
+    def diff(self) -> str:
+        return os.path.join(self.paths.temp_tree, self.id, "diff")
+
+    @property
+    def stash(self) -> str:
+        return os.path.join(self.paths.stash, self.id)
+
+    def build_tree(self) -> None:
+        if self.scanned is None:
+            self.scanned = inplace.scan(inplace.diff_location(self.paths.aufs_diff, self.paths.temp_tree, self.id))
+        inplace.move_layer(self.paths.aufs_diff, self.paths.temp_tree, self.id)
+        self.result = self.scanned
+
+    def convert_whiteouts_in_tree(self) -> None:
+        self.result = None
+        rows, dirs = self.store.changes(self.id)
+        if rows:
+            changes, times = changes_from_rows(rows, dirs)
+        else:
+            listed = self.store.whiteout_dirs(self.id)
+            if not listed:
+                return
+            changes, times, found = inplace.plan_changes(self.diff, listed)
+            inplace.write_journal_copy(self.stash, changes, times)
+            self.store.record_changes(
+                self.id, [ChangeRecord(layer_id=self.id, seq=i, **vars(c)) for i, c in enumerate(changes)],
+                [ChangedDirRecord(layer_id=self.id, **vars(t)) for t in times],
+                [FindingRecord(layer_id=self.id, kind=k, detail=d) for k, d in found.findings])
+        inplace.apply_changes(self.diff, self.stash, self.id, changes, times)
+
+
+def changes_from_rows(rows: List[ChangeRecord], dirs: List[ChangedDirRecord]) -> tuple:
+    fields = inplace.Change.__dataclass_fields__
+    return ([inplace.Change(**{f: getattr(r, f) for f in fields}) for r in rows],
+            [inplace.DirTimes(d.dir, d.atime_ns, d.mtime_ns) for d in dirs])
 
 
 def drive_layer(record: LayerRecord, link_ids: Dict[str, str], paths: Paths, store: Store,
@@ -159,7 +220,14 @@ class Migration:
     # -- converting -------------------------------------------------------------------------------------
 
     def convert_layers(self, jobs: int = 1) -> None:
-        """Drive every layer to ``committed``, resuming each from its recorded state.
+        """Drive every layer to ``committed``, resuming each from its recorded state."""
+        if self.run_record.strategy == "inplace":
+            self._convert_in_place(jobs)
+        else:
+            self._convert_by_linking(jobs)
+
+    def _convert_by_linking(self, jobs: int) -> None:
+        """Hardlink strategy: each layer's tree is built by its own machine, one layer after another.
 
         Layers are independent (every link id was fixed at discovery), so ``jobs`` worker processes convert
         several at once, each with its own database connection and layer machine.  Processes, not threads:
@@ -194,6 +262,65 @@ class Migration:
             except BaseException:
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
+
+    def _convert_in_place(self, jobs: int) -> None:
+        """In-place strategy: the layers move through the states together, a wave per state.
+
+        Each step is one rename or a handful of small writes, so what costs is making them durable: each wave
+        does its step for every layer, syncs the filesystem once, and records all of them in one transaction.
+        The one long part, the read-only walk that finds whiteouts, runs first, in ``jobs`` processes.
+        """
+        p = self.paths
+        overlay.prepare_tree(p.temp_tree)
+        records = self.store.layers()
+        link_ids = {r.id: r.link_id for r in records}
+        pending = [r for r in records if r.state != "committed"]
+        scans = self._scan([r.id for r in pending if r.state == "discovered"], jobs)
+        batch: List[dict] = []
+        machine = layer_machine()
+        tasks = []
+        for record in pending:
+            task = InPlaceLayerTask(record, link_ids, p, self.store, batch.append, scans.get(record.id))
+            machine.add_model(task, initial=record.state)
+            tasks.append(task)
+        tfd = fsio.open_dir(p.temp_tree)
+        try:
+            for source, trigger in LAYER_NEXT.items():
+                for task in tasks:
+                    if task.state == source:
+                        try:
+                            getattr(task, trigger)()
+                        except OSError as exc:
+                            self.store.set_layer_error(task.id, f"{task.state}: {exc}")
+                            raise
+                if batch:
+                    fsio.syncfs(tfd)
+                    self.store.set_layer_states(batch)
+                    self.progress(f"{len(batch)} layers {batch[0]['state']}")
+                    batch.clear()
+        finally:
+            os.close(tfd)
+
+    def _scan(self, layer_ids: List[str], jobs: int) -> Dict[str, overlay.StepResult]:
+        """Walk the layers still to move, read-only, in ``jobs`` processes: ``{id: what the walk found}``."""
+        p = self.paths
+        where = [inplace.diff_location(p.aufs_diff, p.temp_tree, i) for i in layer_ids]
+        if jobs <= 1 or len(layer_ids) <= 1:
+            return {i: inplace.scan(w) for i, w in zip(layer_ids, where)}
+        self.store.close()
+        context = multiprocessing.get_context("fork")
+        with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context,
+                                                    initializer=_worker_start) as pool:
+            return dict(zip(layer_ids, pool.map(inplace.scan, where)))
+
+    def missing_layers(self) -> List[str]:
+        """In-place strategy: layers whose data is nowhere (an engine removed them after completion)."""
+        p = self.paths
+        if self.run_record.strategy != "inplace":
+            return []
+        return [r.id for r in self.store.layers()
+                if not fsio.lexists(os.path.join(p.aufs_diff, r.id))
+                and not fsio.lexists(inplace.moved_location((p.temp_tree, p.tree), r.id))]
 
     def all_layers_committed(self) -> bool:
         states = self.store.layer_states()
@@ -241,9 +368,23 @@ class Migration:
                 self.store.set_container_state(record.id, "restored" if restored else "gone")
                 if not restored:
                     self.progress(f"container {record.id} was removed since the migration; not restored")
+        if run.strategy == "inplace":
+            self._move_layers_back()
         # overlay2/ and image/overlay2/ are this run's only once it reached switching (refused before).
         recovery.remove_new_trees(p, self.progress, final=run.rollback_from in ("switching", "completed"))
         restore_dir_times(p.root, self.store.saved_times())
+
+    def _move_layers_back(self) -> None:
+        """In-place strategy: undo each layer's journal and rename it back into ``aufs/diff``, then sync; only
+        then may the new trees, now free of aufs data, be removed."""
+        p = self.paths
+        for record in reversed(self.store.layers()):
+            rows, dirs = self.store.changes(record.id)
+            changes, times = changes_from_rows(rows, dirs)
+            diff = inplace.moved_location((p.temp_tree, p.tree), record.id)
+            inplace.undo_layer(p.aufs_diff, diff, os.path.join(p.stash, record.id), record.id, changes, times,
+                               (record.atime_ns, record.mtime_ns), self.progress)
+        recovery.sync_moved_back(p)
 
     # -- cleanup ----------------------------------------------------------------------------------------
 
@@ -290,7 +431,7 @@ def discovered_records(layers, parents, containers_found, findings):
     layer_rows = [
         LayerRecord(id=layer.id, seq=i, parent=layer.parent, ancestors="\n".join(layer.ancestors),
                     link_id=link_ids[i], has_child=layer.id in parents, writable=layer.writable,
-                    state="discovered")
+                    atime_ns=layer.times[0], mtime_ns=layer.times[1], state="discovered")
         for i, layer in enumerate(layers)
     ]
     container_rows = [
@@ -307,7 +448,8 @@ def discovered_records(layers, parents, containers_found, findings):
 def dirs_whose_times_change(root: str, container_ids: List[str]) -> List[SavedTimeRecord]:
     """The run adds or renames entries in these directories: keep their times so rollback can put them back."""
     rows = []
-    for rel in [".", "image"] + [os.path.join("containers", cid) for cid in container_ids]:
+    dirs = [".", "image", os.path.join("aufs", "diff")] + [os.path.join("containers", c) for c in container_ids]
+    for rel in dirs:
         try:
             st = os.lstat(os.path.join(root, rel))
         except FileNotFoundError:

@@ -25,8 +25,12 @@ Visit = Callable[[int, int, bytes], List[str]]
 Leave = Callable[[int, int, bytes], None]
 
 
-def walk_pair(src_fd: int, dst_fd: int, visit: Visit, leave: Optional[Leave] = None, label: str = "") -> None:
-    """Depth-first walk of two directory trees in lockstep.  The caller keeps ownership of the two root fds."""
+def walk_pair(src_fd: int, dst_fd: Optional[int], visit: Visit, leave: Optional[Leave] = None,
+              label: Optional[str] = None) -> None:
+    """Depth-first walk of two directory trees in lockstep (``dst_fd`` None: of the source alone, read-only).
+
+    The caller keeps ownership of the root fds.  With a ``label``, each directory done is a checkpoint.
+    """
     frames: List[Tuple[int, int, bytes, Iterator[str], bool]] = []
     frames.append((src_fd, dst_fd, b"", iter(visit(src_fd, dst_fd, b"")), False))
     try:
@@ -40,13 +44,13 @@ def walk_pair(src_fd: int, dst_fd: int, visit: Visit, leave: Optional[Leave] = N
                         leave(s_fd, d_fd, rel)
                 finally:
                     if owned:
-                        os.close(s_fd)
-                        os.close(d_fd)
-                checkpoints.reached(f"walked {label}")
+                        _close(s_fd, d_fd)
+                if label is not None:
+                    checkpoints.reached(f"walked {label}")
                 continue
             child_s = fsio.open_dir(name, s_fd, noatime=True)
             try:
-                child_d = fsio.open_dir(name, d_fd)
+                child_d = fsio.open_dir(name, d_fd) if d_fd is not None else None
             except BaseException:
                 os.close(child_s)
                 raise
@@ -57,8 +61,13 @@ def walk_pair(src_fd: int, dst_fd: int, visit: Visit, leave: Optional[Leave] = N
     finally:
         for s_fd, d_fd, _rel, _pending, owned in frames:
             if owned:
-                os.close(s_fd)
-                os.close(d_fd)
+                _close(s_fd, d_fd)
+
+
+def _close(*fds: Optional[int]) -> None:
+    for fd in fds:
+        if fd is not None:
+            os.close(fd)
 
 
 def open_path(root_fd: int, rel: bytes, noatime: bool = False) -> int:

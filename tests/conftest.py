@@ -22,8 +22,18 @@ def cli(*args, env=None, check=None):
     return res
 
 
-def run_args(root, *extra):
-    return ["run", "--root", root, "--engine-pidfile", "/nonexistent", "-q", *extra]
+STRATEGIES = ("hardlink", "inplace")
+
+
+def run_args(root, *extra, strategy=None):
+    args = ["run", "--root", root, "--engine-pidfile", "/nonexistent", "-q", *extra]
+    return args + (["--strategy", strategy] if strategy else [])
+
+
+@pytest.fixture(scope="session", params=STRATEGIES)
+def strategy(request):
+    """Suites that take this run once per strategy."""
+    return request.param
 
 
 WORKDIR = b".aufs2overlay"
@@ -40,19 +50,20 @@ def template(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def reference(template, tmp_path_factory):
-    """An uninterrupted run of the template: the tree it made, the checkpoints it passed, how long it took."""
+def reference(template, strategy, tmp_path_factory):
+    """An uninterrupted run of the template with ``strategy``: the tree it made, the checkpoints it passed, how
+    long it took.  (Both strategies make the same tree: test_convert checks that.)"""
     from tests.signature import tree_signature
 
     root = str(tmp_path_factory.mktemp("reference") / "docker")
     subprocess.run(["cp", "-a", template, root], check=True)
     trace = os.path.join(os.path.dirname(root), "trace")
     started = time.monotonic()
-    cli(*run_args(root), env={"AUFS2OVERLAY_CHECKPOINT_TRACE": trace}, check=0)
+    cli(*run_args(root, strategy=strategy), env={"AUFS2OVERLAY_CHECKPOINT_TRACE": trace}, check=0)
     duration = time.monotonic() - started
     with open(trace) as f:
         labels = [line.rstrip("\n").split(" ", 1)[1] for line in f]
-    return {"signature": tree_signature(root), "labels": labels, "duration": duration}
+    return {"signature": tree_signature(root), "labels": labels, "duration": duration, "strategy": strategy}
 
 
 @pytest.fixture
@@ -86,4 +97,4 @@ def copy_root():
     return copy
 
 
-__all__ = ["cli", "needs_root", "run_args", "shutil"]
+__all__ = ["cli", "needs_root", "run_args", "shutil", "STRATEGIES"]

@@ -92,3 +92,19 @@ def diff_manifests(a: Dict[bytes, Entry], b: Dict[bytes, Entry], limit: int = 20
             if len(out) >= limit:
                 break
     return out
+
+
+def link_groups(top: str, skip: Optional[set] = None) -> set:
+    """The hardlink groups of non-directories below ``top``: a set of frozensets of relative paths (two names
+    of one inode are one group).  aufs hardlinks its whiteouts to one another: a rollback must keep that."""
+    top_b = os.fsencode(top)
+    by_inode: Dict[Tuple[int, int], list] = {}
+    for dirpath, dirs, files in os.walk(top_b):
+        if dirpath == top_b and skip:
+            dirs[:] = [d for d in dirs if d not in skip]
+            files = [f for f in files if f not in skip]
+        for name in files:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            by_inode.setdefault((st.st_dev, st.st_ino), []).append(os.path.relpath(path, top_b))
+    return {frozenset(paths) for paths in by_inode.values() if len(paths) > 1}

@@ -8,9 +8,10 @@ import stat
 import pytest
 
 from tests.aufsview import aufs_view
-from tests.conftest import cli, needs_root, run_args
-from tests.manifest import diff_manifests, manifest
+from tests.conftest import STRATEGIES, WORKDIR, cli, needs_root, run_args
+from tests.manifest import diff_manifests, link_groups, manifest
 from tests.overlaymount import mounted_chain
+from tests.signature import tree_signature
 
 pytestmark = needs_root
 
@@ -28,16 +29,19 @@ def aufs_chains(root):
     return chains
 
 
-def assert_chains_match_aufs(root):
-    tree = os.path.join(root, "overlay2")
+def aufs_views(root):
+    """What aufs shows for every layer's chain, read before the run (the in-place strategy moves the data)."""
     chains = aufs_chains(root)
     assert chains, "no layers to check"
-    for lid, chain in chains.items():
-        expected = aufs_view(chain)
+    return {lid: aufs_view(chain) for lid, chain in chains.items()}
+
+
+def assert_chains_match(root, views):
+    tree = os.path.join(root, "overlay2")
+    for lid, expected in views.items():
         with mounted_chain(tree, lid) as mnt:
             got = manifest(mnt)
         assert got == expected, f"layer {lid}: {diff_manifests(expected, got)}"
-    return chains
 
 
 def aufs_side(root):
@@ -45,20 +49,47 @@ def aufs_side(root):
             "image/aufs": manifest(os.path.join(root, "image", "aufs"))}
 
 
-def test_sample_root_every_chain_matches_aufs(sample_root):
-    before = aufs_side(sample_root)
-    cli(*run_args(sample_root), check=0)
-    chains = assert_chains_match_aufs(sample_root)
-    assert len(chains) == 6
-    assert aufs_side(sample_root) == before, "run changed the aufs data"
-    cli("verify", "--root", sample_root, check=0)
+def whole_root(root):
+    return manifest(root, skip={WORKDIR}), link_groups(root, skip={WORKDIR})
 
 
-def test_real_balena_root_matches_aufs(fixture_root):
-    before = aufs_side(fixture_root)
-    cli(*run_args(fixture_root), check=0)
-    assert_chains_match_aufs(fixture_root)
-    assert aufs_side(fixture_root) == before
+def migrate_and_check(root, strategy):
+    """Run with ``strategy``: every chain equals the aufs view; the hardlink strategy leaves the aufs data as
+    it was, and after the in-place one a rollback gives back the exact root, hardlinks among whiteouts included."""
+    views = aufs_views(root)
+    before, whole = aufs_side(root), whole_root(root)
+    cli(*run_args(root, strategy=strategy), check=0)
+    assert_chains_match(root, views)
+    cli("verify", "--root", root, check=0)
+    if strategy == "hardlink":
+        assert aufs_side(root) == before, "run changed the aufs data"
+        return views
+    assert not [n for n in os.listdir(os.path.join(root, "aufs", "diff")) if n in views], "layers not moved"
+    signature = tree_signature(root)
+    cli("rollback", "--root", root, "--engine-pidfile", "/nonexistent", "--force", "-q", check=0)
+    after = whole_root(root)
+    assert after[0] == whole[0], diff_manifests(whole[0], after[0])
+    assert after[1] == whole[1], "hardlink groups differ after rollback"
+    cli(*run_args(root, strategy=strategy), check=0)
+    assert tree_signature(root) == signature
+    return views
+
+
+def test_sample_root_every_chain_matches_aufs(sample_root, strategy):
+    assert len(migrate_and_check(sample_root, strategy)) == 6
+
+
+def test_both_strategies_make_the_same_tree(template, copy_root, tmp_path):
+    roots = {s: copy_root(template, str(tmp_path / s)) for s in STRATEGIES}
+    for s, root in roots.items():
+        cli(*run_args(root, strategy=s), check=0)
+    assert tree_signature(roots["hardlink"]) == tree_signature(roots["inplace"])
+
+
+def test_real_balena_root_matches_aufs(fixture_root, strategy):
+    wh_groups = [g for g in link_groups(fixture_root) if any(b"/.wh." in p for p in g)]
+    assert wh_groups, "the fixture's aufs whiteouts are hardlinks of one another"
+    migrate_and_check(fixture_root, strategy)
     # The fixture's a2o-test image: /tmp/f1 gone, /tmp/d1 holds only d1f2, hlkn and slkn present.
     top = "0ea3c275c06095f504eeded40409cb1c8f2df7a0c13999a290855f5d583b6b78"
     with mounted_chain(os.path.join(fixture_root, "overlay2"), top) as mnt:
@@ -68,6 +99,14 @@ def test_real_balena_root_matches_aufs(fixture_root):
         assert os.readlink(os.path.join(mnt, "tmp", "slkn")) == "/tmp/d1/d1f2"
         assert os.path.samestat(os.stat(os.path.join(mnt, "tmp", "hlkn")),
                                 os.stat(os.path.join(mnt, "tmp", "d1", "d1f2")))
+
+
+def test_resuming_with_the_other_strategy_is_refused(sample_root):
+    res = cli(*run_args(sample_root, strategy="inplace"), env={"AUFS2OVERLAY_KILL_AT": "12"})
+    assert res.returncode < 0
+    res = cli(*run_args(sample_root, strategy="hardlink"))
+    assert res.returncode == 3 and "started with --strategy inplace" in res.stderr
+    cli(*run_args(sample_root), check=0)  # no --strategy: the one it started with
 
 
 def test_overlay2_layout_is_dockerds(sample_root):

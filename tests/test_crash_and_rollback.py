@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tests.conftest import WORKDIR, cli, needs_root, run_args
-from tests.manifest import diff_manifests, manifest
+from tests.manifest import diff_manifests, link_groups, manifest
 from tests.signature import tree_signature
 
 pytestmark = needs_root
@@ -18,8 +18,9 @@ pytestmark = needs_root
 
 
 def root_state(root):
-    """The whole engine root but the migrator's own work area (its state database and lock)."""
-    return manifest(root, skip={WORKDIR})
+    """The whole engine root but the migrator's own work area (its state database and lock), with the hardlink
+    groups among its files (the in-place strategy moves aufs whiteouts that are links of one another)."""
+    return manifest(root, skip={WORKDIR}), link_groups(root, skip={WORKDIR})
 
 
 
@@ -31,8 +32,8 @@ def fresh(template, tmp_path, name="docker"):
     return root
 
 
-def kill_at(root, n):
-    res = cli(*run_args(root), env={"AUFS2OVERLAY_KILL_AT": str(n)})
+def kill_at(root, n, strategy=None):
+    res = cli(*run_args(root, strategy=strategy), env={"AUFS2OVERLAY_KILL_AT": str(n)})
     assert res.returncode == -signal.SIGKILL, f"checkpoint {n} not reached: {res.stderr}"
 
 
@@ -62,7 +63,7 @@ def test_rollback_at_every_phase_restores_the_exact_root(template, reference, tm
     for n in picks:
         root = fresh(template, tmp_path)
         before = root_state(root)
-        kill_at(root, n)
+        kill_at(root, n, reference["strategy"])
         res = cli("rollback", "--root", root, "--engine-pidfile", "/nonexistent", "-q")
         if reference["labels"][n - 1] == "recorded phase completed":
             assert res.returncode == 3 and "--force" in res.stderr
@@ -70,22 +71,22 @@ def test_rollback_at_every_phase_restores_the_exact_root(template, reference, tm
         else:
             assert res.returncode == 0, res.stderr
         after = root_state(root)
-        assert after == before, f"checkpoint {n} ({reference['labels'][n - 1]}): {diff_manifests(before, after)}"
+        assert after == before, f"checkpoint {n} ({reference['labels'][n - 1]}): {diff_manifests(before[0], after[0])}"
         recorded = n >= reference["labels"].index("recorded discovery") + 1
         assert cli("status", "--root", root).returncode == (6 if recorded else 0)
 
 
-def test_rollback_after_completion_needs_force(template, tmp_path):
+def test_rollback_after_completion_needs_force(template, strategy, tmp_path):
     root = fresh(template, tmp_path)
     before = root_state(root)
-    cli(*run_args(root), check=0)
+    cli(*run_args(root, strategy=strategy), check=0)
     res = cli("rollback", "--root", root, "--engine-pidfile", "/nonexistent")
     assert res.returncode == 3 and "--force" in res.stderr
     assert os.path.isdir(os.path.join(root, "overlay2"))
     cli("rollback", "--root", root, "--engine-pidfile", "/nonexistent", "--force", check=0)
     assert root_state(root) == before
     # After a rollback, run starts over and completes.
-    cli(*run_args(root), check=0)
+    cli(*run_args(root, strategy=strategy), check=0)
     cli("verify", "--root", root, check=0)
 
 
@@ -93,13 +94,13 @@ def test_cleanup_leaves_only_overlay2_data(template, reference, tmp_path):
     root = fresh(template, tmp_path)
     res = cli("cleanup", "--root", root, "--engine-pidfile", "/nonexistent")
     assert res.returncode == 3  # nothing completed yet: refused
-    cli(*run_args(root), check=0)
+    cli(*run_args(root, strategy=reference["strategy"]), check=0)
     expected = reference["signature"]
     cli("cleanup", "--root", root, "--engine-pidfile", "/nonexistent", check=0)
     assert sorted(os.listdir(root)) == ["containers", "image", "overlay2"]
     assert os.listdir(os.path.join(root, "image")) == ["overlay2"]
     assert tree_signature(root) == expected
-    assert cli(*run_args(root), check=0).stdout.startswith("nothing to migrate")
+    assert cli(*run_args(root, strategy=reference["strategy"]), check=0).stdout.startswith("nothing to migrate")
 
 
 def test_random_checkpoint_kills_then_finish(template, reference, tmp_path):
@@ -109,7 +110,8 @@ def test_random_checkpoint_kills_then_finish(template, reference, tmp_path):
     root = fresh(template, tmp_path)
     kills = 0
     while True:
-        res = cli(*run_args(root), env={"AUFS2OVERLAY_KILL_AT": str(rng.randint(1, total // 3))})
+        res = cli(*run_args(root, strategy=reference["strategy"]),
+                  env={"AUFS2OVERLAY_KILL_AT": str(rng.randint(1, total // 3))})
         if res.returncode == 0:
             break
         assert res.returncode == -signal.SIGKILL, res.stderr
@@ -126,7 +128,7 @@ def test_random_time_kills_then_finish(template, reference, tmp_path):
     root = fresh(template, tmp_path)
     kills = 0
     for _ in range(60):
-        proc = subprocess.Popen([sys.executable, "-m", "migrator", *run_args(root)],
+        proc = subprocess.Popen([sys.executable, "-m", "migrator", *run_args(root, strategy=reference["strategy"])],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(0.0, reference["duration"]))
         if proc.poll() is None:
@@ -134,7 +136,7 @@ def test_random_time_kills_then_finish(template, reference, tmp_path):
             kills += 1
         if proc.wait() == 0:
             break
-    cli(*run_args(root), check=0)
+    cli(*run_args(root, strategy=reference["strategy"]), check=0)
     assert kills >= 3
     assert tree_signature(root) == reference["signature"]
 
@@ -146,13 +148,13 @@ def test_every_checkpoint_resume_and_rollback(template, reference, tmp_path):
     labels = reference["labels"]
     for n in range(1, len(labels) + 1):
         root = fresh(template, tmp_path, "resume")
-        kill_at(root, n)
-        cli(*run_args(root), check=0)
+        kill_at(root, n, reference["strategy"])
+        cli(*run_args(root, strategy=reference["strategy"]), check=0)
         assert tree_signature(root) == reference["signature"], f"resume after checkpoint {n} {labels[n - 1]}"
 
         root = fresh(template, tmp_path, "rollback")
         before = root_state(root)
-        kill_at(root, n)
+        kill_at(root, n, reference["strategy"])
         cli("rollback", "--root", root, "--engine-pidfile", "/nonexistent", "--force", "-q", check=0)
         after = root_state(root)
-        assert after == before, f"rollback after checkpoint {n} {labels[n - 1]}: {diff_manifests(before, after)}"
+        assert after == before, f"rollback after checkpoint {n} {labels[n - 1]}: {diff_manifests(before[0], after[0])}"

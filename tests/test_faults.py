@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import WORKDIR, cli, run_args
 from tests.loopfs import LoopFS, can_loop
-from tests.manifest import manifest
+from tests.manifest import link_groups, manifest
 from tests.signature import tree_signature
 
 pytestmark = pytest.mark.skipif(can_loop() is not None, reason=str(can_loop()))
@@ -24,6 +24,20 @@ pytestmark = pytest.mark.skipif(can_loop() is not None, reason=str(can_loop()))
 
 def aufs_side(root):
     return (manifest(os.path.join(root, "aufs")), manifest(os.path.join(root, "image", "aufs")))
+
+
+def whole_root(root):
+    return manifest(root, skip={WORKDIR}), link_groups(root, skip={WORKDIR})
+
+
+def untouched_or_undone(root, strategy, before, whole):
+    """After a failed run (and the cause removed): the hardlink strategy never touched the aufs data; the
+    in-place one may have moved it, and a rollback gives back the exact root, from which a run starts over."""
+    if strategy == "hardlink":
+        assert aufs_side(root) == before
+        return
+    cli("rollback", "--root", root, "--engine-pidfile", "/nonexistent", "--force", check=0)
+    assert whole_root(root) == whole
 
 
 def one_error_line(res):
@@ -74,20 +88,20 @@ def test_disk_full_at_many_points(template, reference, tmp_path):
         try:
             root = os.path.join(disk.mountpoint, "docker")
             subprocess.run(["cp", "-a", template, root], check=True)
-            before = aufs_side(root)
+            before, whole = aufs_side(root), whole_root(root)
             filler = fill(disk.mountpoint, leave_kib * 1024)
-            res = cli("run", "--root", root, "--engine-pidfile", "/nonexistent")
+            res = cli("run", "--root", root, "--engine-pidfile", "/nonexistent", "--strategy", reference["strategy"])
             if res.returncode == 0:
                 outcomes.append("completed")
             else:
                 assert res.returncode == 1, res.stderr
                 line = one_error_line(res)
                 assert any(w in line for w in ("No space left", "full")), line
-                assert aufs_side(root) == before
                 progress = [x for x in res.stderr.splitlines() if not x.startswith("aufs2overlay: error")]
                 outcomes.append(progress[-1] if progress else "before any progress")
                 subprocess.run(["rm", "-rf", filler], check=True)  # the way forward: free space, run again
-                cli(*run_args(root), check=0)
+                untouched_or_undone(root, reference["strategy"], before, whole)
+                cli(*run_args(root, strategy=reference["strategy"]), check=0)
             assert tree_signature(root) == reference["signature"]
         finally:
             disk.destroy()
@@ -116,14 +130,14 @@ def test_out_of_inodes(template, reference, tmp_path, leave):
     try:
         root = os.path.join(disk.mountpoint, "docker")
         subprocess.run(["cp", "-a", template, root], check=True)
-        before = aufs_side(root)
+        before, whole = aufs_side(root), whole_root(root)
         filler = use_inodes(disk.mountpoint, leave)
-        res = cli(*run_args(root))
+        res = cli(*run_args(root, strategy=reference["strategy"]))
         assert res.returncode == 1, res.stderr
         assert any(w in one_error_line(res) for w in ("No space left", "full", "no free inodes"))
-        assert aufs_side(root) == before
         subprocess.run(["rm", "-rf", filler], check=True)
-        cli(*run_args(root), check=0)
+        untouched_or_undone(root, reference["strategy"], before, whole)
+        cli(*run_args(root, strategy=reference["strategy"]), check=0)
         assert tree_signature(root) == reference["signature"]
     finally:
         disk.destroy()
@@ -134,21 +148,22 @@ def test_read_only_filesystem(template, reference, tmp_path):
     try:
         root = os.path.join(disk.mountpoint, "docker")
         subprocess.run(["cp", "-a", template, root], check=True)
-        before = aufs_side(root)
+        before, whole = aufs_side(root), whole_root(root)
         disk.remount("ro")
-        res = cli(*run_args(root))
+        res = cli(*run_args(root, strategy=reference["strategy"]))
         assert res.returncode == 1 and "Read-only" in one_error_line(res)
         disk.remount("rw")
         # Read-only when a migration is half done (killed mid-conversion): one line, then it resumes.
-        res = cli(*run_args(root), env={"AUFS2OVERLAY_KILL_AT": "20"})
+        res = cli(*run_args(root, strategy=reference["strategy"]), env={"AUFS2OVERLAY_KILL_AT": "20"})
         assert res.returncode == -signal.SIGKILL
         disk.remount("ro")
-        for args in (run_args(root), ["rollback", "--root", root, "--engine-pidfile", "/nonexistent"]):
+        for args in (run_args(root, strategy=reference["strategy"]),
+                     ["rollback", "--root", root, "--engine-pidfile", "/nonexistent"]):
             res = cli(*args)
             assert res.returncode == 1 and "read-only" in one_error_line(res).lower(), res.stderr
-        assert aufs_side(root) == before
         disk.remount("rw")
-        cli(*run_args(root), check=0)
+        untouched_or_undone(root, reference["strategy"], before, whole)
+        cli(*run_args(root, strategy=reference["strategy"]), check=0)
         assert tree_signature(root) == reference["signature"]
     finally:
         disk.destroy()
@@ -174,10 +189,10 @@ def test_concurrent_run_is_locked_out(template, tmp_path):
     assert proc.returncode == 0
 
 
-def kill_at_label(root, labels, prefix):
+def kill_at_label(root, reference, prefix):
     """SIGKILL a run at the first checkpoint whose label starts with ``prefix`` in the reference run."""
-    n = next(i for i, label in enumerate(labels, 1) if label.startswith(prefix))
-    res = cli(*run_args(root), env={"AUFS2OVERLAY_KILL_AT": str(n)})
+    n = next(i for i, label in enumerate(reference["labels"], 1) if label.startswith(prefix))
+    res = cli(*run_args(root, strategy=reference["strategy"]), env={"AUFS2OVERLAY_KILL_AT": str(n)})
     assert res.returncode == -signal.SIGKILL
 
 
@@ -188,7 +203,7 @@ def test_state_database_lost_mid_run(template, reference, tmp_path, where, damag
     root = str(tmp_path / "docker")
     subprocess.run(["cp", "-a", template, root], check=True)
     before = manifest(root)
-    kill_at_label(root, reference["labels"], where)
+    kill_at_label(root, reference, where)
     db = os.path.join(root, ".aufs2overlay", "state.db")
     if damage == "deleted":
         for suffix in ("", "-journal"):
@@ -200,7 +215,7 @@ def test_state_database_lost_mid_run(template, reference, tmp_path, where, damag
     status = cli("status", "--root", root)
     if damage == "corrupted":
         assert status.returncode == 1 and "unreadable" in one_error_line(status)
-        res = cli(*run_args(root))
+        res = cli(*run_args(root, strategy=reference["strategy"]))
         assert res.returncode == 1 and "rollback --force" in one_error_line(res)
     res = cli("rollback", "--root", root, "--engine-pidfile", "/nonexistent")
     if res.returncode == 0:
@@ -215,6 +230,6 @@ def test_state_database_lost_mid_run(template, reference, tmp_path, where, damag
     assert all(os.path.isdir(os.path.join(root.encode(), p)) for p in changed), changed
     for p in changed:
         assert before[p][:4] == after[p][:4] and before[p][5:] == after[p][5:]  # only the mtime differs
-    cli(*run_args(root), check=0)
+    cli(*run_args(root, strategy=reference["strategy"]), check=0)
     assert tree_signature(root) == reference["signature"]
     cli("verify", "--root", root, check=0)

@@ -11,8 +11,8 @@ import xattr
 
 from migrator import sample
 from tests.conftest import cli, needs_root
-from tests.manifest import manifest
-from tests.test_convert import assert_chains_match_aufs
+from tests.manifest import diff_manifests, manifest
+from tests.test_convert import assert_chains_match, aufs_views, whole_root
 
 pytestmark = needs_root
 
@@ -320,14 +320,16 @@ CASES = [
 
 
 @pytest.mark.parametrize("name,build,expected", CASES, ids=[c[0] for c in CASES])
-def test_hostile_input(tmp_path, name, build, expected):
+def test_hostile_input(tmp_path, strategy, name, build, expected):
     root, outside = build(tmp_path)
     if not os.path.exists(outside):
         make_outside(outside)
     outside_before = manifest(outside)
     root_before = manifest(root)
     aufs_before = manifest(os.path.join(root, "aufs"))
-    res = cli("run", "--root", root, "--engine-pidfile", "/nonexistent")
+    whole = whole_root(root)
+    views = aufs_views(root) if expected[0] == "migrated" else None
+    res = cli("run", "--root", root, "--engine-pidfile", "/nonexistent", "--strategy", strategy)
     assert "Traceback" not in res.stderr
     if expected[0] == "refused":
         assert res.returncode == 3, res.stderr
@@ -340,12 +342,18 @@ def test_hostile_input(tmp_path, name, build, expected):
         assert res.returncode == 0, res.stderr
         for kind in expected[1]:
             assert f"note: {kind}" in res.stderr or f"{kind}" in cli("status", "--root", root, "--json").stdout
-        assert manifest(os.path.join(root, "aufs")) == aufs_before
-        if expected[0] != "migrated-differs":
-            assert_chains_match_aufs(root)
+        if strategy == "hardlink":
+            assert manifest(os.path.join(root, "aufs")) == aufs_before
+        if views is not None:
+            assert_chains_match(root, views)
         cli("verify", "--root", root, check=0)
         if expected[2]:
             expected[2](root)
+        if strategy == "inplace":
+            cli("rollback", "--root", root, "--engine-pidfile", "/nonexistent", "--force", "-q", check=0)
+            after = whole_root(root)
+            assert after[0] == whole[0], diff_manifests(whole[0], after[0])
+            assert after[1] == whole[1]
     assert manifest(outside) == outside_before
 
 

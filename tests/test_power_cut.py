@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import WORKDIR, run_args
 from tests.loopfs import LoopFS, can_loop
-from tests.manifest import diff_manifests, manifest
+from tests.manifest import diff_manifests, link_groups, manifest
 from tests.signature import tree_signature
 
 pytestmark = [pytest.mark.skipif(can_loop() is not None, reason=str(can_loop())), pytest.mark.slow]
@@ -68,24 +68,27 @@ def disk(tmp_path_factory):
     fs.destroy()
 
 
+INSIDE = ("walked", "changed in place")
+
+
 def cut_points(labels):
-    """Every phase boundary (every checkpoint that is not a walked directory) and 60 points inside layer steps."""
-    boundaries = [n for n, label in enumerate(labels, 1) if not label.startswith("walked")]
-    inside = [n for n, label in enumerate(labels, 1) if label.startswith("walked")]
+    """Every phase boundary (every checkpoint that is not inside a layer step) and 60 points inside them."""
+    boundaries = [n for n, label in enumerate(labels, 1) if not label.startswith(INSIDE)]
+    inside = [n for n, label in enumerate(labels, 1) if label.startswith(INSIDE)]
     step = max(1, len(inside) // 60)
     return sorted(set(boundaries) | set(inside[::step][:60]))
 
 
-def power_cut_at(disk, template, n, scratch, bad_writer=False):
+def power_cut_at(disk, template, n, scratch, bad_writer=False, strategy=None):
     """Freeze a migration at checkpoint n on ``disk``, and return two power-cut copies of the disk and the
     state of the root before the migration began."""
     root = os.path.join(disk.mountpoint, "docker")
     subprocess.run(["rm", "-rf", root], check=True)
     subprocess.run(["cp", "-a", template, root], check=True)
     subprocess.run(["sync", "-f", root], check=True)  # the starting root is on disk before the cut
-    before = manifest(root, skip={WORKDIR})
+    before = manifest(root, skip={WORKDIR}), link_groups(root, skip={WORKDIR})
     env = dict(os.environ, AUFS2OVERLAY_STOP_AT=str(n))
-    proc = subprocess.Popen([*migrator_cmd(bad_writer), *run_args(root)], env=env,
+    proc = subprocess.Popen([*migrator_cmd(bad_writer), *run_args(root, strategy=strategy)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_stopped(proc)
@@ -100,12 +103,12 @@ def power_cut_at(disk, template, n, scratch, bad_writer=False):
     return first, second, before
 
 
-def resume_problem(copy, expected_signature):
+def resume_problem(copy, expected_signature, strategy=None):
     """Mount the cut copy, resume, and say what is wrong (None when the result is the reference tree)."""
     copy.mount()
     try:
         root = os.path.join(copy.mountpoint, "docker")
-        res = run_cli(*run_args(root))
+        res = run_cli(*run_args(root, strategy=strategy))
         if res.returncode != 0:
             return f"resume failed: {res.stderr.strip()}"
         if tree_signature(root) != expected_signature:
@@ -122,9 +125,11 @@ def rollback_problem(copy, before):
         res = run_cli("rollback", "--root", root, "--engine-pidfile", "/nonexistent", "--force", "-q")
         if res.returncode != 0:
             return f"rollback failed: {res.stderr.strip()}"
-        after = manifest(root, skip={WORKDIR})
-        if after != before:
-            return f"rolled-back root differs: {diff_manifests(before, after, 5)}"
+        after = manifest(root, skip={WORKDIR}), link_groups(root, skip={WORKDIR})
+        if after[0] != before[0]:
+            return f"rolled-back root differs: {diff_manifests(before[0], after[0], 5)}"
+        if after[1] != before[1]:
+            return "rolled-back root has other hardlink groups"
         return None
     finally:
         copy.destroy()
@@ -132,12 +137,13 @@ def rollback_problem(copy, before):
 
 def test_power_cut_at_every_boundary_and_inside_layer_steps(template, reference, disk, tmp_path):
     points = cut_points(reference["labels"])
-    inside = [n for n in points if reference["labels"][n - 1].startswith("walked")]
-    assert len(inside) >= 50 and len(points) - len(inside) >= 30
+    inside = [n for n in points if reference["labels"][n - 1].startswith(INSIDE)]
+    # hardlink: a checkpoint per directory linked; inplace: one per change made to the aufs data.
+    assert len(inside) >= (50 if reference["strategy"] == "hardlink" else 12) and len(points) - len(inside) >= 30
     failures = []
     for n in points:
-        first, second, before = power_cut_at(disk, template, n, str(tmp_path))
-        problem = resume_problem(first, reference["signature"])
+        first, second, before = power_cut_at(disk, template, n, str(tmp_path), strategy=reference["strategy"])
+        problem = resume_problem(first, reference["signature"], reference["strategy"])
         if problem:
             failures.append((n, reference["labels"][n - 1], "resume", problem))
         problem = rollback_problem(second, before)
@@ -150,7 +156,8 @@ def test_harness_catches_truncate_and_write(template, reference, disk, tmp_path)
     """The original's in-place rewrite of config.v2.json, cut right after the migration recorded the
     container as switched: the copy holds an empty config, and the harness reports it."""
     n = next(i for i, label in enumerate(reference["labels"], 1) if label.startswith("recorded container"))
-    first, second, _before = power_cut_at(disk, template, n, str(tmp_path), bad_writer=True)
+    strategy = reference["strategy"]
+    first, second, _before = power_cut_at(disk, template, n, str(tmp_path), bad_writer=True, strategy=strategy)
     second.destroy()
     first.mount()
     try:
@@ -161,8 +168,8 @@ def test_harness_catches_truncate_and_write(template, reference, disk, tmp_path)
         assert 0 in sizes, f"the bad pattern left no empty config here: {sizes}"
     finally:
         first.unmount()
-    assert resume_problem(first, reference["signature"]) is not None
+    assert resume_problem(first, reference["signature"], strategy) is not None
     # The real migrator at the same point passes the same harness.
-    first, second, _before = power_cut_at(disk, template, n, str(tmp_path))
+    first, second, _before = power_cut_at(disk, template, n, str(tmp_path), strategy=strategy)
     second.destroy()
-    assert resume_problem(first, reference["signature"]) is None
+    assert resume_problem(first, reference["signature"], strategy) is None
