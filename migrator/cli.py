@@ -29,15 +29,25 @@ def _parser() -> argparse.ArgumentParser:
                            help="engine pidfile to check for a running engine (repeatable; replaces the "
                                 "defaults /var/run/docker.pid, /var/run/balena-engine.pid, ...)")
             p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+            p.add_argument("--log-file", metavar="PATH", default=None,
+                           help="append every step, with timestamps, to PATH (kept after a failure)")
         return p
 
+    def add_strategy(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-j", "--jobs", type=int, default=report.DEFAULT_JOBS, metavar="N",
+                       help=f"layers walked or converted at once (default {report.DEFAULT_JOBS}: the cores, at "
+                            "least 2, at most 4)")
+        p.add_argument("--strategy", choices=("hardlink", "inplace"), default=None,
+                       help="hardlink (default for a new migration): build overlay2 beside the untouched aufs "
+                            "data; inplace: move each layer into overlay2 and convert it there, journaling every "
+                            "change (for full disks and huge roots). A migration resumes with the strategy it "
+                            "started with")
+
+    p = add("plan", "say what run would do and whether it can (exit 0 yes, 3 no); changes nothing")
+    add_strategy(p)
+    p.add_argument("--json", action="store_true", help="one JSON object (schema in docs/operations.md)")
     p = add("run", "start or resume the migration (exit 0 only when completed)")
-    p.add_argument("-j", "--jobs", type=int, default=report.DEFAULT_JOBS, metavar="N",
-                   help=f"layers converted at once (default {report.DEFAULT_JOBS}: the cores, at least 2, at most 4)")
-    p.add_argument("--strategy", choices=("hardlink", "inplace"), default=None,
-                   help="hardlink (default for a new migration): build overlay2 beside the untouched aufs data; "
-                        "inplace: move each layer into overlay2 and convert it there, journaling every change "
-                        "(for full disks and huge roots). A migration resumes with the strategy it started with")
+    add_strategy(p)
     p = add("status", "show the phase, the layers by state, and what to do next", engine_check=False)
     p.add_argument("--json", action="store_true", help="one JSON object (schema in docs/operations.md)")
     p = add("rollback", "undo the migration and return the aufs root to its exact starting state")
@@ -64,14 +74,18 @@ def main(argv: Optional[List[str]] = None) -> int:
             return report.status(args.root, args.state_db, args.json)
         from migrator import commands  # the machinery; status answers without importing it
 
+        if getattr(args, "jobs", 1) < 1:
+            raise MigratorError("--jobs must be at least 1", EXIT_USAGE)
+        if args.command == "plan":
+            return commands.plan(args.root, args.state_db, args.strategy, args.engine_pidfile, args.json, args.jobs)
         if args.command == "run":
-            if args.jobs < 1:
-                raise MigratorError("--jobs must be at least 1", EXIT_USAGE)
-            return commands.run(args.root, args.state_db, args.engine_pidfile, args.quiet, args.jobs, args.strategy)
+            return commands.run(args.root, args.state_db, args.engine_pidfile, args.quiet, args.jobs, args.strategy,
+                                args.log_file)
         if args.command == "rollback":
-            return commands.rollback(args.root, args.state_db, args.force, args.engine_pidfile, args.quiet)
+            return commands.rollback(args.root, args.state_db, args.force, args.engine_pidfile, args.quiet,
+                                     args.log_file)
         if args.command == "cleanup":
-            return commands.cleanup(args.root, args.state_db, args.engine_pidfile, args.quiet)
+            return commands.cleanup(args.root, args.state_db, args.engine_pidfile, args.quiet, args.log_file)
         if args.command == "verify":
             return commands.verify(args.root, args.state_db)
         return commands.demo(args.keep)

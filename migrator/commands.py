@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
+import time
 from typing import Optional, Sequence
 
 from migrations_state.errors import StateDatabaseError
 from migrations_state.machine import ROLLBACK_FORCED, ROLLBACK_FREE
 from migrations_state.store import Store
-from migrator import aufs, containers, engine, fsio, recovery, report, sample
+from migrator import engine, fsio, recovery, report, sample
+from migrator import plan as planner
 from migrator import verify as verifier
 from migrator.errors import (
     EXIT_OK,
+    EXIT_REFUSED,
     EXIT_USAGE,
     MigratorError,
     Refused,
@@ -27,7 +31,7 @@ from migrator.runtime import (
     root_lock,
 )
 
-STRATEGIES = ("hardlink", "inplace")
+STRATEGIES = planner.STRATEGIES
 DEFAULT_STRATEGY = "hardlink"
 DEFAULT_JOBS = report.DEFAULT_JOBS
 
@@ -48,8 +52,12 @@ def _open_store(paths: Paths) -> Optional[Store]:
         raise MigratorError(f"{exc}; 'aufs2overlay rollback --force' restores aufs without it") from None
 
 
+def _pidfiles(pidfiles: Optional[Sequence[str]]) -> Sequence[str]:
+    return pidfiles if pidfiles is not None else engine.DEFAULT_PIDFILES
+
+
 def _refuse_running_engine(paths: Paths, pidfiles: Optional[Sequence[str]]) -> None:
-    signs = engine.running_engine(paths.root, pidfiles if pidfiles is not None else engine.DEFAULT_PIDFILES)
+    signs = engine.running_engine(paths.root, _pidfiles(pidfiles))
     if signs:
         raise Refused(f"an engine is using {paths.root} ({signs[0]}); stop it first")
 
@@ -63,25 +71,24 @@ def _remove_state_db(path: str) -> None:
     fsio.fsync_path(os.path.dirname(path))
 
 
-def _discover(paths: Paths) -> tuple:
-    """Every refusal of a new run happens here, before anything is written."""
-    moved = recovery.moved_layers(paths)
-    if moved:
-        raise Refused(f"layer {moved[0][0]} was moved out of aufs/diff by an in-place migration whose state "
-                      f"database is gone ({moved[0][1]}); 'aufs2overlay rollback --force' moves it back")
-    discovery = aufs.discover(paths.root)
-    found, container_findings = containers.find_containers(paths.root, lambda c: recovery.original_of(paths, c))
-    for path, what in ((paths.tree, "overlay2/"), (paths.image_overlay2, "image/overlay2/")):
-        if fsio.lexists(path):
-            raise Refused(f"{what} already exists in {paths.root} and is not this migration's (an engine ran "
-                          "with overlay2, or a migration lost its state database: 'aufs2overlay rollback --force' "
-                          "removes it); move it away, then run again")
+def _checked_plan(paths: Paths, strategy: str, pidfiles: Optional[Sequence[str]], jobs: int,
+                  progress) -> planner.Plan:
+    """The plan of a new run; refused (before anything is written) when its verdict is no."""
+    progress(f"planning: reading {paths.aufs_diff}")
+    plan = planner.make_plan(paths, strategy, _pidfiles(pidfiles), jobs)
+    if not plan.verdict:
+        more = f" (and {len(plan.problems) - 1} more)" if len(plan.problems) > 1 else ""
+        raise Refused(f"{plan.problems[0]}{more}; 'aufs2overlay plan' shows every check")
+    progress(f"plan: {plan.layers} layers, {plan.entries} entries, {plan.containers} containers; needs about "
+             f"{plan.need_inodes} inodes and {planner.mib(plan.need_bytes)}, {plan.free_inodes} inodes and "
+             f"{planner.mib(plan.free_bytes)} free")
+    return plan
+
+
+def _start(paths: Paths, plan: planner.Plan, progress) -> Store:
+    discovery, found = plan.discovery, plan.found
+    findings = list(discovery.findings) + list(plan.container_findings)
     times = dirs_whose_times_change(paths.root, [c.id for c in found if c.state == "pending"])
-    return discovery, found, container_findings, times
-
-
-def _start(paths: Paths, strategy: str, discovery, found, container_findings, times, progress) -> Store:
-    findings = list(discovery.findings) + list(container_findings)
     for parent, name in ((paths.root, os.path.basename(paths.temp_tree)),
                          (paths.image_dir, os.path.basename(paths.image_stage))):
         if fsio.lexists(os.path.join(parent, name)):
@@ -95,17 +102,46 @@ def _start(paths: Paths, strategy: str, discovery, found, container_findings, ti
     os.makedirs(os.path.dirname(paths.state_db), mode=0o700, exist_ok=True)
     _remove_state_db(paths.state_db)
     layers, container_rows, finding_rows = discovered_records(discovery.layers, discovery.parents, found, findings)
-    store = Store.create(paths.state_db, paths.root, strategy, layers, container_rows, finding_rows, times)
+    store = Store.create(paths.state_db, paths.root, plan.strategy, layers, container_rows, finding_rows, times)
     progress(f"discovered {len(layers)} layers, {sum(c.state == 'pending' for c in found)} containers on aufs; "
-             f"strategy {strategy}")
+             f"strategy {plan.strategy}")
     return store
 
 
-def run(root: str, state_db: Optional[str] = None, engine_pidfiles: Optional[Sequence[str]] = None,
-        quiet: bool = False, jobs: int = DEFAULT_JOBS, strategy: Optional[str] = None) -> int:
-    """Start or resume the migration; exit 0 only once it has completed."""
+def plan(root: str, state_db: Optional[str] = None, strategy: Optional[str] = None,
+         engine_pidfiles: Optional[Sequence[str]] = None, as_json: bool = False, jobs: int = DEFAULT_JOBS) -> int:
+    """Say what run would do and whether it can: exit 0 for yes, 3 for no; nothing is changed."""
     paths = _paths(root, state_db)
-    progress = default_progress(quiet)
+    store = _open_store(paths)
+    if store is not None:
+        run_record = store.run()
+        store.close()
+        if run_record.phase != "rolled-back":
+            _say(f"a migration of {paths.root} is already {run_record.phase} (strategy {run_record.strategy}); "
+                 "see 'aufs2overlay status'")
+            return EXIT_OK
+    if not fsio.lexists(paths.aufs):
+        _say(f"nothing to migrate: {paths.root} has no aufs/")
+        return EXIT_OK
+    result = planner.make_plan(paths, strategy or DEFAULT_STRATEGY, _pidfiles(engine_pidfiles), jobs)
+    if as_json:
+        print(json.dumps(result.summary(), indent=2, sort_keys=True))
+    else:
+        _say(planner.render(result))
+    return EXIT_OK if result.verdict else EXIT_REFUSED
+
+
+def run(root: str, state_db: Optional[str] = None, engine_pidfiles: Optional[Sequence[str]] = None,
+        quiet: bool = False, jobs: int = DEFAULT_JOBS, strategy: Optional[str] = None,
+        log_file: Optional[str] = None) -> int:
+    """Start or resume the migration; exit 0 only once it has completed."""
+    with default_progress(quiet, log_file) as progress:
+        return _run(root, state_db, engine_pidfiles, jobs, strategy, progress)
+
+
+def _run(root: str, state_db: Optional[str], engine_pidfiles: Optional[Sequence[str]], jobs: int,
+         strategy: Optional[str], progress) -> int:
+    paths = _paths(root, state_db)
     if strategy is not None and strategy not in STRATEGIES:
         raise MigratorError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}", EXIT_USAGE)
     store = _open_store(paths)
@@ -116,7 +152,7 @@ def run(root: str, state_db: Optional[str] = None, engine_pidfiles: Optional[Seq
     _refuse_running_engine(paths, engine_pidfiles)
     fresh = store is None or store.run().phase == "rolled-back"
     if fresh:
-        discovered = _discover(paths)
+        plan = _checked_plan(paths, strategy or DEFAULT_STRATEGY, engine_pidfiles, jobs, progress)
     with root_lock(paths):
         if store is not None:
             store.close()
@@ -124,12 +160,15 @@ def run(root: str, state_db: Optional[str] = None, engine_pidfiles: Optional[Seq
         _refuse_mixed_strategy(store, strategy)
         if store is None or store.run().phase == "rolled-back":
             if not fresh:
-                discovered = _discover(paths)
+                plan = _checked_plan(paths, strategy or DEFAULT_STRATEGY, engine_pidfiles, jobs, progress)
             if store is not None:
                 store.close()
-            store = _start(paths, strategy or DEFAULT_STRATEGY, *discovered, progress)
+            store = _start(paths, plan, progress)
+            surveys = plan.surveys
+        else:
+            surveys = {}
         try:
-            return _drive_run(paths, store, progress, jobs)
+            return _drive_run(paths, store, progress, jobs, surveys)
         finally:
             store.close()
 
@@ -145,14 +184,14 @@ def _refuse_mixed_strategy(store: Optional[Store], strategy: Optional[str]) -> N
                       f"with --strategy {run.strategy} (or no --strategy), or roll it back first")
 
 
-def _drive_run(paths: Paths, store: Store, progress, jobs: int) -> int:
+def _drive_run(paths: Paths, store: Store, progress, jobs: int, surveys: dict) -> int:
     phase = store.run().phase
     if phase in ("completed", "cleaning", "cleaned"):
         _say(f"migration of {paths.root} already {phase}")
         return EXIT_OK
     if phase == "rolling-back":
         raise Refused("a rollback is in progress on this root; finish it with 'aufs2overlay rollback'")
-    migration = Migration(paths, store, progress)
+    migration = Migration(paths, store, progress, surveys)
     try:
         if migration.state == "converting":
             migration.convert_layers(jobs)
@@ -163,15 +202,24 @@ def _drive_run(paths: Paths, store: Store, progress, jobs: int) -> int:
     except OSError as exc:
         store.set_error(str(exc))
         raise MigratorError(f"{exc}; fix the cause and run again: the migration resumes where it stopped") from exc
-    _say(f"migration of {paths.root} completed: {len(store.layers())} layers now in overlay2/")
+    layers = store.layers()
+    elapsed = time.monotonic() - progress.started
+    progress(f"done in {elapsed:.1f}s: {len(layers)} layers, {sum(r.entries for r in layers)} entries")
+    _say(f"migration of {paths.root} completed: {len(layers)} layers now in overlay2/")
     return EXIT_OK
 
 
 def rollback(root: str, state_db: Optional[str] = None, force: bool = False,
-             engine_pidfiles: Optional[Sequence[str]] = None, quiet: bool = False) -> int:
+             engine_pidfiles: Optional[Sequence[str]] = None, quiet: bool = False,
+             log_file: Optional[str] = None) -> int:
     """Undo the migration: the aufs root as it was, every container config byte for byte."""
+    with default_progress(quiet, log_file) as progress:
+        return _rollback(root, state_db, force, engine_pidfiles, progress)
+
+
+def _rollback(root: str, state_db: Optional[str], force: bool, engine_pidfiles: Optional[Sequence[str]],
+              progress) -> int:
     paths = _paths(root, state_db)
-    progress = default_progress(quiet)
     try:
         store = _open_store(paths)
     except MigratorError as exc:
@@ -238,10 +286,14 @@ def _rollback_without_state(paths: Paths, force: bool, engine_pidfiles, progress
 
 
 def cleanup(root: str, state_db: Optional[str] = None, engine_pidfiles: Optional[Sequence[str]] = None,
-            quiet: bool = False) -> int:
+            quiet: bool = False, log_file: Optional[str] = None) -> int:
     """After completion: remove aufs/ and image/aufs/, then the migrator's own state."""
+    with default_progress(quiet, log_file) as progress:
+        return _cleanup(root, state_db, engine_pidfiles, progress)
+
+
+def _cleanup(root: str, state_db: Optional[str], engine_pidfiles: Optional[Sequence[str]], progress) -> int:
     paths = _paths(root, state_db)
-    progress = default_progress(quiet)
     store = _open_store(paths)
     if store is None:
         raise Refused(f"no migration state at {paths.state_db}; cleanup only follows a completed run")

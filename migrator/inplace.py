@@ -35,7 +35,6 @@ from migrator.overlay import (
     WH_META_PREFIX,
     WH_PREFIX,
     StepResult,
-    note_zero_device,
 )
 
 JOURNAL_FILE = "journal.json"
@@ -72,36 +71,7 @@ class DirTimes:
     mtime_ns: int
 
 
-# -- the link step: move the layer in, find its whiteouts ----------------------------------------------------
-
-
-def scan(diff_dir: str) -> StepResult:
-    """Read-only walk of a layer: count the entries, and list the directories that hold ``.wh.`` entries or
-    carry ``trusted.overlay.*`` xattrs (the next step converts those).  ``.wh.`` directories are not entered."""
-    result = StepResult()
-
-    def visit(fd: int, _none: None, rel: bytes) -> List[str]:
-        subdirs = []
-        marked = any(n.startswith(tree.OVERLAY_XATTR_PREFIX) for n in _list_xattrs(fd))
-        with os.scandir(fd) as it:
-            for entry in it:
-                result.entries += 1
-                if entry.name.startswith(WH_PREFIX):
-                    marked = True
-                elif entry.is_dir(follow_symlinks=False):
-                    subdirs.append(entry.name)
-                else:
-                    note_zero_device(entry, rel, result)
-        if marked:
-            result.whiteout_dirs.append(rel)
-        return subdirs
-
-    fd = fsio.open_dir(diff_dir, noatime=True)
-    try:
-        tree.walk_pair(fd, None, visit)
-    finally:
-        os.close(fd)
-    return result
+# -- the link step: move the layer in (``survey.scan_layer`` finds its whiteouts) ------------------------------
 
 
 def diff_location(aufs_diff: str, tree_root: str, layer_id: str) -> str:
@@ -176,7 +146,7 @@ def plan_changes(diff_dir: str, dirs: Sequence[bytes]) -> Tuple[List[Change], Li
 
 
 def _plan_dir(fd: int, rel: bytes, changes: List[Change], result: StepResult) -> None:
-    for name in _list_xattrs(fd):
+    for name in tree.list_xattrs(fd):
         if name.startswith(tree.OVERLAY_XATTR_PREFIX):
             changes.append(Change(rel, None, DROP_XATTR, name, None, xattr_before=xattr.get(fd, name)))
             result.note("dropped-overlay-xattr", rel, name.decode("ascii", "replace"))
@@ -390,15 +360,6 @@ def _is_whiteout_device(fd: int, name: bytes) -> bool:
     except FileNotFoundError:
         return False
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
-
-
-def _list_xattrs(fd: int) -> List[bytes]:
-    try:
-        return xattr.list(fd)
-    except OSError as exc:
-        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
-            return []
-        raise
 
 
 def _get_xattr(fd: int, name: bytes) -> Optional[bytes]:

@@ -14,7 +14,6 @@ import fcntl
 import multiprocessing
 import os
 import signal
-import sys
 import time
 from typing import Callable, Dict, Iterator, List, Optional
 
@@ -28,9 +27,10 @@ from migrations_state.schema import (
     SavedTimeRecord,
 )
 from migrations_state.store import Store
-from migrator import containers, fsio, images, inplace, overlay, recovery
+from migrator import containers, fsio, images, inplace, overlay, recovery, survey
 from migrator.errors import Locked, MigratorError
 from migrator.paths import Paths
+from migrator.progress import Reporter
 
 
 @contextlib.contextmanager
@@ -57,11 +57,11 @@ def root_lock(paths: Paths) -> Iterator[None]:
         os.close(fd)
 
 
-Progress = Callable[[str], None]
+Progress = Reporter
 
 
-def _quiet(_msg: str) -> None:
-    pass
+def _quiet() -> Reporter:
+    return Reporter(quiet=True)
 
 
 class LayerTask:
@@ -135,7 +135,8 @@ class InPlaceLayerTask(LayerTask):
 
     def build_tree(self) -> None:
         if self.scanned is None:
-            self.scanned = inplace.scan(inplace.diff_location(self.paths.aufs_diff, self.paths.temp_tree, self.id))
+            where = inplace.diff_location(self.paths.aufs_diff, self.paths.temp_tree, self.id)
+            self.scanned = survey.scan_layer(where)
         inplace.move_layer(self.paths.aufs_diff, self.paths.temp_tree, self.id)
         self.result = self.scanned
 
@@ -165,22 +166,22 @@ def changes_from_rows(rows: List[ChangeRecord], dirs: List[ChangedDirRecord]) ->
 
 def drive_layer(record: LayerRecord, link_ids: Dict[str, str], paths: Paths, store: Store,
                 machine) -> tuple:
-    """Take one layer from its recorded state to ``committed``; return (id, entries, seconds)."""
+    """Take one layer from its recorded state to ``committed``; return (id, [(state, entries, seconds)])."""
     task = LayerTask(record, link_ids, paths, store)
     machine.add_model(task, initial=record.state)
-    started = time.monotonic()
-    entries = record.entries
+    steps = []
     try:
         while task.state != "committed":
+            started = time.monotonic()
             getattr(task, LAYER_NEXT[task.state])()
-            if task.state == "linked" and task.result is not None:
-                entries = task.result.entries
+            entries = task.result.entries if task.state == "linked" and task.result is not None else None
+            steps.append((task.state, entries, time.monotonic() - started))
     except OSError as exc:
         store.set_layer_error(record.id, f"{task.state}: {exc}")
         raise
     finally:
         machine.remove_model(task)
-    return record.id, entries, time.monotonic() - started
+    return record.id, steps
 
 
 _worker: Dict[str, object] = {}
@@ -209,10 +210,12 @@ class Migration:
     """Model of the run's phase machine: converting → switching → completed (→ cleaning → cleaned),
     or → rolling-back → rolled-back."""
 
-    def __init__(self, paths: Paths, store: Store, progress: Progress = _quiet) -> None:
+    def __init__(self, paths: Paths, store: Store, progress: Optional[Progress] = None,
+                 surveys: Optional[Dict[str, overlay.StepResult]] = None) -> None:
         self.paths = paths
         self.store = store
-        self.progress = progress
+        self.progress = progress or _quiet()
+        self.surveys = surveys or {}  # the plan's walk of layers still in aufs/diff, reused by the in-place run
         run = store.run()
         self.run_record = run
         phase_machine(self, run.phase)
@@ -239,12 +242,11 @@ class Migration:
         records = self.store.layers()
         link_ids = {r.id: r.link_id for r in records}
         pending = [r for r in records if r.state != "committed"]
-        done = len(records) - len(pending)
+        self._start_progress(records)
 
-        def report(layer_id: str, entries: int, seconds: float) -> None:
-            nonlocal done
-            done += 1
-            self.progress(f"[{done}/{len(records)}] layer {layer_id} committed ({entries} entries, {seconds:.2f}s)")
+        def report(layer_id: str, steps: list) -> None:
+            for state, entries, seconds in steps:
+                self.progress.step(layer_id, state, entries, seconds)
 
         if jobs <= 1 or len(pending) <= 1:
             machine = layer_machine()
@@ -263,6 +265,12 @@ class Migration:
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
 
+    def _start_progress(self, records: List[LayerRecord]) -> None:
+        surveyed = {i: s.entries for i, s in self.surveys.items()}
+        done = [r for r in records if r.state != "discovered"]
+        self.progress.start(len(records), sum(r.entries or surveyed.get(r.id, 0) for r in records),
+                            sum(r.state == "committed" for r in records), sum(r.entries for r in done))
+
     def _convert_in_place(self, jobs: int) -> None:
         """In-place strategy: the layers move through the states together, a wave per state.
 
@@ -276,6 +284,8 @@ class Migration:
         link_ids = {r.id: r.link_id for r in records}
         pending = [r for r in records if r.state != "committed"]
         scans = self._scan([r.id for r in pending if r.state == "discovered"], jobs)
+        self.surveys.update(scans)
+        self._start_progress(records)
         batch: List[dict] = []
         machine = layer_machine()
         tasks = []
@@ -286,17 +296,21 @@ class Migration:
         tfd = fsio.open_dir(p.temp_tree)
         try:
             for source, trigger in LAYER_NEXT.items():
+                took = {}
                 for task in tasks:
                     if task.state == source:
+                        started = time.monotonic()
                         try:
                             getattr(task, trigger)()
                         except OSError as exc:
                             self.store.set_layer_error(task.id, f"{task.state}: {exc}")
                             raise
+                        took[task.id] = time.monotonic() - started
                 if batch:
                     fsio.syncfs(tfd)
                     self.store.set_layer_states(batch)
-                    self.progress(f"{len(batch)} layers {batch[0]['state']}")
+                    for change in batch:
+                        self.progress.step(change["id"], change["state"], change.get("entries"), took[change["id"]])
                     batch.clear()
         finally:
             os.close(tfd)
@@ -304,14 +318,16 @@ class Migration:
     def _scan(self, layer_ids: List[str], jobs: int) -> Dict[str, overlay.StepResult]:
         """Walk the layers still to move, read-only, in ``jobs`` processes: ``{id: what the walk found}``."""
         p = self.paths
+        known = {i: self.surveys[i] for i in layer_ids if i in self.surveys}
+        layer_ids = [i for i in layer_ids if i not in known]
         where = [inplace.diff_location(p.aufs_diff, p.temp_tree, i) for i in layer_ids]
         if jobs <= 1 or len(layer_ids) <= 1:
-            return {i: inplace.scan(w) for i, w in zip(layer_ids, where)}
+            return {**known, **{i: survey.scan_layer(w) for i, w in zip(layer_ids, where)}}
         self.store.close()
         context = multiprocessing.get_context("fork")
         with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context,
                                                     initializer=_worker_start) as pool:
-            return dict(zip(layer_ids, pool.map(inplace.scan, where)))
+            return {**known, **dict(zip(layer_ids, pool.map(survey.scan_layer, where)))}
 
     def missing_layers(self) -> List[str]:
         """In-place strategy: layers whose data is nowhere (an engine removed them after completion)."""
@@ -413,14 +429,8 @@ class Migration:
         self.progress(f"phase: {self.state}")
 
 
-def default_progress(quiet: bool) -> Progress:
-    if quiet:
-        return _quiet
-
-    def emit(msg: str) -> None:
-        print(f"aufs2overlay: {msg}", file=sys.stderr, flush=True)
-
-    return emit
+def default_progress(quiet: bool, log_file: Optional[str] = None) -> Progress:
+    return Reporter(quiet, log_file)
 
 
 def discovered_records(layers, parents, containers_found, findings):

@@ -86,6 +86,16 @@ def open_path(root_fd: int, rel: bytes, noatime: bool = False) -> int:
     return fd
 
 
+def list_xattrs(fd: int) -> List[bytes]:
+    """The xattr names of an open file; none where the filesystem has no xattrs."""
+    try:
+        return xattr.list(fd)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return []
+        raise
+
+
 def copy_xattrs(src: object, dst: object, nofollow: bool = False) -> List[bytes]:
     """Copy every xattr but ``trusted.overlay.*`` (those would steer overlayfs); return the names dropped."""
     dropped = []

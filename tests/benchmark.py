@@ -1,15 +1,16 @@
 #!/usr/bin/env python3
-"""Benchmark: aufs2overlay run against `cp -al` of the same layer directories, in one run, alternating.
+"""Benchmark: aufs2overlay run, both strategies, against `cp -al` of the same layer directories, in one run.
 
     python3 tests/benchmark.py [--scale 1.0] [--rounds 5] [--workdir /var/tmp/a2o-bench] [--cold]
 
 It builds a realistic aufs root (a distribution base, runtime and application layers, whiteouts, opaque
-directories, containers with -init and writable layers; at scale 1.0 about 270,000 entries in 34 layers) by
+directories, containers with -init and writable layers; at scale 1.0 about 200,000 entries in 35 layers) by
 hardlinking real trees of this machine (/usr, /etc, a Python installation), so building it copies no data.
-Then, per round and alternating: `cp -al` of every aufs/diff/<id> into a scratch tree, and `aufs2overlay run`
-(hardlink strategy, durability on) followed by an untimed rollback that returns the root to its start. It
-prints medians, the ratio to `cp -al`, entries per second, the migrator's peak RSS, and the machine.
-Needs root.
+Then, per round and alternating: `cp -al` of every aufs/diff/<id> into a scratch tree, `aufs2overlay run`
+(hardlink strategy) and `aufs2overlay run --strategy inplace`, each a whole process from start-up to exit
+with durability on, each followed by an untimed reset that returns the root to its start.  For each it
+prints the median time, the ratio to `cp -al`, entries per second, the extra inodes and bytes it left on the
+filesystem (statvfs before and after), and the migrator's peak RSS.  Needs root.
 """
 
 from __future__ import annotations
@@ -137,22 +138,32 @@ def drop_caches() -> None:
         f.write("3\n")
 
 
-def timed(cmd: List[str]) -> Tuple[float, int]:
-    """Wall time and peak RSS (KiB) of one command, started on a quiet disk (earlier deletions synced)."""
+def timed(cmd: List[str], where: str) -> Tuple[float, int, int, int]:
+    """Wall time, peak RSS (KiB), and the inodes and bytes the filesystem of ``where`` has fewer free after
+    it, of one command started on a quiet disk (earlier deletions synced)."""
     os.sync()
+    before = os.statvfs(where)
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     _pid, status, usage = os.wait4(proc.pid, 0)
     elapsed = time.monotonic() - start
     if status != 0:
         raise SystemExit(f"{' '.join(cmd)} failed with status {status}")
-    return elapsed, usage.ru_maxrss
+    os.sync()
+    after = os.statvfs(where)
+    inodes = before.f_ffree - after.f_ffree
+    used = (before.f_bfree - after.f_bfree) * before.f_frsize
+    return elapsed, usage.ru_maxrss, inodes, used
 
 
-def reset(root: str, trash: str) -> None:
+def reset(root: str, trash: str, strategy: str) -> None:
     """Undo a run without deleting anything yet: deleting 200,000 links and 26,000 directories between
     rounds made every later round slower (the filesystem is mounted with discard), so the migrated trees
-    are moved aside, like the cp -al copies, and deleted after the last round."""
+    are moved aside, like the cp -al copies, and deleted after the last round.  The in-place strategy moved
+    the layers: its own rollback moves them back first."""
+    if strategy == "inplace":
+        sh(sys.executable, "-m", "migrator", "rollback", "--root", root, "--engine-pidfile", "/nonexistent",
+           "--force", "-q")
     os.makedirs(trash)
     for rel in ("overlay2", "image/overlay2", ".aufs2overlay"):
         if os.path.lexists(os.path.join(root, rel)):
@@ -210,32 +221,36 @@ def main() -> int:
     root = os.path.join(args.workdir, "docker")
     scratch = os.path.join(args.workdir, "scratch")
     n_layers, n_entries = build_root(root, args.scale)
+    n_whiteouts = int(subprocess.run(["sh", "-c", f"find {root}/aufs/diff -name '.wh.*' | wc -l"],
+                                     capture_output=True, text=True, check=True).stdout)
     print(f"machine: {machine(args.workdir)}")
     print(f"root: {n_layers} layers, {n_entries} entries")
     migrate = [sys.executable, "-m", "migrator", "run", "--root", root, "--engine-pidfile", "/nonexistent", "-q"]
     if args.jobs:
         migrate += ["--jobs", str(args.jobs)]
-    results: Dict[str, List[float]] = {"cp -al": [], "aufs2overlay run": []}
-    rss: List[int] = []
+    strategies = {"run (hardlink)": "hardlink", "run --strategy inplace": "inplace"}
+    results: Dict[str, List[Tuple[float, int, int, int]]] = {name: [] for name in ["cp -al", *strategies]}
     for r in range(args.rounds):
-        if args.cold:
-            drop_caches()
-        t, _ = timed(cp_al(root, f"{scratch}-{r}"))
-        results["cp -al"].append(t)
-        if args.cold:
-            drop_caches()
-        t, peak = timed(migrate)
-        results["aufs2overlay run"].append(t)
-        rss.append(peak)
-        reset(root, os.path.join(args.workdir, f"trash-{r}"))
-        print(f"round {r + 1}: cp -al {results['cp -al'][-1]:.2f}s, run {t:.2f}s, peak RSS {peak / 1024:.0f} MiB",
+        for name in results:
+            if args.cold:
+                drop_caches()
+            if name == "cp -al":
+                results[name].append(timed(cp_al(root, f"{scratch}-{r}"), args.workdir))
+                continue
+            strategy = strategies[name]
+            results[name].append(timed(migrate + ["--strategy", strategy], args.workdir))
+            reset(root, os.path.join(args.workdir, f"trash-{r}-{strategy}"), strategy)
+        print(f"round {r + 1}: " + ", ".join(f"{name} {rows[-1][0]:.2f}s" for name, rows in results.items()),
               flush=True)
-    ref = statistics.median(results["cp -al"])
-    print(f"\n{'':20} {'median s':>9} {'ratio':>7} {'entries/s':>10}")
-    for name, times in results.items():
-        med = statistics.median(times)
-        print(f"{name:20} {med:9.2f} {med / ref:7.2f} {n_entries / med:10.0f}")
-    print(f"aufs2overlay peak RSS: max {max(rss) / 1024:.0f} MiB over {args.rounds} rounds")
+    ref = statistics.median(t[0] for t in results["cp -al"])
+    print(f"\n{'':24} {'median s':>9} {'ratio':>7} {'entries/s':>10} {'+inodes':>9} {'+MiB':>8} {'peak RSS':>9}")
+    for name, rows in results.items():
+        med = statistics.median(t[0] for t in rows)
+        inodes = statistics.median(t[2] for t in rows)
+        mib = statistics.median(t[3] for t in rows) / (1 << 20)
+        rss = "" if name == "cp -al" else f"{max(t[1] for t in rows) / 1024:.0f} MiB"
+        print(f"{name:24} {med:9.2f} {med / ref:7.2f} {n_entries / med:10.0f} {inodes:9.0f} {mib:8.1f} {rss:>9}")
+    print(f"whiteouts and opaque markers in the root: {n_whiteouts}")
     print(f"status --json on 5,000 layers: median {status_timing(args.workdir):.3f} s over 7 runs")
     if not args.keep:
         shutil.rmtree(args.workdir, ignore_errors=True)

@@ -1,0 +1,236 @@
+"""``plan``: everything ``run`` would check and do, without changing anything, and a verdict.
+
+``run`` makes the same plan before it starts a migration and refuses when the verdict is no; the plan's
+walk of the layers is then reused (the in-place strategy's link step takes its whiteout directories from it).
+The space estimates count what each strategy leaves on the filesystem: new inodes and the blocks they take.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from migrator import aufs, containers, engine, fsio, probe, recovery, survey
+from migrator.errors import Refused
+from migrator.paths import Paths
+from migrator.survey import LayerSurvey
+
+STRATEGIES = ("hardlink", "inplace")
+# Free space a run must keep beyond its estimate: SQLite's journal during a commit, rounding.
+RESERVE_BYTES = 1 << 20
+RESERVE_INODES = 16
+_DB_BASE = 18 * 4096  # an empty state database: one page per table and index (18 of them)
+_DB_PER_LAYER = 512
+
+
+@dataclass
+class Plan:
+    root: str
+    strategy: str
+    engine: str = "docker"
+    engine_reason: str = ""
+    images: int = 0
+    layers: int = 0
+    containers: int = 0
+    deepest_chain: int = 0
+    entries: int = 0
+    directories: int = 0
+    whiteouts: int = 0
+    opaque: int = 0
+    need_inodes: int = 0
+    need_bytes: int = 0
+    free_inodes: int = 0
+    free_bytes: int = 0
+    engine_running: List[str] = field(default_factory=list)
+    probe: Optional[probe.ProbeResult] = None
+    problems: List[str] = field(default_factory=list)
+    findings: List[Tuple[str, str]] = field(default_factory=list)
+    # What run takes over from the plan (not shown):
+    discovery: Optional[aufs.Discovery] = None
+    found: List[containers.FoundContainer] = field(default_factory=list)
+    container_findings: List[Tuple[str, str]] = field(default_factory=list)
+    surveys: Dict[str, LayerSurvey] = field(default_factory=dict)
+
+    @property
+    def verdict(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> dict:
+        """The plan as ``plan --json`` prints it (schema in docs/operations.md)."""
+        p = self.probe
+        return {
+            "root": self.root, "strategy": self.strategy, "engine": self.engine,
+            "engine_reason": self.engine_reason, "images": self.images, "layers": self.layers,
+            "containers": self.containers, "deepest_chain": self.deepest_chain, "entries": self.entries,
+            "directories": self.directories, "whiteouts": self.whiteouts, "opaque_directories": self.opaque,
+            "need": {"inodes": self.need_inodes, "bytes": self.need_bytes},
+            "free": {"inodes": self.free_inodes, "bytes": self.free_bytes},
+            "overlay": None if p is None else {"d_type": p.d_type, "trusted_xattrs": p.trusted_xattrs,
+                                                "whiteout_devices": p.whiteout_devices,
+                                                "mount": p.overlay_mount},
+            "engine_running": self.engine_running,
+            "findings": [{"kind": k, "detail": d} for k, d in self.findings],
+            "problems": self.problems, "verdict": "yes" if self.verdict else "no",
+        }
+
+
+def engine_kind(root: str) -> Tuple[str, str]:
+    """docker or balena-engine, and why: balena-engine's roots are named after it (/var/lib/balena-engine,
+    balenaOS's /mnt/data/docker is a docker-named root of balena-engine but its pidfile says so)."""
+    if "balena" in os.path.basename(os.path.normpath(root)):
+        return "balena-engine", f"the root is named {os.path.basename(os.path.normpath(root))}"
+    for pidfile in ("/var/run/balena-engine.pid", "/run/balena-engine.pid", "/var/run/balena.pid"):
+        if os.path.exists(pidfile):
+            return "balena-engine", f"{pidfile} exists"
+    return "docker", "the root is not named after balena-engine and no balena-engine pidfile exists"
+
+
+def make_plan(paths: Paths, strategy: str, pidfiles: Sequence[str], jobs: int = 1,
+              run_probe: bool = True) -> Plan:
+    """Read everything ``run`` needs and say whether it can go ahead; writes nothing (the probe's temporary
+    directory is removed and the root's times put back)."""
+    plan = Plan(root=paths.root, strategy=strategy)
+    plan.engine, plan.engine_reason = engine_kind(paths.root)
+    plan.engine_running = engine.running_engine(paths.root, pidfiles)
+    if plan.engine_running:
+        plan.problems.append(f"an engine is using {paths.root} ({plan.engine_running[0]}); stop it first")
+    try:
+        _read_root(paths, plan)
+    except Refused as exc:
+        plan.problems.append(str(exc))
+        return plan
+    plan.surveys = survey_layers(paths, plan.discovery.layers, jobs)
+    _count(paths, plan)
+    vfs = os.statvfs(paths.root)
+    plan.free_inodes, plan.free_bytes = vfs.f_ffree, vfs.f_bfree * vfs.f_frsize
+    if plan.need_inodes + RESERVE_INODES > plan.free_inodes:
+        plan.problems.append(f"not enough free inodes: the {strategy} strategy needs about {plan.need_inodes}, "
+                             f"the filesystem has {plan.free_inodes}"
+                             + ("; --strategy inplace needs far fewer" if strategy == "hardlink" else ""))
+    if plan.need_bytes + RESERVE_BYTES > plan.free_bytes:
+        plan.problems.append(f"not enough free space: the {strategy} strategy needs about "
+                             f"{mib(plan.need_bytes)}, the filesystem has {mib(plan.free_bytes)}"
+                             + ("; --strategy inplace needs far less" if strategy == "hardlink" else ""))
+    if run_probe:
+        plan.probe = probe.probe(paths.root)
+        plan.problems.extend(plan.probe.problems)
+    return plan
+
+
+def _read_root(paths: Paths, plan: Plan) -> None:
+    """Discovery and every refusal of a new run, before anything is written."""
+    moved = recovery.moved_layers(paths)
+    if moved:
+        raise Refused(f"layer {moved[0][0]} was moved out of aufs/diff by an in-place migration whose state "
+                      f"database is gone ({moved[0][1]}); 'aufs2overlay rollback --force' moves it back")
+    plan.discovery = aufs.discover(paths.root)
+    plan.found, plan.container_findings = containers.find_containers(
+        paths.root, lambda c: recovery.original_of(paths, c))
+    for path, what in ((paths.tree, "overlay2/"), (paths.image_overlay2, "image/overlay2/")):
+        if fsio.lexists(path):
+            raise Refused(f"{what} already exists in {paths.root} and is not this migration's (an engine ran "
+                          "with overlay2, or a migration lost its state database: 'aufs2overlay rollback --force' "
+                          "removes it); move it away, then run again")
+    plan.findings = list(plan.discovery.findings) + list(plan.container_findings)
+
+
+def survey_layers(paths: Paths, layers: List[aufs.AufsLayer], jobs: int) -> Dict[str, LayerSurvey]:
+    """Walk every layer, read-only, in ``jobs`` processes."""
+    where = [os.path.join(paths.aufs_diff, layer.id) for layer in layers]
+    writable = [layer.writable for layer in layers]
+    if jobs <= 1 or len(layers) <= 1:
+        results = list(map(survey.scan_layer, where, writable))
+    else:
+        context = multiprocessing.get_context("fork")
+        with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+            results = list(pool.map(survey.scan_layer, where, writable))
+    return {layer.id: result for layer, result in zip(layers, results)}
+
+
+def _count(paths: Paths, plan: Plan) -> None:
+    layers = plan.discovery.layers
+    parents = plan.discovery.parents
+    pending = [c for c in plan.found if c.state == "pending"]
+    plan.layers = len(layers)
+    plan.containers = len(pending)
+    plan.deepest_chain = max((len(layer.ancestors) + 1 for layer in layers), default=0)
+    plan.images = _count_images(paths)
+    block = os.statvfs(paths.root).f_bsize
+    inodes, used = 2, 2 * block  # overlay2.temp/ and l/
+    for layer in layers:
+        s = plan.surveys[layer.id]
+        plan.entries += s.entries
+        plan.directories += s.directories
+        plan.whiteouts += s.whiteouts
+        plan.opaque += s.opaque
+        plan.findings.extend(s.findings)
+        # <id>/, link, l/<LINKID>; lower and work/ with a parent; the committed marker (empty) with a child
+        files = 3 + (2 if layer.ancestors else 0)
+        symlink_inline = len(f"../{layer.id}/diff") < 60
+        inodes += files + (1 if layer.id in parents else 0) + s.whiteouts
+        used += (files - (1 if symlink_inline else 0)) * block
+        if plan.strategy == "hardlink":
+            inodes += s.directories + (s.copy_inodes if layer.writable else 0)
+            used += s.directory_bytes + (s.copy_bytes if layer.writable else 0)
+        elif s.whiteout_dirs:
+            inodes += 2  # the layer's stash directory and its journal copy
+            used += 2 * block
+    image_inodes, image_bytes = survey.scan_tree_usage(paths.image_aufs)
+    inodes += image_inodes
+    used += image_bytes
+    # The work area: itself, the lock, the state database, the stash (in place), the kept container configs.
+    inodes += 3 + (1 if plan.strategy == "inplace" else 0) + (1 + len(pending) if pending else 0)
+    originals = sum(_blocks(len(c.original or b""), block) for c in pending)
+    db = _DB_BASE + sum(_DB_PER_LAYER + 66 * len(layer.ancestors) for layer in layers)
+    db += sum(len(c.original or b"") for c in plan.found) + 64 * plan.opaque + 96 * plan.whiteouts
+    used += block + _blocks(db, 4096) + originals + (block if plan.strategy == "inplace" else 0)
+    plan.need_inodes, plan.need_bytes = inodes, used
+
+
+def _count_images(paths: Paths) -> int:
+    try:
+        return len(os.listdir(os.path.join(paths.image_aufs, "imagedb", "content", "sha256")))
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+
+
+def _blocks(n: int, block: int) -> int:
+    return -(-n // block) * block
+
+
+def mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def render(plan: Plan) -> str:
+    """The plan as ``plan`` prints it for a person."""
+    p = plan.probe
+    yes_no = {True: "yes", False: "no"}
+    lines = [
+        f"engine root:    {plan.root} ({plan.engine}: {plan.engine_reason})",
+        f"strategy:       {plan.strategy}",
+        f"engine running: {'yes: ' + plan.engine_running[0] if plan.engine_running else 'no'}",
+    ]
+    if plan.discovery is not None:
+        lines += [
+            f"images:         {plan.images}",
+            f"layers:         {plan.layers} (deepest chain: {plan.deepest_chain} layers; overlay2 takes up to "
+            f"{aufs.MAX_LOWERS + 1})",
+            f"containers:     {plan.containers} to switch",
+            f"entries:        {plan.entries} ({plan.directories} directories, {plan.whiteouts} whiteouts, "
+            f"{plan.opaque} opaque directories)",
+            f"needs:          about {plan.need_inodes} inodes and {mib(plan.need_bytes)}",
+            f"free:           {plan.free_inodes} inodes and {mib(plan.free_bytes)}",
+        ]
+    if p is not None:
+        lines.append(f"overlay probe:  d_type {yes_no[p.d_type]}, trusted.* xattrs {yes_no[p.trusted_xattrs]}, "
+                     f"whiteout devices {yes_no[p.whiteout_devices]}, mount {yes_no[p.overlay_mount]}")
+    for kind, detail in plan.findings:
+        lines.append(f"note:           {kind}: {detail}")
+    for problem in plan.problems:
+        lines.append(f"problem:        {problem}")
+    lines.append(f"verdict:        {'yes: run can go ahead' if plan.verdict else 'no: run would refuse'}")
+    return "\n".join(lines)

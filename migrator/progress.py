@@ -1,0 +1,118 @@
+"""Where progress goes: a live bar on a terminal, plain lines otherwise, and every line to ``--log-file``.
+
+A serial console or a fleet tool's log gets one plain line per event and per layer step, so it stays
+readable; a person at a terminal gets one bar (layers done of total, files per second, ETA, current step)
+with the events printed above it.  The log file gets every line with a timestamp, whatever the terminal
+shows, and keeps the error that ended a run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import time
+from typing import Optional, TextIO
+
+BAR_WIDTH = 24
+REDRAW_EVERY = 0.1  # seconds
+
+
+class Reporter:
+    """Callable with an event line; ``step`` for a layer step done.  Use as a context manager so a failure
+    is logged and the bar's line is ended."""
+
+    def __init__(self, quiet: bool = False, log_file: Optional[str] = None, stream: Optional[TextIO] = None,
+                 ) -> None:
+        self.stream = stream or sys.stderr
+        self.quiet = quiet
+        self.bar = not quiet and self.stream.isatty()
+        self.log = None
+        if log_file:
+            fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self.log = os.fdopen(fd, "a", buffering=1)
+        self.started = time.monotonic()
+        self.layers = self.done_layers = self.entries = self.done_entries = 0
+        self.current = ""
+        self._drawn = 0.0
+
+    def __enter__(self) -> "Reporter":
+        return self
+
+    def __exit__(self, kind, exc, _tb) -> None:
+        if exc is not None and not isinstance(exc, KeyboardInterrupt):
+            self._log(f"error: {' '.join(str(exc).split())}")
+        elif kind is KeyboardInterrupt:
+            self._log("interrupted")
+        self.close()
+
+    def __call__(self, msg: str) -> None:
+        self._log(msg)
+        if self.quiet:
+            return
+        if self.bar:
+            self.stream.write(f"\r\033[K{msg}\n")
+            self._draw(force=True)
+        else:
+            self.stream.write(f"aufs2overlay: {msg}\n")
+        self.stream.flush()
+
+    def start(self, layers: int, entries: int, done_layers: int = 0, done_entries: int = 0) -> None:
+        """The work ahead: ``layers`` in all (``done_layers`` of them already done), ``entries`` to walk."""
+        self.layers, self.entries = layers, entries
+        self.done_layers, self.done_entries = done_layers, done_entries
+        self.started = time.monotonic()
+        self._draw(force=True)
+
+    def step(self, layer_id: str, state: str, entries: Optional[int], seconds: float) -> None:
+        """One layer step done."""
+        detail = f"{entries} entries, {seconds:.2f}s" if entries is not None else f"{seconds:.2f}s"
+        text = f"layer {layer_id} {state} ({detail})"
+        self._log(text)
+        if state == "linked" and entries:
+            self.done_entries += entries
+        if state == "committed":
+            self.done_layers += 1
+        self.current = f"{state} {layer_id[:12]}"
+        if self.quiet:
+            return
+        if self.bar:
+            self._draw(force=self.done_layers == self.layers)
+            if self.done_layers == self.layers:  # the layers are done: end the bar, later events are lines
+                self.stream.write("\n")
+                self.layers = 0
+                self._drawn = 0.0
+        else:
+            self.stream.write(f"aufs2overlay: {text}\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.bar and self._drawn:
+            self._draw(force=True)
+            self.stream.write("\n")
+            self.stream.flush()
+            self._drawn = 0.0
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
+    def _draw(self, force: bool = False) -> None:
+        if not self.bar or not self.layers:
+            return
+        now = time.monotonic()
+        if not force and now - self._drawn < REDRAW_EVERY:
+            return
+        self._drawn = now
+        filled = BAR_WIDTH * self.done_layers // max(1, self.layers)
+        elapsed = max(now - self.started, 1e-6)
+        rate = self.done_entries / elapsed
+        left = max(0, self.entries - self.done_entries)
+        eta = f"ETA {int(left / rate) // 60}:{int(left / rate) % 60:02d}" if rate > 0 and self.entries else "ETA -:--"
+        self.stream.write(f"\r\033[K[{'#' * filled}{'-' * (BAR_WIDTH - filled)}] {self.done_layers}/{self.layers} "
+                          f"layers  {rate:,.0f} files/s  {eta}  {self.current}")
+        self.stream.flush()
+
+    def _log(self, msg: str) -> None:
+        if self.log is not None:
+            stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+            self.log.write(f"{stamp} {msg}\n")

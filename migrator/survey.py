@@ -1,0 +1,99 @@
+"""The read-only walk of a layer: what ``plan`` counts, and what the in-place strategy's link step records.
+
+One walk serves both: ``run`` plans first, and the in-place strategy takes the directories holding whiteouts
+from the plan's walk instead of walking again.  Entries are told apart by ``d_type`` alone; only directories
+are ``fstat``-ed (for the blocks a copy of them takes), and, in a container's writable layer (which the
+hardlink strategy copies), every entry.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+from typing import List, Set, Tuple
+
+from migrator import fsio, tree
+from migrator.overlay import OPAQUE_MARKER, WH_META_PREFIX, WH_PREFIX, StepResult, note_zero_device
+
+
+@dataclass
+class LayerSurvey(StepResult):
+    """``entries`` and ``whiteout_dirs`` as the link step records them, and the counts ``plan`` adds up."""
+
+    directories: int = 0
+    directory_bytes: int = 0  # blocks the layer's directories take (a rebuilt directory takes about as many)
+    whiteouts: int = 0  # .wh.<name> entries (each becomes a 0/0 device)
+    opaque: int = 0  # .wh..wh..opq markers
+    copy_inodes: int = 0  # writable layer: non-directory inodes a copy makes (hardlink groups once)
+    copy_bytes: int = 0
+    seen: Set[Tuple[int, int]] = field(default_factory=set, repr=False)
+
+
+def scan_layer(diff_dir: str, writable: bool = False) -> LayerSurvey:
+    """Walk one layer read-only (``O_NOATIME``, ``O_NOFOLLOW``, directory descriptors) and count it.
+
+    ``.wh.`` directories are not entered; directories holding ``.wh.`` entries or carrying ``trusted.overlay.*``
+    xattrs are listed in ``whiteout_dirs``.
+    """
+    result = LayerSurvey()
+
+    def visit(fd: int, _none: None, rel: bytes) -> List[str]:
+        st = os.fstat(fd)
+        result.directories += 1
+        result.directory_bytes += st.st_blocks * 512
+        subdirs = []
+        marked = any(n.startswith(tree.OVERLAY_XATTR_PREFIX) for n in tree.list_xattrs(fd))
+        with os.scandir(fd) as it:
+            for entry in it:
+                name = entry.name
+                result.entries += 1
+                if name.startswith(WH_PREFIX):
+                    marked = True
+                    if name == OPAQUE_MARKER:
+                        result.opaque += 1
+                    elif not name.startswith(WH_META_PREFIX):
+                        result.whiteouts += 1
+                elif entry.is_dir(follow_symlinks=False):
+                    subdirs.append(name)
+                else:
+                    note_zero_device(entry, rel, result)
+                    if writable:
+                        _count_copy(entry, result)
+        if marked:
+            result.whiteout_dirs.append(rel)
+        return subdirs
+
+    fd = fsio.open_dir(diff_dir, noatime=True)
+    try:
+        tree.walk_pair(fd, None, visit)
+    finally:
+        os.close(fd)
+    result.seen = set()
+    return result
+
+
+def _count_copy(entry: os.DirEntry, result: LayerSurvey) -> None:
+    st = entry.stat(follow_symlinks=False)
+    if st.st_nlink > 1:
+        key = (st.st_dev, st.st_ino)
+        if key in result.seen:
+            return
+        result.seen.add(key)
+    result.copy_inodes += 1
+    if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
+        result.copy_bytes += st.st_blocks * 512
+
+
+def scan_tree_usage(top: str) -> Tuple[int, int]:
+    """(inodes, bytes) of everything below ``top`` (``image/aufs/``, which the switch copies)."""
+    inodes = used = 0
+    if not os.path.isdir(top) or os.path.islink(top):
+        return 0, 0
+    for dirpath, dirs, files in os.walk(top):
+        for name in dirs + files:
+            st = os.lstat(os.path.join(dirpath, name))
+            inodes += 1
+            used += st.st_blocks * 512
+    st = os.lstat(top)
+    return inodes + 1, used + st.st_blocks * 512
