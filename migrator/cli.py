@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object (schema in docs/operations.md)")
     p = add("run", "start or resume the migration (exit 0 only when completed)")
     add_strategy(p)
+    p.add_argument("--set-engine-config", metavar="PATH", default=None,
+                   help="also set \"storage-driver\": \"overlay2\" in this daemon.json when the migration "
+                        "completes (atomically; rollback puts the file back as it was)")
     p = add("status", "show the phase, the layers by state, and what to do next", engine_check=False)
     p.add_argument("--json", action="store_true", help="one JSON object (schema in docs/operations.md)")
     p = add("rollback", "undo the migration and return the aufs root to its exact starting state")
@@ -80,7 +83,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return commands.plan(args.root, args.state_db, args.strategy, args.engine_pidfile, args.json, args.jobs)
         if args.command == "run":
             return commands.run(args.root, args.state_db, args.engine_pidfile, args.quiet, args.jobs, args.strategy,
-                                args.log_file)
+                                args.log_file, args.set_engine_config)
         if args.command == "rollback":
             return commands.rollback(args.root, args.state_db, args.force, args.engine_pidfile, args.quiet,
                                      args.log_file)

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 from migrations_state.errors import StateDatabaseError
 from migrations_state.machine import ROLLBACK_FORCED, ROLLBACK_FREE
 from migrations_state.store import Store
-from migrator import engine, fsio, recovery, report, sample
+from migrator import engine, engineconfig, fsio, recovery, report, sample
 from migrator import plan as planner
 from migrator import verify as verifier
 from migrator.errors import (
@@ -72,8 +72,10 @@ def _remove_state_db(path: str) -> None:
 
 
 def _checked_plan(paths: Paths, strategy: str, pidfiles: Optional[Sequence[str]], jobs: int,
-                  progress) -> planner.Plan:
+                  progress, engine_config: Optional[str]) -> planner.Plan:
     """The plan of a new run; refused (before anything is written) when its verdict is no."""
+    if engine_config:
+        engineconfig.check(engine_config)
     progress(f"planning: reading {paths.aufs_diff}")
     plan = planner.make_plan(paths, strategy, _pidfiles(pidfiles), jobs)
     if not plan.verdict:
@@ -85,7 +87,7 @@ def _checked_plan(paths: Paths, strategy: str, pidfiles: Optional[Sequence[str]]
     return plan
 
 
-def _start(paths: Paths, plan: planner.Plan, progress) -> Store:
+def _start(paths: Paths, plan: planner.Plan, progress, engine_config: Optional[str]) -> Store:
     discovery, found = plan.discovery, plan.found
     findings = list(discovery.findings) + list(plan.container_findings)
     times = dirs_whose_times_change(paths.root, [c.id for c in found if c.state == "pending"])
@@ -99,6 +101,10 @@ def _start(paths: Paths, plan: planner.Plan, progress) -> Store:
         progress(f"note: {kind}: {detail}")
     fsio.ensure_absent_durably(paths.workdir, os.path.basename(paths.stash))  # journals of an earlier run
     recovery.keep_originals(paths, found)
+    if engine_config:
+        engineconfig.keep_original(paths, engine_config)
+    else:
+        engineconfig.forget(paths)
     os.makedirs(os.path.dirname(paths.state_db), mode=0o700, exist_ok=True)
     _remove_state_db(paths.state_db)
     layers, container_rows, finding_rows = discovered_records(discovery.layers, discovery.parents, found, findings)
@@ -133,14 +139,14 @@ def plan(root: str, state_db: Optional[str] = None, strategy: Optional[str] = No
 
 def run(root: str, state_db: Optional[str] = None, engine_pidfiles: Optional[Sequence[str]] = None,
         quiet: bool = False, jobs: int = DEFAULT_JOBS, strategy: Optional[str] = None,
-        log_file: Optional[str] = None) -> int:
+        log_file: Optional[str] = None, engine_config: Optional[str] = None) -> int:
     """Start or resume the migration; exit 0 only once it has completed."""
     with default_progress(quiet, log_file) as progress:
-        return _run(root, state_db, engine_pidfiles, jobs, strategy, progress)
+        return _run(root, state_db, engine_pidfiles, jobs, strategy, progress, engine_config)
 
 
 def _run(root: str, state_db: Optional[str], engine_pidfiles: Optional[Sequence[str]], jobs: int,
-         strategy: Optional[str], progress) -> int:
+         strategy: Optional[str], progress, engine_config: Optional[str]) -> int:
     paths = _paths(root, state_db)
     if strategy is not None and strategy not in STRATEGIES:
         raise MigratorError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}", EXIT_USAGE)
@@ -152,7 +158,7 @@ def _run(root: str, state_db: Optional[str], engine_pidfiles: Optional[Sequence[
     _refuse_running_engine(paths, engine_pidfiles)
     fresh = store is None or store.run().phase == "rolled-back"
     if fresh:
-        plan = _checked_plan(paths, strategy or DEFAULT_STRATEGY, engine_pidfiles, jobs, progress)
+        plan = _checked_plan(paths, strategy or DEFAULT_STRATEGY, engine_pidfiles, jobs, progress, engine_config)
     with root_lock(paths):
         if store is not None:
             store.close()
@@ -160,13 +166,19 @@ def _run(root: str, state_db: Optional[str], engine_pidfiles: Optional[Sequence[
         _refuse_mixed_strategy(store, strategy)
         if store is None or store.run().phase == "rolled-back":
             if not fresh:
-                plan = _checked_plan(paths, strategy or DEFAULT_STRATEGY, engine_pidfiles, jobs, progress)
+                plan = _checked_plan(paths, strategy or DEFAULT_STRATEGY, engine_pidfiles, jobs, progress,
+                                     engine_config)
             if store is not None:
                 store.close()
-            store = _start(paths, plan, progress)
+            store = _start(paths, plan, progress, engine_config)
             surveys = plan.surveys
         else:
             surveys = {}
+            managed = engineconfig.managed_path(paths)
+            if engine_config and os.path.abspath(engine_config) != managed:
+                store.close()
+                raise Refused(f"this migration started with --set-engine-config {managed or '(none)'}; resume it "
+                              "with the same (or no) --set-engine-config, or roll it back first")
         try:
             return _drive_run(paths, store, progress, jobs, surveys)
         finally:

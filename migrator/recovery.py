@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import Callable, List, Tuple
 
-from migrator import aufs, containers, fsio, inplace
+from migrator import aufs, containers, engineconfig, fsio, inplace
 from migrator.errors import MigratorError
 from migrator.paths import Paths
 
@@ -72,6 +72,9 @@ def rollback_from_disk(paths: Paths, progress: Callable[[str], None]) -> None:
             containers.restore(paths.root, cid, containers.with_driver(data, "aufs"), _st.st_mode & 0o7777,
                                _st.st_uid, _st.st_gid, (_st.st_atime_ns, _st.st_mtime_ns))
         progress(f"container {cid} back on aufs")
+    config = engineconfig.restore(paths)
+    if config:
+        progress(f"engine config {config} restored")
     for layer_id, diff in moved_layers(paths):
         journal = inplace.read_journal_copy(os.path.join(paths.stash, layer_id)) or ([], [])
         inplace.undo_layer(paths.aufs_diff, diff, os.path.join(paths.stash, layer_id), layer_id, *journal, None,

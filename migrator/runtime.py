@@ -27,7 +27,7 @@ from migrations_state.schema import (
     SavedTimeRecord,
 )
 from migrations_state.store import Store
-from migrator import containers, fsio, images, inplace, overlay, recovery, survey
+from migrator import containers, engineconfig, fsio, images, inplace, overlay, recovery, survey
 from migrator.errors import Locked, MigratorError
 from migrator.paths import Paths
 from migrator.progress import Reporter
@@ -364,6 +364,9 @@ class Migration:
                 containers.switch(p.root, record.id, record.original, record.mode, record.uid, record.gid)
                 self.store.set_container_state(record.id, "switched")
                 self.progress(f"container {record.id} switched to overlay2")
+        config = engineconfig.switch(p)
+        if config:
+            self.progress(f"engine config {config}: storage-driver overlay2")
         if fsio.lexists(p.temp_tree):
             if fsio.lexists(p.tree):
                 raise MigratorError(f"both {p.temp_tree} and {p.tree} exist; refusing to guess which is right")
@@ -384,6 +387,9 @@ class Migration:
                 self.store.set_container_state(record.id, "restored" if restored else "gone")
                 if not restored:
                     self.progress(f"container {record.id} was removed since the migration; not restored")
+        config = engineconfig.restore(p)
+        if config:
+            self.progress(f"engine config {config} restored")
         if run.strategy == "inplace":
             self._move_layers_back()
         # overlay2/ and image/overlay2/ are this run's only once it reached switching (refused before).

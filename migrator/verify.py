@@ -1,14 +1,18 @@
-"""Checks of a migrated tree: every layer's overlay2 structure, no aufs residue, and each chain mounts."""
+"""Checks of a migrated tree: every layer's overlay2 structure, no aufs residue, each chain mounts and, while
+the aufs data is still there (hardlink strategy, before cleanup), shows exactly what aufs showed."""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import subprocess
 import tempfile
-from typing import Dict, List
+from typing import Dict, Iterator, List
 
 from migrations_state.store import Store
-from migrator import containers, overlay
+from migrator import containers, overlay, views
+from migrator.errors import MigratorError
 from migrator.paths import Paths
 
 DONE_PHASES = ("completed", "cleaning", "cleaned")
@@ -59,8 +63,10 @@ def layer_problems(tree: str, layer_id: str, link_id: str, ancestor_links: List[
     return problems
 
 
-def mount_problem(tree: str, layer_id: str, ancestor_links: List[str]) -> "str | None":
-    """Mount the layer's chain read-only the way dockerd does (relative ``l/`` paths from the tree)."""
+@contextlib.contextmanager
+def mounted_chain(tree: str, layer_id: str, ancestor_links: List[str]) -> Iterator[str]:
+    """Mount the layer's chain read-only, the way dockerd does (relative ``l/`` paths from the tree), on a
+    private temporary mountpoint; yield the mountpoint.  Raises MigratorError if the kernel refuses."""
     with tempfile.TemporaryDirectory(prefix="a2o-verify-") as scratch:
         mnt, empty = os.path.join(scratch, "mnt"), os.path.join(scratch, "empty")
         os.mkdir(mnt)
@@ -70,12 +76,30 @@ def mount_problem(tree: str, layer_id: str, ancestor_links: List[str]) -> "str |
         res = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", f"ro,lowerdir={lowers}", mnt],
                              cwd=tree, capture_output=True, text=True)
         if res.returncode != 0:
-            return f"{layer_id}: the kernel refuses to mount its chain: {res.stderr.strip()}"
+            raise MigratorError(f"{layer_id}: the kernel refuses to mount its chain: {res.stderr.strip()}")
         try:
-            os.listdir(mnt)
+            yield mnt
         finally:
             subprocess.run(["umount", mnt], check=False)
-    return None
+
+
+def chain_problems(paths: Paths, layer_id: str, ancestors: List[str], ancestor_links: List[str],
+                   limit: int = 20) -> List[str]:
+    """Mount the chain; when every layer of it is still in ``aufs/diff``, compare what it shows with the
+    aufs view of the same chain."""
+    chain = [os.path.join(paths.aufs_diff, i) for i in [layer_id] + ancestors]
+    compare = all(os.path.isdir(d) and not os.path.islink(d) for d in chain)
+    try:
+        with mounted_chain(paths.tree, layer_id, ancestor_links) as mnt:
+            if not compare:
+                os.listdir(mnt)
+                return []
+            got = views.mounted_view(mnt)
+    except MigratorError as exc:
+        return [str(exc)]
+    found = list(itertools.islice(views.differences(views.aufs_view(chain), got), limit + 1))
+    more = [f"{layer_id}: more differences not shown"] if len(found) > limit else []
+    return [f"{layer_id}: {d}" for d in found[:limit]] + more
 
 
 def verify(paths: Paths, store: Store) -> List[str]:
@@ -93,8 +117,7 @@ def verify(paths: Paths, store: Store) -> List[str]:
         ancestor_links = [links[a] for a in ancestors]
         found = layer_problems(paths.tree, r.id, r.link_id, ancestor_links, r.has_child)
         if not found and can_mount:
-            problem = mount_problem(paths.tree, r.id, ancestor_links)
-            found = [problem] if problem else []
+            found = chain_problems(paths, r.id, ancestors, ancestor_links)
         problems += found
     if os.path.isdir(paths.image_aufs) and not os.path.isdir(paths.image_overlay2):
         problems.append("image/overlay2/ is missing")
