@@ -86,7 +86,9 @@ def keep_original(paths: Paths, path: str) -> None:
     path = os.path.abspath(path)
     check(path)
     found = _read(path)
-    record = {"path": path, "existed": found is not None}
+    parent = os.lstat(os.path.dirname(path))
+    record = {"path": path, "existed": found is not None,
+              "parent_times_ns": [parent.st_atime_ns, parent.st_mtime_ns]}
     if found is not None:
         data, st = found
         record.update(original=data.hex(), mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid,
@@ -127,21 +129,23 @@ def switch(paths: Paths) -> Optional[str]:
 
 
 def restore(paths: Paths) -> Optional[str]:
-    """At rollback: the config as it was, byte for byte with its metadata, or absent again; idempotent."""
+    """At rollback: the config as it was, byte for byte with its metadata, or absent again, and its directory's
+    times as they were; idempotent."""
     kept = _kept(paths)
     if kept is None:
         return None
     path = kept["path"]
     parent, name = os.path.split(path)
-    if not kept["existed"]:
-        if fsio.lexists(path):
-            os.unlink(path)
-            fsio.fsync_path(parent)
-        return path
     fd = fsio.open_dir(parent)
     try:
-        fsio.atomic_write(fd, name, bytes.fromhex(kept["original"]), kept["mode"], owner=(kept["uid"], kept["gid"]),
-                          times_ns=(kept["atime_ns"], kept["mtime_ns"]))
+        if not kept["existed"]:
+            if fsio.lexists(path):
+                os.unlink(name, dir_fd=fd)
+        else:
+            fsio.atomic_write(fd, name, bytes.fromhex(kept["original"]), kept["mode"],
+                              owner=(kept["uid"], kept["gid"]), times_ns=(kept["atime_ns"], kept["mtime_ns"]))
+        os.utime(fd, ns=tuple(kept["parent_times_ns"]))
+        os.fsync(fd)
     finally:
         os.close(fd)
     return path

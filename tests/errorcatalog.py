@@ -1,0 +1,62 @@
+"""Every message the tool can end with, read from its source: the raises of MigratorError (and its kinds) and
+StateDatabaseError, and the problems plan and verify report.  For each, its longest fixed piece of text (the
+parts between ``{…}`` placeholders), which docs/troubleshooting.md must quote."""
+
+from __future__ import annotations
+
+import ast
+import os
+from typing import List, Tuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCES = [os.path.join(HERE, "..", pkg) for pkg in ("migrator", "migrations_state")]
+RAISED = {"MigratorError", "Refused", "Locked", "StateDatabaseError"}
+
+
+def _text(node: ast.AST) -> List[str]:
+    """The fixed pieces of a (possibly implicitly concatenated) string or f-string argument."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return [node.value]
+    if isinstance(node, ast.JoinedStr):
+        pieces, current = [], ""
+        for value in node.values:
+            if isinstance(value, ast.Constant):
+                current += value.value
+            else:
+                pieces.append(current)
+                current = ""
+        return pieces + [current]
+    if isinstance(node, ast.BinOp):
+        return _text(node.left) + _text(node.right)
+    return []
+
+
+def messages() -> List[Tuple[str, int, str]]:
+    """(file, line, longest fixed piece) of every operator-facing message."""
+    found = []
+    for base in SOURCES:
+        for name in sorted(os.listdir(base)):
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(base, name)
+            with open(path) as f:
+                tree = ast.parse(f.read())
+            for node in ast.walk(tree):
+                if not isinstance(node, ast.Call) or not node.args:
+                    continue
+                func = node.func
+                callee = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
+                is_problem = callee == "append" and isinstance(func, ast.Attribute) and \
+                    getattr(func.value, "attr", getattr(func.value, "id", "")) == "problems"
+                if callee not in RAISED and not is_problem:
+                    continue
+                pieces = [p.strip(" ;:,.()") for p in _text(node.args[0])]
+                longest = max(pieces, key=len, default="")
+                if len(longest) >= 8:
+                    found.append((os.path.relpath(path, os.path.join(HERE, "..")), node.lineno, longest))
+    return found
+
+
+if __name__ == "__main__":
+    for file, line, text in messages():
+        print(f"{file}:{line}: {text}")
