@@ -95,12 +95,14 @@ class ChangeRecord(Base):
     action: Mapped[str] = mapped_column(String(16))
     target: Mapped[Optional[bytes]] = mapped_column(LargeBinary, nullable=True)
     stash: Mapped[Optional[str]] = mapped_column(String(20), nullable=True)
+    kind: Mapped[int] = mapped_column(Integer, default=0)
     mode: Mapped[int] = mapped_column(Integer, default=0)
     uid: Mapped[int] = mapped_column(Integer, default=0)
     gid: Mapped[int] = mapped_column(Integer, default=0)
     atime_ns: Mapped[int] = mapped_column(Integer, default=0)
     mtime_ns: Mapped[int] = mapped_column(Integer, default=0)
     xattr_before: Mapped[Optional[bytes]] = mapped_column(LargeBinary, nullable=True)
+    xattrs: Mapped[Optional[bytes]] = mapped_column(LargeBinary, nullable=True)
 
 
 class ChangedDirRecord(Base):

@@ -227,14 +227,15 @@ class Store:
             s.execute(update(RunRecord).where(RunRecord.id == 1).values(updated_at=_now()))
         _checkpoint(f"recorded layers {changes[0]['state']}")
 
-    def record_changes(self, layer_id: str, changes: Iterable[ChangeRecord], dirs: Iterable[ChangedDirRecord],
-                       findings: Iterable[FindingRecord] = ()) -> None:
-        """The in-place journal of one layer, in one transaction, before any of its changes is made."""
+    def record_journals(self, journals: List[tuple]) -> None:
+        """In-place journals, ``(layer_id, changes, dirs, findings)`` each, in one transaction, before any of
+        their changes is made."""
         with self._transaction() as s:
-            s.add_all(list(changes))
-            s.add_all(list(dirs))
-            s.add_all(list(findings))
-        _checkpoint(f"recorded journal {layer_id}")
+            for _layer_id, changes, dirs, findings in journals:
+                s.add_all(list(changes))
+                s.add_all(list(dirs))
+                s.add_all(list(findings))
+        _checkpoint(f"recorded journals of {len(journals)} layer(s)")
 
     def changes(self, layer_id: str) -> "tuple[List[ChangeRecord], List[ChangedDirRecord]]":
         with self._session() as s:

@@ -162,15 +162,16 @@ def restore(root: str, cid: str, original: bytes, mode: int, uid: int, gid: int,
     if not os.path.isdir(cdir) or os.path.islink(cdir):
         return False
     path = os.path.join(cdir, CONFIG)
-    try:
-        current, st = read_config(path)
-        if (current == original and stat.S_IMODE(st.st_mode) == mode and (st.st_uid, st.st_gid) == (uid, gid)
-                and st.st_mtime_ns == times_ns[1]):
-            return True
-    except FileNotFoundError:
-        pass
     fd = fsio.open_dir(cdir)
     try:
+        fsio.discard_temp(fd, CONFIG)  # a switch cut off between its temp file and its rename
+        try:
+            current, st = read_config(path)
+            if (current == original and stat.S_IMODE(st.st_mode) == mode and (st.st_uid, st.st_gid) == (uid, gid)
+                    and st.st_mtime_ns == times_ns[1]):
+                return True
+        except FileNotFoundError:
+            pass
         fsio.atomic_write(fd, CONFIG, original, mode, owner=(uid, gid), times_ns=times_ns)
     finally:
         os.close(fd)

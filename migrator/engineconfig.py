@@ -138,6 +138,7 @@ def restore(paths: Paths) -> Optional[str]:
     parent, name = os.path.split(path)
     fd = fsio.open_dir(parent)
     try:
+        fsio.discard_temp(fd, name)  # a switch cut off between its temp file and its rename
         if not kept["existed"]:
             if fsio.lexists(path):
                 os.unlink(name, dir_fd=fd)

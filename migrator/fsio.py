@@ -75,6 +75,19 @@ def make_dir(name: str, mode: int, dir_fd: Optional[int] = None) -> bool:
     return created
 
 
+def temp_name(name: str) -> str:
+    return f".{name}.a2o-tmp"
+
+
+def discard_temp(dir_fd: int, name: str) -> None:
+    """Remove the temp file an interrupted ``atomic_write`` of ``name`` may have left (a kill or power cut
+    between its create and its rename)."""
+    try:
+        os.unlink(temp_name(name), dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+
+
 def atomic_write(
     dir_fd: int,
     name: str,
@@ -89,26 +102,27 @@ def atomic_write(
     A power cut leaves either the old or the new file, never a truncated one.  ``sync=False`` leaves out the
     two fsyncs, for a step that writes several files and then makes them all durable with one ``syncfs``.
     """
-    tmp = f".{name}.a2o-tmp"
-    try:
-        os.unlink(tmp, dir_fd=dir_fd)
-    except FileNotFoundError:
-        pass
+    tmp = temp_name(name)
+    discard_temp(dir_fd, name)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        if owner is not None:
-            os.fchown(fd, owner[0], owner[1])
-        os.fchmod(fd, mode)
-        if times_ns is not None:
-            os.utime(fd, ns=times_ns)
-        if sync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if owner is not None:
+                os.fchown(fd, owner[0], owner[1])
+            os.fchmod(fd, mode)
+            if times_ns is not None:
+                os.utime(fd, ns=times_ns)
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except OSError:
+        discard_temp(dir_fd, name)  # a full disk must not leave a half-written temp file behind
+        raise
     if sync:
         os.fsync(dir_fd)
     checkpoints.reached(f"write {name}")
@@ -122,11 +136,8 @@ def atomic_symlink(dir_fd: int, name: str, target: str, sync: bool = True) -> No
             return
     except (FileNotFoundError, OSError):
         pass
-    tmp = f".{name}.a2o-tmp"
-    try:
-        os.unlink(tmp, dir_fd=dir_fd)
-    except FileNotFoundError:
-        pass
+    tmp = temp_name(name)
+    discard_temp(dir_fd, name)
     os.symlink(target, tmp, dir_fd=dir_fd)
     os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     if sync:

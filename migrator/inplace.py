@@ -56,12 +56,14 @@ class Change:
     action: str
     target: Optional[bytes]
     stash: Optional[str]  # the entry's name in the layer's stash
+    kind: int = 0  # the entry's file type (S_IFMT bits), as found
     mode: int = 0
     uid: int = 0
     gid: int = 0
     atime_ns: int = 0
     mtime_ns: int = 0
     xattr_before: Optional[bytes] = None  # OPAQUE, OPAQUE_CHILD, DROP_XATTR: the value before (None: absent)
+    xattrs: Optional[bytes] = None  # the moved entry's own xattrs, as found (JSON of hex pairs)
 
 
 @dataclass
@@ -156,7 +158,8 @@ def _plan_dir(fd: int, rel: bytes, changes: List[Change], result: StepResult) ->
         if not name.startswith(WH_PREFIX.encode()):
             continue
         st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-        found = dict(mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid, atime_ns=st.st_atime_ns,
+        found = dict(kind=stat.S_IFMT(st.st_mode), xattrs=_entry_xattrs(fd, name),
+                     mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid, atime_ns=st.st_atime_ns,
                      mtime_ns=st.st_mtime_ns)
         target = name[len(WH_PREFIX):]
         if name == OPAQUE_MARKER.encode():
@@ -186,18 +189,21 @@ def _plan_dir(fd: int, rel: bytes, changes: List[Change], result: StepResult) ->
             result.entries += 1
 
 
-def write_journal_copy(stash_dir: str, changes: Sequence[Change], times: Sequence[DirTimes]) -> None:
-    """The journal, durably, in the layer's stash: what ``rollback --force`` uses when the database is lost."""
+def write_journal_copy(stash_dir: str, changes: Sequence[Change], times: Sequence[DirTimes],
+                       sync: bool = True) -> None:
+    """The journal in the layer's stash: what ``rollback --force`` uses when the database is lost.  Durable on
+    return, unless ``sync=False`` (the caller then syncs the filesystem once for many layers)."""
     for path in (os.path.dirname(stash_dir), stash_dir):
         if not fsio.lexists(path):
             os.mkdir(path, 0o700)
     doc = {"changes": [_encode(asdict(c)) for c in changes], "dirs": [_encode(asdict(t)) for t in times]}
     fd = fsio.open_dir(stash_dir)
     try:
-        fsio.atomic_write(fd, JOURNAL_FILE, json.dumps(doc).encode("ascii"), 0o600)
+        fsio.atomic_write(fd, JOURNAL_FILE, json.dumps(doc).encode("ascii"), 0o600, sync=sync)
     finally:
         os.close(fd)
-    fsio.fsync_path(os.path.dirname(stash_dir))
+    if sync:
+        fsio.fsync_path(os.path.dirname(stash_dir))
 
 
 def read_journal_copy(stash_dir: str) -> Optional[Tuple[List[Change], List[DirTimes]]]:
@@ -331,10 +337,25 @@ def _unstash(fd: int, stash_fd: int, change: Change) -> None:
     if _lexists_at(stash_fd, change.stash):
         if _lexists_at(fd, change.name):
             raise MigratorError(f"cannot put back {(change.dir + b'/' + change.name)!r}: the name is taken")
+        st = os.stat(change.stash, dir_fd=stash_fd, follow_symlinks=False)
+        if change.kind and (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) != (
+                change.kind, change.mode, change.uid, change.gid):
+            raise MigratorError(f"stash entry {change.stash} is not the {(change.dir + b'/' + change.name)!r} the "
+                                "journal recorded (type, mode or owner changed)")
         os.rename(os.fsencode(change.stash), change.name, src_dir_fd=stash_fd, dst_dir_fd=fd)
 
 
-# -- helpers -------------------------------------------------------------------------------------------------
+def _entry_xattrs(fd: int, name: bytes) -> Optional[bytes]:
+    """An entry's own xattrs (a symlink's are not followed), for the journal; None when it has none."""
+    path = b"/proc/self/fd/%d/%s" % (fd, name)
+    try:
+        pairs = [[n, os.getxattr(path, n, follow_symlinks=False).hex()]
+                 for n in sorted(os.listxattr(path, follow_symlinks=False))]
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return None
+        raise
+    return json.dumps(pairs).encode("ascii") if pairs else None
 
 
 def _set_times(root_fd: int, times: Sequence[DirTimes]) -> None:

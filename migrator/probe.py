@@ -70,9 +70,15 @@ def probe(root: str) -> ProbeResult:
         result.problems.append("not root: the overlay probe (mknod, trusted.* xattrs, mount) needs root")
         return result
     st = os.lstat(root)
-    base = tempfile.mkdtemp(prefix=".aufs2overlay-probe-", dir=root)
+    try:
+        base = tempfile.mkdtemp(prefix=".aufs2overlay-probe-", dir=root)
+    except OSError as exc:
+        result.problems.append(f"the overlay probe cannot run in {root} ({exc.strerror})")
+        return result
     try:
         _try(base, result)
+    except OSError as exc:
+        result.problems.append(f"the overlay probe cannot run in {root} ({exc.strerror})")
     finally:
         shutil.rmtree(base, ignore_errors=True)
         os.utime(root, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)

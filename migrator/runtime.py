@@ -140,22 +140,30 @@ class InPlaceLayerTask(LayerTask):
         inplace.move_layer(self.paths.aufs_diff, self.paths.temp_tree, self.id)
         self.result = self.scanned
 
-    def convert_whiteouts_in_tree(self) -> None:
-        self.result = None
-        rows, dirs = self.store.changes(self.id)
-        if rows:
-            changes, times = changes_from_rows(rows, dirs)
-        else:
-            listed = self.store.whiteout_dirs(self.id)
-            if not listed:
-                return
-            changes, times, found = inplace.plan_changes(self.diff, listed)
-            inplace.write_journal_copy(self.stash, changes, times)
-            self.store.record_changes(
-                self.id, [ChangeRecord(layer_id=self.id, seq=i, **vars(c)) for i, c in enumerate(changes)],
+    def journal(self, sync: bool) -> Optional[tuple]:
+        """Plan this layer's changes and write their journal copy; return the rows to record, or None when the
+        journal is recorded already or the layer needs none.  Nothing is changed yet."""
+        if self.store.changes(self.id)[0]:
+            return None
+        listed = self.store.whiteout_dirs(self.id)
+        if not listed:
+            return None
+        changes, times, found = inplace.plan_changes(self.diff, listed)
+        inplace.write_journal_copy(self.stash, changes, times, sync=sync)
+        return (self.id, [ChangeRecord(layer_id=self.id, seq=i, **vars(c)) for i, c in enumerate(changes)],
                 [ChangedDirRecord(layer_id=self.id, **vars(t)) for t in times],
                 [FindingRecord(layer_id=self.id, kind=k, detail=d) for k, d in found.findings])
-        inplace.apply_changes(self.diff, self.stash, self.id, changes, times)
+
+    def convert_whiteouts_in_tree(self) -> None:
+        """Apply the recorded journal (``Migration`` records every layer's journal in one transaction before
+        this wave; a layer without one gets it recorded here, first)."""
+        self.result = None
+        rows = self.journal(sync=True)
+        if rows is not None:
+            self.store.record_journals([rows])
+        changes, times = changes_from_rows(*self.store.changes(self.id))
+        if changes:
+            inplace.apply_changes(self.diff, self.stash, self.id, changes, times)
 
 
 def changes_from_rows(rows: List[ChangeRecord], dirs: List[ChangedDirRecord]) -> tuple:
@@ -296,6 +304,8 @@ class Migration:
         tfd = fsio.open_dir(p.temp_tree)
         try:
             for source, trigger in LAYER_NEXT.items():
+                if source == "linked":
+                    self._record_journals([t for t in tasks if t.state == "linked"], tfd)
                 took = {}
                 for task in tasks:
                     if task.state == source:
@@ -314,6 +324,18 @@ class Migration:
                     batch.clear()
         finally:
             os.close(tfd)
+
+    def _record_journals(self, tasks: List["InPlaceLayerTask"], tfd: int) -> None:
+        """Every layer's journal before the whiteout wave changes anything: the copies written, one ``syncfs``,
+        then one transaction for all of them."""
+        journals = []
+        for task in tasks:
+            rows = task.journal(sync=False)
+            if rows is not None:
+                journals.append(rows)
+        if journals:
+            fsio.syncfs(tfd)
+            self.store.record_journals(journals)
 
     def _scan(self, layer_ids: List[str], jobs: int) -> Dict[str, overlay.StepResult]:
         """Walk the layers still to move, read-only, in ``jobs`` processes: ``{id: what the walk found}``."""
