@@ -77,22 +77,7 @@ def with_driver(data: bytes, driver: str) -> bytes:
 
 
 def read_config(path: str) -> Tuple[bytes, os.stat_result]:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError("not a regular file")
-        chunks = []
-        while True:
-            chunk = os.read(fd, 1 << 20)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            if sum(map(len, chunks)) > CONFIG_MAX:
-                raise ValueError("too large")
-    finally:
-        os.close(fd)
-    return b"".join(chunks), st
+    return fsio.read_regular(path, CONFIG_MAX)
 
 
 def find_containers(root: str, kept_original: Callable[[str], Optional[Tuple[bytes, os.stat_result]]] = lambda c: None

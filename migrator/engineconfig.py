@@ -20,6 +20,7 @@ from migrator.errors import Refused
 from migrator.paths import Paths
 
 KEPT = "engine-config.json"
+CONFIG_MAX = 1 << 20
 DRIVER_KEY = "storage-driver"
 
 
@@ -29,22 +30,11 @@ def _kept_path(paths: Paths) -> str:
 
 def _read(path: str) -> Optional[tuple]:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        return fsio.read_regular(path, CONFIG_MAX)
     except FileNotFoundError:
         return None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise Refused(f"engine config {path} is not a regular file")
-        chunks = []
-        while True:
-            chunk = os.read(fd, 1 << 16)
-            if not chunk:
-                break
-            chunks.append(chunk)
-        return b"".join(chunks), st
-    finally:
-        os.close(fd)
+    except ValueError as exc:
+        raise Refused(f"engine config {path} is not a regular file ({exc})") from None
 
 
 def switched_bytes(original: Optional[bytes], path: str) -> bytes:

@@ -42,6 +42,27 @@ def open_dir(name: str, dir_fd: Optional[int] = None, noatime: bool = False) -> 
         return os.open(name, DIR_FLAGS, dir_fd=dir_fd)  # O_NOATIME needs ownership or CAP_FOWNER
 
 
+def read_regular(path: str, limit: int) -> Tuple[bytes, os.stat_result]:
+    """A small regular file's bytes and stat, without following a symlink; ValueError if it is not a regular
+    file or is larger than ``limit``."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file")
+        chunks = []
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if sum(map(len, chunks)) > limit:
+                raise ValueError("too large")
+    finally:
+        os.close(fd)
+    return b"".join(chunks), st
+
+
 def syncfs(fd: int) -> None:
     """Flush the whole filesystem holding ``fd``: one call makes a layer step's thousands of links durable."""
     if _libc.syncfs(fd) != 0:

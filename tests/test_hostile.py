@@ -346,7 +346,12 @@ def test_hostile_input(tmp_path, strategy, name, build, expected):
             assert manifest(os.path.join(root, "aufs")) == aufs_before
         if views is not None:
             assert_chains_match(root, views)
-        cli("verify", "--root", root, check=0)
+        if expected[0] == "migrated-differs" and strategy == "hardlink":
+            # verify compares with the aufs view while aufs is there, and names the difference
+            res = cli("verify", "--root", root)
+            assert res.returncode == 1 and "shown by aufs, missing in overlay2" in res.stdout, res.stdout
+        else:
+            cli("verify", "--root", root, check=0)
         if expected[2]:
             expected[2](root)
         if strategy == "inplace":
