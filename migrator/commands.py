@@ -77,13 +77,13 @@ def _checked_plan(paths: Paths, strategy: str, pidfiles: Optional[Sequence[str]]
     if engine_config:
         engineconfig.check(engine_config)
     progress(f"planning: reading {paths.aufs_diff}")
-    plan = planner.make_plan(paths, strategy, _pidfiles(pidfiles), jobs)
+    plan = planner.make_plan(paths, strategy, _pidfiles(pidfiles), jobs, walk=False)
     if not plan.verdict:
         more = f" (and {len(plan.problems) - 1} more)" if len(plan.problems) > 1 else ""
         raise Refused(f"{plan.problems[0]}{more}; 'aufs2overlay plan' shows every check")
-    progress(f"plan: {plan.layers} layers, {plan.entries} entries, {plan.containers} containers; needs about "
-             f"{plan.need_inodes} inodes and {planner.mib(plan.need_bytes)}, {plan.free_inodes} inodes and "
-             f"{planner.mib(plan.free_bytes)} free")
+    needs = "needs about" if plan.walked else "needs at most"
+    progress(f"plan: {plan.layers} layers, {plan.containers} containers; {needs} {plan.need_inodes} inodes and "
+             f"{planner.mib(plan.need_bytes)}, {plan.free_inodes} inodes and {planner.mib(plan.free_bytes)} free")
     return plan
 
 

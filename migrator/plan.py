@@ -46,6 +46,7 @@ class Plan:
     free_bytes: int = 0
     engine_running: List[str] = field(default_factory=list)
     probe: Optional[probe.ProbeResult] = None
+    walked: bool = False  # False: the counts of entries are unknown and ``need`` is an upper bound
     problems: List[str] = field(default_factory=list)
     findings: List[Tuple[str, str]] = field(default_factory=list)
     # What run takes over from the plan (not shown):
@@ -66,7 +67,7 @@ class Plan:
             "engine_reason": self.engine_reason, "images": self.images, "layers": self.layers,
             "containers": self.containers, "deepest_chain": self.deepest_chain, "entries": self.entries,
             "directories": self.directories, "whiteouts": self.whiteouts, "opaque_directories": self.opaque,
-            "need": {"inodes": self.need_inodes, "bytes": self.need_bytes},
+            "need": {"inodes": self.need_inodes, "bytes": self.need_bytes, "walked": self.walked},
             "free": {"inodes": self.free_inodes, "bytes": self.free_bytes},
             "overlay": None if p is None else {"d_type": p.d_type, "trusted_xattrs": p.trusted_xattrs,
                                                 "whiteout_devices": p.whiteout_devices,
@@ -88,10 +89,15 @@ def engine_kind(root: str) -> Tuple[str, str]:
     return "docker", "the root is not named after balena-engine and no balena-engine pidfile exists"
 
 
-def make_plan(paths: Paths, strategy: str, pidfiles: Sequence[str], jobs: int = 1,
-              run_probe: bool = True) -> Plan:
+def make_plan(paths: Paths, strategy: str, pidfiles: Sequence[str], jobs: int = 1, walk: bool = True) -> Plan:
     """Read everything ``run`` needs and say whether it can go ahead; writes nothing (the probe's temporary
-    directory is removed and the root's times put back)."""
+    directory is removed and the root's times put back).
+
+    ``walk=False`` (what ``run`` asks for with the hardlink strategy) leaves out the walk of every layer when
+    the filesystem has more room free than it uses in all: nothing a migration makes can then exceed it (every
+    directory, file and block it could copy is part of what is used), and the walk would cost a tenth of the
+    run.  The in-place strategy always walks: its link step takes the whiteout directories from the walk.
+    """
     plan = Plan(root=paths.root, strategy=strategy)
     plan.engine, plan.engine_reason = engine_kind(paths.root)
     plan.engine_running = engine.running_engine(paths.root, pidfiles)
@@ -102,10 +108,15 @@ def make_plan(paths: Paths, strategy: str, pidfiles: Sequence[str], jobs: int = 
     except Refused as exc:
         plan.problems.append(str(exc))
         return plan
-    plan.surveys = survey_layers(paths, plan.discovery.layers, jobs)
-    _count(paths, plan)
     vfs = os.statvfs(paths.root)
     plan.free_inodes, plan.free_bytes = vfs.f_ffree, vfs.f_bfree * vfs.f_frsize
+    bound = _upper_bound(vfs, plan)
+    plan.walked = walk or strategy == "inplace" or bound[0] > plan.free_inodes or bound[1] > plan.free_bytes
+    if plan.walked:
+        plan.surveys = survey_layers(paths, plan.discovery.layers, jobs)
+    _count(paths, plan)
+    if not plan.walked:
+        plan.need_inodes, plan.need_bytes = bound
     if plan.need_inodes + RESERVE_INODES > plan.free_inodes:
         plan.problems.append(f"not enough free inodes: the {strategy} strategy needs about {plan.need_inodes}, "
                              f"the filesystem has {plan.free_inodes}"
@@ -114,9 +125,8 @@ def make_plan(paths: Paths, strategy: str, pidfiles: Sequence[str], jobs: int = 
         plan.problems.append(f"not enough free space: the {strategy} strategy needs about "
                              f"{mib(plan.need_bytes)}, the filesystem has {mib(plan.free_bytes)}"
                              + ("; --strategy inplace needs far less" if strategy == "hardlink" else ""))
-    if run_probe:
-        plan.probe = probe.probe(paths.root)
-        plan.problems.extend(plan.probe.problems)
+    plan.probe = probe.probe(paths.root)
+    plan.problems.extend(plan.probe.problems)
     return plan
 
 
@@ -135,6 +145,15 @@ def _read_root(paths: Paths, plan: Plan) -> None:
                           "with overlay2, or a migration lost its state database: 'aufs2overlay rollback --force' "
                           "removes it); move it away, then run again")
     plan.findings = list(plan.discovery.findings) + list(plan.container_findings)
+
+
+def _upper_bound(vfs: os.statvfs_result, plan: Plan) -> Tuple[int, int]:
+    """(inodes, bytes) no migration of this root can exceed, without walking it: everything the filesystem
+    uses now, plus the few files per layer and the state database, plus the run's reserve."""
+    layers = len(plan.discovery.layers)
+    inodes = (vfs.f_files - vfs.f_ffree) + 8 * layers + 16 + RESERVE_INODES
+    used = (vfs.f_blocks - vfs.f_bfree) * vfs.f_frsize + 8 * layers * vfs.f_bsize + (4 << 20) + RESERVE_BYTES
+    return inodes, used
 
 
 def survey_layers(paths: Paths, layers: List[aufs.AufsLayer], jobs: int) -> Dict[str, LayerSurvey]:
@@ -161,7 +180,9 @@ def _count(paths: Paths, plan: Plan) -> None:
     block = os.statvfs(paths.root).f_bsize
     inodes, used = 2, 2 * block  # overlay2.temp/ and l/
     for layer in layers:
-        s = plan.surveys[layer.id]
+        s = plan.surveys.get(layer.id)
+        if s is None:
+            continue
         plan.entries += s.entries
         plan.directories += s.directories
         plan.whiteouts += s.whiteouts

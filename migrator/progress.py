@@ -106,8 +106,13 @@ class Reporter:
         filled = BAR_WIDTH * self.done_layers // max(1, self.layers)
         elapsed = max(now - self.started, 1e-6)
         rate = self.done_entries / elapsed
-        left = max(0, self.entries - self.done_entries)
-        eta = f"ETA {int(left / rate) // 60}:{int(left / rate) % 60:02d}" if rate > 0 and self.entries else "ETA -:--"
+        if self.entries and rate > 0:
+            seconds = max(0, self.entries - self.done_entries) / rate
+        elif not self.entries and self.done_layers:  # entries not counted beforehand: by layers
+            seconds = elapsed / self.done_layers * (self.layers - self.done_layers)
+        else:
+            seconds = None
+        eta = "ETA -:--" if seconds is None else f"ETA {int(seconds) // 60}:{int(seconds) % 60:02d}"
         self.stream.write(f"\r\033[K[{'#' * filled}{'-' * (BAR_WIDTH - filled)}] {self.done_layers}/{self.layers} "
                           f"layers  {rate:,.0f} files/s  {eta}  {self.current}")
         self.stream.flush()
