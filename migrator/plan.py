@@ -7,8 +7,6 @@ The space estimates count what each strategy leaves on the filesystem: new inode
 
 from __future__ import annotations
 
-import concurrent.futures
-import multiprocessing
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -158,14 +156,8 @@ def _upper_bound(vfs: os.statvfs_result, plan: Plan) -> Tuple[int, int]:
 
 def survey_layers(paths: Paths, layers: List[aufs.AufsLayer], jobs: int) -> Dict[str, LayerSurvey]:
     """Walk every layer, read-only, in ``jobs`` processes."""
-    where = [os.path.join(paths.aufs_diff, layer.id) for layer in layers]
-    writable = [layer.writable for layer in layers]
-    if jobs <= 1 or len(layers) <= 1:
-        results = list(map(survey.scan_layer, where, writable))
-    else:
-        context = multiprocessing.get_context("fork")
-        with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-            results = list(pool.map(survey.scan_layer, where, writable))
+    results = survey.scan_layers([os.path.join(paths.aufs_diff, layer.id) for layer in layers],
+                                 [layer.writable for layer in layers], jobs)
     return {layer.id: result for layer, result in zip(layers, results)}
 
 

@@ -343,13 +343,9 @@ class Migration:
         known = {i: self.surveys[i] for i in layer_ids if i in self.surveys}
         layer_ids = [i for i in layer_ids if i not in known]
         where = [inplace.diff_location(p.aufs_diff, p.temp_tree, i) for i in layer_ids]
-        if jobs <= 1 or len(layer_ids) <= 1:
-            return {**known, **{i: survey.scan_layer(w) for i, w in zip(layer_ids, where)}}
-        self.store.close()
-        context = multiprocessing.get_context("fork")
-        with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context,
-                                                    initializer=_worker_start) as pool:
-            return {**known, **dict(zip(layer_ids, pool.map(survey.scan_layer, where)))}
+        self.store.close()  # no pooled connection may cross the fork; the engine reconnects when needed
+        results = survey.scan_layers(where, [False] * len(where), jobs, initializer=_worker_start)
+        return {**known, **dict(zip(layer_ids, results))}
 
     def missing_layers(self) -> List[str]:
         """In-place strategy: layers whose data is nowhere (an engine removed them after completion)."""

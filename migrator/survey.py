@@ -8,10 +8,12 @@ hardlink strategy copies), every entry.
 
 from __future__ import annotations
 
+import concurrent.futures
+import multiprocessing
 import os
 import stat
 from dataclasses import dataclass, field
-from typing import List, Set, Tuple
+from typing import Callable, List, Optional, Sequence, Set, Tuple
 
 from migrator import fsio, tree
 from migrator.overlay import OPAQUE_MARKER, WH_META_PREFIX, WH_PREFIX, StepResult, note_zero_device
@@ -71,6 +73,18 @@ def scan_layer(diff_dir: str, writable: bool = False) -> LayerSurvey:
         os.close(fd)
     result.seen = set()
     return result
+
+
+def scan_layers(where: Sequence[str], writable: Sequence[bool], jobs: int,
+                initializer: Optional[Callable[[], None]] = None) -> List[LayerSurvey]:
+    """``scan_layer`` of each directory, in ``jobs`` forked processes (the walk is system calls: processes,
+    not threads, see docs/performance.md).  The caller must hold no database connection across the fork."""
+    if jobs <= 1 or len(where) <= 1:
+        return list(map(scan_layer, where, writable))
+    context = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context,
+                                                initializer=initializer) as pool:
+        return list(pool.map(scan_layer, where, writable))
 
 
 def _count_copy(entry: os.DirEntry, result: LayerSurvey) -> None:
