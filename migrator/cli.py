@@ -19,7 +19,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Migrate a Docker or balena-engine root from aufs to overlay2, resumably and reversibly.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def add(name: str, help_text: str, engine_check: bool = True) -> argparse.ArgumentParser:
+    def add(name: str, help_text: str, engine_check: bool = True, progress: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--root", default=DEFAULT_ROOT, help=f"engine data root (default {DEFAULT_ROOT})")
         p.add_argument("--state-db", default=None,
@@ -28,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--engine-pidfile", action="append", default=None, metavar="PATH",
                            help="engine pidfile to check for a running engine (repeatable; replaces the "
                                 "defaults /var/run/docker.pid, /var/run/balena-engine.pid, ...)")
+        if engine_check and progress:
             p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
             p.add_argument("--log-file", metavar="PATH", default=None,
                            help="append every step, with timestamps, to PATH (kept after a failure)")
@@ -43,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
                             "change (for full disks and huge roots). A migration resumes with the strategy it "
                             "started with")
 
-    p = add("plan", "say what run would do and whether it can (exit 0 yes, 3 no); changes nothing")
+    p = add("plan", "say what run would do and whether it can (exit 0 yes, 3 no); changes nothing", progress=False)
     add_strategy(p)
     p.add_argument("--json", action="store_true", help="one JSON object (schema in docs/operations.md)")
     p = add("run", "start or resume the migration (exit 0 only when completed)")
