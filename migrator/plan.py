@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from migrator import aufs, containers, engine, fsio, probe, recovery, survey
+from migrator import aufs, containers, engine, fsio, prescan, probe, recovery, survey
 from migrator.errors import Refused
 from migrator.paths import Paths
 from migrator.survey import LayerSurvey
@@ -155,10 +155,13 @@ def _upper_bound(vfs: os.statvfs_result, plan: Plan) -> Tuple[int, int]:
 
 
 def survey_layers(paths: Paths, layers: List[aufs.AufsLayer], jobs: int) -> Dict[str, LayerSurvey]:
-    """Walk every layer, read-only, in ``jobs`` processes."""
-    results = survey.scan_layers([os.path.join(paths.aufs_diff, layer.id) for layer in layers],
-                                 [layer.writable for layer in layers], jobs)
-    return {layer.id: result for layer, result in zip(layers, results)}
+    """Walk every layer, read-only, in ``jobs`` processes (but those the CLI's early walkers did already)."""
+    known = prescan.take()
+    todo = [layer for layer in layers if layer.id not in known]
+    results = survey.scan_layers([os.path.join(paths.aufs_diff, layer.id) for layer in todo],
+                                 [layer.writable for layer in todo], jobs)
+    known.update((layer.id, result) for layer, result in zip(todo, results))
+    return {layer.id: known[layer.id] for layer in layers}
 
 
 def _count(paths: Paths, plan: Plan) -> None:
