@@ -35,6 +35,9 @@ from migrator.overlay import (
     WH_META_PREFIX,
     WH_PREFIX,
     StepResult,
+    is_whiteout_device,
+    make_whiteout_device,
+    set_opaque_child,
 )
 
 JOURNAL_FILE = "journal.json"
@@ -248,22 +251,12 @@ def _stash(fd: int, stash_fd: int, change: Change) -> None:
 
 def _make(fd: int, change: Change) -> None:
     if change.action == WHITEOUT:
-        try:
-            os.mknod(change.target, stat.S_IFCHR | 0o600, os.makedev(0, 0), dir_fd=fd)
-        except FileExistsError:
-            if not _is_whiteout_device(fd, change.target):
-                raise
-        os.chown(change.target, change.uid, change.gid, dir_fd=fd, follow_symlinks=False)
-        os.chmod(change.target, change.mode, dir_fd=fd)
-        os.utime(change.target, ns=(change.atime_ns, change.mtime_ns), dir_fd=fd, follow_symlinks=False)
+        make_whiteout_device(fd, change.target, change.mode, change.uid, change.gid,
+                             (change.atime_ns, change.mtime_ns))
     elif change.action == OPAQUE:
         xattr.set(fd, OPAQUE_XATTR, b"y")
     elif change.action == OPAQUE_CHILD:
-        child = fsio.open_dir(os.fsdecode(change.target), fd)
-        try:
-            xattr.set(child, OPAQUE_XATTR, b"y")
-        finally:
-            os.close(child)
+        set_opaque_child(fd, change.target)
     elif change.action == DROP_XATTR:
         _put_xattr(fd, change.target, None)
 
@@ -319,7 +312,7 @@ def undo_layer(aufs_diff: str, diff_dir: str, stash_dir: str, layer_id: str, cha
 
 def _unmake(fd: int, change: Change) -> None:
     if change.action == WHITEOUT:
-        if _is_whiteout_device(fd, change.target):
+        if is_whiteout_device(fd, change.target):
             os.unlink(change.target, dir_fd=fd)
     elif change.action == OPAQUE:
         _put_xattr(fd, OPAQUE_XATTR, change.xattr_before)
@@ -373,14 +366,6 @@ def _lexists_at(dir_fd: int, name) -> bool:
     except FileNotFoundError:
         return False
     return True
-
-
-def _is_whiteout_device(fd: int, name: bytes) -> bool:
-    try:
-        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
 def _get_xattr(fd: int, name: bytes) -> Optional[bytes]:

@@ -226,15 +226,16 @@ def _convert_dir(s_fd: int, d_fd: int, rel: bytes, result: StepResult) -> None:
                 # The layer holds both <name> and .wh.<name>: its own entry stays; for a directory that means
                 # nothing below shows through, i.e. an opaque directory.
                 if kinds[target]:
-                    _set_opaque_child(d_fd, target)
+                    set_opaque_child(d_fd, target)
                 result.note("whiteout-beside-entry", rel, name)
             else:
                 _make_whiteout(s_fd, d_fd, name, target)
             result.entries += 1
 
 
-def _set_opaque_child(d_fd: int, name: str) -> None:
-    fd = fsio.open_dir(name, d_fd)
+def set_opaque_child(d_fd: int, name) -> None:
+    """``trusted.overlay.opaque=y`` on the directory ``name`` in ``d_fd`` (opened without following a symlink)."""
+    fd = fsio.open_dir(os.fsdecode(name), d_fd)
     try:
         xattr.set(fd, OPAQUE_XATTR, b"y")
     finally:
@@ -242,20 +243,31 @@ def _set_opaque_child(d_fd: int, name: str) -> None:
 
 
 def _make_whiteout(s_fd: int, d_fd: int, wh_name: str, target: str) -> None:
-    """A 0/0 character device named ``target``, with the aufs whiteout's owner, mode and times.
-
-    Each whiteout is a new inode: aufs hardlinks its whiteouts to one another, overlay2 must not.
-    """
+    """A whiteout device named ``target`` with the aufs whiteout's owner, mode and times."""
     st = os.stat(wh_name, dir_fd=s_fd, follow_symlinks=False)
+    make_whiteout_device(d_fd, target, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+                         (st.st_atime_ns, st.st_mtime_ns))
+
+
+def is_whiteout_device(d_fd: int, name) -> bool:
     try:
-        os.mknod(target, stat.S_IFCHR | 0o600, os.makedev(0, 0), dir_fd=d_fd)
+        st = os.stat(name, dir_fd=d_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def make_whiteout_device(d_fd: int, name, mode: int, uid: int, gid: int, times_ns: Tuple[int, int]) -> None:
+    """A 0/0 character device ``name`` with this owner, mode and times; an existing one is accepted, so a re-run
+    converges.  Each whiteout is a new inode: aufs hardlinks its whiteouts to one another, overlay2 must not."""
+    try:
+        os.mknod(name, stat.S_IFCHR | 0o600, os.makedev(0, 0), dir_fd=d_fd)
     except FileExistsError:
-        existing = os.stat(target, dir_fd=d_fd, follow_symlinks=False)
-        if not (stat.S_ISCHR(existing.st_mode) and existing.st_rdev == 0):
+        if not is_whiteout_device(d_fd, name):
             raise
-    os.chown(target, st.st_uid, st.st_gid, dir_fd=d_fd, follow_symlinks=False)
-    os.chmod(target, stat.S_IMODE(st.st_mode), dir_fd=d_fd)
-    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=d_fd, follow_symlinks=False)
+    os.chown(name, uid, gid, dir_fd=d_fd, follow_symlinks=False)
+    os.chmod(name, mode, dir_fd=d_fd)
+    os.utime(name, ns=times_ns, dir_fd=d_fd, follow_symlinks=False)
 
 
 def lower_value(ancestor_link_ids: Sequence[str]) -> bytes:
