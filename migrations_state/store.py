@@ -9,7 +9,8 @@ WAL mode would need one fsync less per commit, but its shared-memory index is an
 extends sparsely: on a full filesystem with 1 KiB blocks (mkfs.ext4's default below 512 MiB, common on device
 data partitions) touching it raises SIGBUS instead of an error.  The rollback journal has no such file.
 
-A new database is built under a temporary name and renamed into place, so ``state.db`` exists only complete.
+A new database is built under a temporary name (without per-statement syncs: only the finished file counts)
+and fsynced, renamed into place, so ``state.db`` exists only complete.
 Each record method is one transaction; the checkpoint after it lets the fault-injection tests crash right
 after a state became durable.
 """
@@ -21,7 +22,7 @@ import datetime
 import os
 from typing import Dict, Iterable, Iterator, List, Optional
 
-from sqlalchemy import create_engine, event, func, select, update
+from sqlalchemy import create_engine, event, func, insert, select, update
 from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -50,6 +51,16 @@ def _on_connect(dbapi_conn, _record) -> None:
     cur.execute("PRAGMA synchronous=EXTRA")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA busy_timeout=5000")
+    cur.close()
+
+
+def _on_connect_building(dbapi_conn, _record) -> None:
+    """A database being built under its temporary name needs no durability per statement: ``create`` fsyncs
+    the whole file once before it renames it into place, and discards a partial one."""
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=MEMORY")
+    cur.execute("PRAGMA synchronous=OFF")
+    cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
 
 
@@ -82,9 +93,9 @@ class Store:
             self.engine.dispose()
             raise
 
-    def _open(self, path: str) -> None:
+    def _open(self, path: str, building: bool = False) -> None:
         self.engine = create_engine(f"sqlite:///{path}", future=True)
-        event.listen(self.engine, "connect", _on_connect)
+        event.listen(self.engine, "connect", _on_connect_building if building else _on_connect)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
 
     @classmethod
@@ -101,7 +112,7 @@ class Store:
                 os.unlink(tmp + suffix)
         builder = cls.__new__(cls)
         builder.path = tmp
-        builder._open(tmp)
+        builder._open(tmp, building=True)
         now = _now()
         try:
             Base.metadata.create_all(builder.engine)
@@ -174,6 +185,15 @@ class Store:
             return list(s.scalars(select(WhiteoutDirRecord.path).where(WhiteoutDirRecord.layer_id == layer_id)
                                   .order_by(WhiteoutDirRecord.id)))
 
+    def all_whiteout_dirs(self) -> Dict[str, List[bytes]]:
+        """``whiteout_dirs`` of every layer at once (one query for a whole wave)."""
+        found: Dict[str, List[bytes]] = {}
+        with self._session() as s:
+            for layer_id, path in s.execute(select(WhiteoutDirRecord.layer_id, WhiteoutDirRecord.path)
+                                            .order_by(WhiteoutDirRecord.id)):
+                found.setdefault(layer_id, []).append(path)
+        return found
+
     def saved_times(self) -> List[SavedTimeRecord]:
         with self._session() as s:
             return list(s.scalars(select(SavedTimeRecord).order_by(SavedTimeRecord.path)))
@@ -216,14 +236,19 @@ class Store:
         ``whiteout_dirs``."""
         if not changes:
             return
+        rows = [{"id": c["id"], "state": c["state"], "error": None} for c in changes]
         with self._transaction() as s:
-            for c in changes:
-                values = {"state": c["state"], "error": None}
-                if c.get("entries") is not None:
-                    values["entries"] = c["entries"]
-                s.execute(update(LayerRecord).where(LayerRecord.id == c["id"]).values(**values))
-                s.add_all(list(c.get("findings", ())))
-                s.add_all([WhiteoutDirRecord(layer_id=c["id"], path=p) for p in c.get("whiteout_dirs", ())])
+            # ORM bulk UPDATE by primary key (one executemany per set of columns), bulk INSERTs for the rest.
+            for with_entries in (False, True):
+                batch = [dict(r, entries=c["entries"]) if with_entries else r
+                         for r, c in zip(rows, changes) if (c.get("entries") is not None) == with_entries]
+                if batch:
+                    s.execute(update(LayerRecord), batch)
+            findings = [f for c in changes for f in c.get("findings", ())]
+            s.add_all(findings)
+            dirs = [{"layer_id": c["id"], "path": p} for c in changes for p in c.get("whiteout_dirs", ())]
+            if dirs:
+                s.execute(insert(WhiteoutDirRecord), dirs)
             s.execute(update(RunRecord).where(RunRecord.id == 1).values(updated_at=_now()))
         _checkpoint(f"recorded layers {changes[0]['state']}")
 

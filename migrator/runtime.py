@@ -124,6 +124,7 @@ class InPlaceLayerTask(LayerTask):
                  recorder: Callable[[dict], None], scanned: Optional[overlay.StepResult]) -> None:
         super().__init__(record, link_ids, paths, store, recorder)
         self.scanned = scanned
+        self.planned: Optional[tuple] = None  # (changes, dir times) recorded in this run, for the whiteout step
 
     @property
     def diff(self) -> str:
@@ -140,28 +141,34 @@ class InPlaceLayerTask(LayerTask):
         inplace.move_layer(self.paths.aufs_diff, self.paths.temp_tree, self.id)
         self.result = self.scanned
 
-    def journal(self, sync: bool) -> Optional[tuple]:
-        """Plan this layer's changes and write their journal copy; return the rows to record, or None when the
-        journal is recorded already or the layer needs none.  Nothing is changed yet."""
-        if self.store.changes(self.id)[0]:
-            return None
-        listed = self.store.whiteout_dirs(self.id)
+    def journal(self, listed: List[bytes], sync: bool) -> Optional[tuple]:
+        """Plan this layer's changes in ``listed`` (its whiteout directories) and write their journal copy;
+        return the rows to record, or None when the layer needs none.  Nothing is changed yet; the plan is
+        kept (``planned``) for the whiteout step of this run once it is recorded."""
+        self.planned = ([], [])
         if not listed:
             return None
         changes, times, found = inplace.plan_changes(self.diff, listed)
         inplace.write_journal_copy(self.stash, changes, times, sync=sync)
+        self.planned = (changes, times)
         return (self.id, [ChangeRecord(layer_id=self.id, seq=i, **vars(c)) for i, c in enumerate(changes)],
                 [ChangedDirRecord(layer_id=self.id, **vars(t)) for t in times],
                 [FindingRecord(layer_id=self.id, kind=k, detail=d) for k, d in found.findings])
 
     def convert_whiteouts_in_tree(self) -> None:
-        """Apply the recorded journal (``Migration`` records every layer's journal in one transaction before
-        this wave; a layer without one gets it recorded here, first)."""
+        """Apply the journal: the one planned and recorded in this run (``Migration`` records every layer's
+        journal in one transaction before this wave), else the one in the database (a resumed run; a layer
+        with none recorded gets it planned and recorded here, first)."""
         self.result = None
-        rows = self.journal(sync=True)
-        if rows is not None:
-            self.store.record_journals([rows])
-        changes, times = changes_from_rows(*self.store.changes(self.id))
+        if self.planned is None:
+            rows, dirs = self.store.changes(self.id)
+            if rows:
+                self.planned = changes_from_rows(rows, dirs)
+            else:
+                journal = self.journal(self.store.whiteout_dirs(self.id), sync=True)
+                if journal is not None:
+                    self.store.record_journals([journal])
+        changes, times = self.planned
         if changes:
             inplace.apply_changes(self.diff, self.stash, self.id, changes, times)
 
@@ -327,12 +334,16 @@ class Migration:
 
     def _record_journals(self, tasks: List["InPlaceLayerTask"], tfd: int) -> None:
         """Every layer's journal before the whiteout wave changes anything: the copies written, one ``syncfs``,
-        then one transaction for all of them."""
+        then one transaction for all of them.  A layer whose journal is recorded already (a resumed run) is
+        left to read it back in its whiteout step."""
+        journaled = set(self.store.journaled_layers())
+        listed = self.store.all_whiteout_dirs()
         journals = []
         for task in tasks:
-            rows = task.journal(sync=False)
-            if rows is not None:
-                journals.append(rows)
+            if task.id not in journaled:
+                rows = task.journal(listed.get(task.id, []), sync=False)
+                if rows is not None:
+                    journals.append(rows)
         if journals:
             fsio.syncfs(tfd)
             self.store.record_journals(journals)

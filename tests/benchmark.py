@@ -10,7 +10,8 @@ Then, per round and alternating: `cp -al` of every aufs/diff/<id> into a scratch
 (hardlink strategy) and `aufs2overlay run --strategy inplace`, each a whole process from start-up to exit
 with durability on, each followed by an untimed reset that returns the root to its start.  For each it
 prints the median time, the ratio to `cp -al`, entries per second, the extra inodes and bytes it left on the
-filesystem (statvfs before and after), and the migrator's peak RSS.  Needs root.
+filesystem (statvfs before and after), and the migrator's peak RSS; and the start-up floor: a process that
+only imports what `run` imports.  Needs root.
 """
 
 from __future__ import annotations
@@ -230,7 +231,9 @@ def main() -> int:
         migrate += ["--jobs", str(args.jobs)]
     strategies = {"run (hardlink)": "hardlink", "run --strategy inplace": "inplace"}
     results: Dict[str, List[Tuple[float, int, int, int]]] = {name: [] for name in ["cp -al", *strategies]}
+    floor: List[float] = []
     for r in range(args.rounds):
+        floor.append(timed([sys.executable, "-c", "import migrator.commands"], args.workdir)[0])
         for name in results:
             if args.cold:
                 drop_caches()
@@ -251,6 +254,8 @@ def main() -> int:
         rss = "" if name == "cp -al" else f"{max(t[1] for t in rows) / 1024:.0f} MiB"
         print(f"{name:24} {med:9.2f} {med / ref:7.2f} {n_entries / med:10.0f} {inodes:9.0f} {mib:8.1f} {rss:>9}")
     print(f"whiteouts and opaque markers in the root: {n_whiteouts}")
+    print(f"start-up floor (interpreter and the imports every run makes): median {statistics.median(floor):.2f} s, "
+          f"{statistics.median(floor) / ref:.2f} x cp -al")
     print(f"status --json on 5,000 layers: median {status_timing(args.workdir):.3f} s over 7 runs")
     if not args.keep:
         shutil.rmtree(args.workdir, ignore_errors=True)
