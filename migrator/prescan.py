@@ -14,6 +14,7 @@ import ctypes
 import os
 import pickle
 import signal
+import time
 from typing import Dict, List, Tuple
 
 from migrator import survey
@@ -21,14 +22,20 @@ from migrator import survey
 _children: List[Tuple[int, int]] = []  # (pid, read end of its pipe)
 
 
+COLD_WALKERS_PER_JOB = 4
+COLD_READ_SECONDS = 25e-6  # a directory read from memory takes a few microseconds, from a disk 50 and more
+
+
 def start(aufs_diff: str, jobs: int) -> None:
-    """Fork ``jobs`` walkers over the directories of ``aufs_diff``, each taking every ``jobs``-th one."""
+    """Fork the walkers over the directories of ``aufs_diff``, each taking every n-th one: ``jobs`` of them,
+    or ``COLD_WALKERS_PER_JOB`` times as many when the layers are not in the page cache (``_cold``)."""
     try:
         names = sorted(os.listdir(aufs_diff))
     except OSError:
         return
-    for k in range(max(1, jobs)):
-        share = names[k::max(1, jobs)]
+    n = max(1, jobs) * (COLD_WALKERS_PER_JOB if _cold(aufs_diff, names) else 1)
+    for k in range(n):
+        share = names[k::n]
         if not share:
             continue
         r, w = os.pipe()
@@ -38,6 +45,23 @@ def start(aufs_diff: str, jobs: int) -> None:
             _walk(aufs_diff, share, w)
         os.close(w)
         _children.append((pid, r))
+
+
+def _cold(aufs_diff: str, names: List[str]) -> bool:
+    """Whether the layers' directories come from the disk (as at boot, when the migration usually runs).
+
+    A cold walk waits on the disk, not the CPU, and more readers at once make it faster (1.7 s with 2, 1.2 s
+    with 8 on the benchmark tree); a walk from memory is CPU-bound, and more processes than cores only add
+    their own cost (docs/performance.md).  Reading the first layers' top directories tells the two apart; the
+    walkers would read them anyway."""
+    sample = names[:16]
+    started = time.monotonic()
+    for name in sample:
+        try:
+            os.listdir(os.path.join(aufs_diff, name))
+        except OSError:
+            pass
+    return time.monotonic() - started > COLD_READ_SECONDS * max(1, len(sample))
 
 
 def _walk(aufs_diff: str, names: List[str], w: int) -> None:

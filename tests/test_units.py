@@ -69,3 +69,30 @@ def test_status_reader_reads_what_the_store_wrote(tmp_path):
     assert doc["layers"] == [("l0", "discovered", 0, None), ("l1", "linked", 7, None), ("l2", "discovered", 0, None)]
     assert doc["containers"] == [("c", "pending", None)]
     assert doc["findings"] == [("k", "l1", "d")]
+
+
+@pytest.mark.parametrize("cold", [False, True])
+def test_early_walk_finds_what_the_plan_walk_finds(tmp_path, monkeypatch, cold):
+    """The in-place run's early walk (any number of walkers) gives every layer exactly the plan's own walk."""
+    from migrator import prescan, survey
+
+    diff = tmp_path / "aufs" / "diff"
+    for i in range(7):
+        layer = diff / f"layer{i}"
+        for d in range(i + 1):
+            sub = layer / f"d{d}" / "e"
+            sub.mkdir(parents=True)
+            (sub / "f").write_text("x")
+            (layer / f"d{d}" / ".wh.gone").write_text("")
+        if i % 3 == 0:
+            (layer / "d0" / ".wh..wh..opq").write_text("")
+        (layer / b"name-\xff".decode("utf-8", "surrogateescape")).symlink_to("/nonexistent")
+    monkeypatch.setattr(prescan, "_cold", lambda _diff, _names: cold)
+    prescan.start(str(diff), 2)
+    early = prescan.take()
+    assert sorted(early) == [f"layer{i}" for i in range(7)]
+    for name, found in early.items():
+        walked = survey.scan_layer(str(diff / name))
+        assert (found.entries, found.directories, found.whiteouts, found.opaque, sorted(found.whiteout_dirs)) == \
+               (walked.entries, walked.directories, walked.whiteouts, walked.opaque, sorted(walked.whiteout_dirs))
+        assert found.whiteouts == int(name[-1]) + 1
