@@ -236,14 +236,13 @@ class Store:
         ``whiteout_dirs``."""
         if not changes:
             return
-        rows = [{"id": c["id"], "state": c["state"], "error": None} for c in changes]
+        counted = [{"id": c["id"], "state": c["state"], "error": None, "entries": c["entries"]}
+                   for c in changes if c.get("entries") is not None]
+        others = [{"id": c["id"], "state": c["state"], "error": None} for c in changes if c.get("entries") is None]
         with self._transaction() as s:
-            # ORM bulk UPDATE by primary key (one executemany per set of columns), bulk INSERTs for the rest.
-            for with_entries in (False, True):
-                batch = [dict(r, entries=c["entries"]) if with_entries else r
-                         for r, c in zip(rows, changes) if (c.get("entries") is not None) == with_entries]
-                if batch:
-                    s.execute(update(LayerRecord), batch)
+            for rows in (counted, others):  # ORM bulk UPDATE by primary key: one executemany per set of columns
+                if rows:
+                    s.execute(update(LayerRecord), rows)
             findings = [f for c in changes for f in c.get("findings", ())]
             s.add_all(findings)
             dirs = [{"layer_id": c["id"], "path": p} for c in changes for p in c.get("whiteout_dirs", ())]
