@@ -192,21 +192,18 @@ def _plan_dir(fd: int, rel: bytes, changes: List[Change], result: StepResult) ->
             result.entries += 1
 
 
-def write_journal_copy(stash_dir: str, changes: Sequence[Change], times: Sequence[DirTimes],
-                       sync: bool = True) -> None:
-    """The journal in the layer's stash: what ``rollback --force`` uses when the database is lost.  Durable on
-    return, unless ``sync=False`` (the caller then syncs the filesystem once for many layers)."""
+def write_journal_copy(stash_dir: str, changes: Sequence[Change], times: Sequence[DirTimes]) -> None:
+    """The journal in the layer's stash: what ``rollback --force`` uses when the database is lost.  Not synced
+    here: the caller syncs the filesystem once for every layer's copy before it records the journals."""
     for path in (os.path.dirname(stash_dir), stash_dir):
         if not fsio.lexists(path):
             os.mkdir(path, 0o700)
     doc = {"changes": [_encode(asdict(c)) for c in changes], "dirs": [_encode(asdict(t)) for t in times]}
     fd = fsio.open_dir(stash_dir)
     try:
-        fsio.atomic_write(fd, JOURNAL_FILE, json.dumps(doc).encode("ascii"), 0o600, sync=sync)
+        fsio.atomic_write(fd, JOURNAL_FILE, json.dumps(doc).encode("ascii"), 0o600, sync=False)
     finally:
         os.close(fd)
-    if sync:
-        fsio.fsync_path(os.path.dirname(stash_dir))
 
 
 def read_journal_copy(stash_dir: str) -> Optional[Tuple[List[Change], List[DirTimes]]]:

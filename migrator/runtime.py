@@ -141,7 +141,7 @@ class InPlaceLayerTask(LayerTask):
         inplace.move_layer(self.paths.aufs_diff, self.paths.temp_tree, self.id)
         self.result = self.scanned
 
-    def journal(self, listed: List[bytes], sync: bool) -> Optional[tuple]:
+    def journal(self, listed: List[bytes]) -> Optional[tuple]:
         """Plan this layer's changes in ``listed`` (its whiteout directories) and write their journal copy;
         return the rows to record, or None when the layer needs none.  Nothing is changed yet; the plan is
         kept (``planned``) for the whiteout step of this run once it is recorded."""
@@ -149,25 +149,18 @@ class InPlaceLayerTask(LayerTask):
         if not listed:
             return None
         changes, times, found = inplace.plan_changes(self.diff, listed)
-        inplace.write_journal_copy(self.stash, changes, times, sync=sync)
+        inplace.write_journal_copy(self.stash, changes, times)
         self.planned = (changes, times)
         return (self.id, [ChangeRecord(layer_id=self.id, seq=i, **vars(c)) for i, c in enumerate(changes)],
                 [ChangedDirRecord(layer_id=self.id, **vars(t)) for t in times],
                 [FindingRecord(layer_id=self.id, kind=k, detail=d) for k, d in found.findings])
 
     def convert_whiteouts_in_tree(self) -> None:
-        """Apply the journal: the one planned and recorded in this run (``Migration`` records every layer's
-        journal in one transaction before this wave), else the one in the database (a resumed run; a layer
-        with none recorded gets it planned and recorded here, first)."""
+        """Apply the journal: ``Migration._record_journals`` ran for this layer before this wave, and either
+        planned and recorded it (``planned``) or found it recorded by an earlier run (read back here)."""
         self.result = None
         if self.planned is None:
-            rows, dirs = self.store.changes(self.id)
-            if rows:
-                self.planned = changes_from_rows(rows, dirs)
-            else:
-                journal = self.journal(self.store.whiteout_dirs(self.id), sync=True)
-                if journal is not None:
-                    self.store.record_journals([journal])
+            self.planned = changes_from_rows(*self.store.changes(self.id))
         changes, times = self.planned
         if changes:
             inplace.apply_changes(self.diff, self.stash, self.id, changes, times)
@@ -341,7 +334,7 @@ class Migration:
         journals = []
         for task in tasks:
             if task.id not in journaled:
-                rows = task.journal(listed.get(task.id, []), sync=False)
+                rows = task.journal(listed.get(task.id, []))
                 if rows is not None:
                     journals.append(rows)
         if journals:
