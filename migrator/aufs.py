@@ -55,7 +55,7 @@ def _lstat(path: str) -> "os.stat_result | None":
         return None
 
 
-def _read_small(path: str, limit: int) -> bytes:
+def read_small(path: str, limit: int) -> bytes:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         data = os.read(fd, limit + 1)
@@ -79,9 +79,11 @@ def layer_store_references(root: str, files: Tuple[str, ...] = ("cache-id", "mou
         except (FileNotFoundError, NotADirectoryError):
             continue
         for entry in entries:
+            if entry.endswith(REMOVING_SUFFIX):
+                continue  # the layer store renames an entry so before it removes the layer
             for name in names:
                 try:
-                    refs.add(_read_small(os.path.join(base, entry, name), 4096).decode("ascii").strip())
+                    refs.add(read_small(os.path.join(base, entry, name), 4096).decode("ascii").strip())
                 except (OSError, ValueError, UnicodeDecodeError):
                     continue
     return refs
@@ -107,8 +109,12 @@ def parse_layers_file(data: bytes) -> List[str]:
     return lines
 
 
-def discover(root: str) -> Discovery:
-    """Read ``aufs/diff`` and ``aufs/layers``, validate the whole graph, and return the layers parents-first."""
+def discover(root: str, skip_broken_chains: bool = False) -> Discovery:
+    """Read ``aufs/diff`` and ``aufs/layers``, validate the whole graph, and return the layers parents-first.
+
+    ``skip_broken_chains`` (the operator accepted missing storage): a layer whose ancestor has no diff is left
+    out and reported, instead of refusing the migration; nothing could mount it on either driver.
+    """
     diff_dir = os.path.join(root, "aufs", "diff")
     layers_dir = os.path.join(root, "aufs", "layers")
     result = Discovery()
@@ -146,7 +152,7 @@ def discover(root: str) -> Discovery:
         if not stat.S_ISREG(lst.st_mode):
             raise Refused(f"aufs/layers/{name} is not a regular file")
         try:
-            candidates[name] = parse_layers_file(_read_small(lpath, LAYERS_FILE_MAX))
+            candidates[name] = parse_layers_file(read_small(lpath, LAYERS_FILE_MAX))
         except (ValueError, UnicodeDecodeError) as exc:
             raise Refused(f"aufs/layers/{name} is garbled ({exc})") from None
 
@@ -167,6 +173,14 @@ def discover(root: str) -> Discovery:
             seen.add(parent)
             current = candidates.get(parent, [])
 
+    if skip_broken_chains:
+        for name in sorted(candidates):
+            gone = [a for a in candidates[name] if a not in candidates]
+            if gone:
+                result.findings.append(("skipped-layer-missing-ancestor", f"aufs/diff/{name} (its ancestor "
+                                                                           f"{gone[0]} has no aufs/diff/{gone[0]})"))
+        candidates = {name: a for name, a in candidates.items() if all(x in candidates for x in a)}
+
     for name, ancestors in candidates.items():
         if len(ancestors) > MAX_LOWERS:
             raise Refused(f"layer {name} has {len(ancestors)} ancestors; overlay2 allows at most {MAX_LOWERS}")
@@ -177,9 +191,6 @@ def discover(root: str) -> Discovery:
                 raise Refused(f"layer {name} names ancestor {ancestor}, which has no usable aufs/diff/{ancestor}")
         if ancestors and candidates[ancestors[0]] != ancestors[1:]:
             raise Refused(f"aufs/layers/{name} disagrees with aufs/layers/{ancestors[0]} about the ancestry")
-
-    for ref in sorted(layer_store_references(root) - set(candidates)):
-        result.findings.append(("dangling-layer-reference", f"image/aufs/layerdb names {ref}, which has no layer"))
 
     ordered = sorted(candidates.items(), key=lambda item: (len(item[1]), item[0]))
     writable = layer_store_references(root, ("mount-id",))

@@ -35,6 +35,12 @@ def _parser() -> argparse.ArgumentParser:
                            help="append every step, with timestamps, to PATH (kept after a failure)")
         return p
 
+    def add_accept_missing(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--accept-missing-storage", action="store_true",
+                       help="migrate what is there although layers or image metadata that the root names are "
+                            "missing (without it, such a root is refused: a filesystem that did not mount, a "
+                            "partial restore); every missing piece is recorded as a finding")
+
     def add_strategy(p: argparse.ArgumentParser) -> None:
         p.add_argument("-j", "--jobs", type=int, default=report.DEFAULT_JOBS, metavar="N",
                        help=f"layers walked or converted at once (default {report.DEFAULT_JOBS}: the cores, at "
@@ -47,9 +53,11 @@ def _parser() -> argparse.ArgumentParser:
 
     p = add("plan", "say what run would do and whether it can (exit 0 yes, 3 no); changes nothing", progress=False)
     add_strategy(p)
+    add_accept_missing(p)
     p.add_argument("--json", action="store_true", help="one JSON object (schema in docs/operations.md)")
     p = add("run", "start or resume the migration (exit 0 only when completed)")
     add_strategy(p)
+    add_accept_missing(p)
     p.add_argument("--set-engine-config", metavar="PATH", default=None,
                    help="also set \"storage-driver\": \"overlay2\" in this daemon.json when the migration "
                         "completes (atomically; rollback puts the file back as it was)")
@@ -104,10 +112,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         if getattr(args, "jobs", 1) < 1:
             raise MigratorError("--jobs must be at least 1", EXIT_USAGE)
         if args.command == "plan":
-            return commands.plan(args.root, args.state_db, args.strategy, args.engine_pidfile, args.json, args.jobs)
+            return commands.plan(args.root, args.state_db, args.strategy, args.engine_pidfile, args.json, args.jobs,
+                                 args.accept_missing_storage)
         if args.command == "run":
             return commands.run(args.root, args.state_db, args.engine_pidfile, args.quiet, args.jobs, args.strategy,
-                                args.log_file, args.set_engine_config)
+                                args.log_file, args.set_engine_config, args.accept_missing_storage)
         if args.command == "rollback":
             return commands.rollback(args.root, args.state_db, args.force, args.engine_pidfile, args.quiet,
                                      args.log_file)

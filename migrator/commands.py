@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 from migrations_state.errors import StateDatabaseError
 from migrations_state.machine import ROLLBACK_FORCED, ROLLBACK_FREE
 from migrations_state.store import Store
-from migrator import engine, engineconfig, fsio, recovery, report, sample
+from migrator import consistency, engine, engineconfig, fsio, recovery, report, sample
 from migrator import plan as planner
 from migrator import verify as verifier
 from migrator.errors import (
@@ -72,12 +72,13 @@ def _remove_state_db(path: str) -> None:
 
 
 def _checked_plan(paths: Paths, strategy: str, pidfiles: Optional[Sequence[str]], jobs: int,
-                  progress, engine_config: Optional[str]) -> planner.Plan:
+                  progress, engine_config: Optional[str], accept_missing_storage: bool) -> planner.Plan:
     """The plan of a new run; refused (before anything is written) when its verdict is no."""
     if engine_config:
         engineconfig.check(engine_config)
     progress(f"planning: reading {paths.aufs_diff}")
-    plan = planner.make_plan(paths, strategy, _pidfiles(pidfiles), jobs, walk=False)
+    plan = planner.make_plan(paths, strategy, _pidfiles(pidfiles), jobs, walk=False,
+                             accept_missing_storage=accept_missing_storage)
     if not plan.verdict:
         more = f" (and {len(plan.problems) - 1} more)" if len(plan.problems) > 1 else ""
         raise Refused(f"{plan.problems[0]}{more}; 'aufs2overlay plan' shows every check")
@@ -89,7 +90,7 @@ def _checked_plan(paths: Paths, strategy: str, pidfiles: Optional[Sequence[str]]
 
 def _start(paths: Paths, plan: planner.Plan, progress, engine_config: Optional[str]) -> Store:
     discovery, found = plan.discovery, plan.found
-    findings = list(discovery.findings) + list(plan.container_findings)
+    findings = plan.recorded_findings()
     times = dirs_whose_times_change(paths.root, [c.id for c in found if c.state == "pending"])
     for parent, name in ((paths.root, os.path.basename(paths.temp_tree)),
                          (paths.image_dir, os.path.basename(paths.image_stage))):
@@ -115,7 +116,8 @@ def _start(paths: Paths, plan: planner.Plan, progress, engine_config: Optional[s
 
 
 def plan(root: str, state_db: Optional[str] = None, strategy: Optional[str] = None,
-         engine_pidfiles: Optional[Sequence[str]] = None, as_json: bool = False, jobs: int = DEFAULT_JOBS) -> int:
+         engine_pidfiles: Optional[Sequence[str]] = None, as_json: bool = False, jobs: int = DEFAULT_JOBS,
+         accept_missing_storage: bool = False) -> int:
     """Say what run would do and whether it can: exit 0 for yes, 3 for no; nothing is changed."""
     paths = _paths(root, state_db)
     store = _open_store(paths)
@@ -126,10 +128,11 @@ def plan(root: str, state_db: Optional[str] = None, strategy: Optional[str] = No
             _say(f"a migration of {paths.root} is already {run_record.phase} (strategy {run_record.strategy}); "
                  "see 'aufs2overlay status'")
             return EXIT_OK
-    if not fsio.lexists(paths.aufs):
+    if consistency.nothing_to_migrate(paths):
         _say(f"nothing to migrate: {paths.root} has no aufs/")
         return EXIT_OK
-    result = planner.make_plan(paths, strategy or DEFAULT_STRATEGY, _pidfiles(engine_pidfiles), jobs)
+    result = planner.make_plan(paths, strategy or DEFAULT_STRATEGY, _pidfiles(engine_pidfiles), jobs,
+                               accept_missing_storage=accept_missing_storage)
     if as_json:
         print(json.dumps(result.summary(), indent=2, sort_keys=True))
     else:
@@ -139,26 +142,29 @@ def plan(root: str, state_db: Optional[str] = None, strategy: Optional[str] = No
 
 def run(root: str, state_db: Optional[str] = None, engine_pidfiles: Optional[Sequence[str]] = None,
         quiet: bool = False, jobs: int = DEFAULT_JOBS, strategy: Optional[str] = None,
-        log_file: Optional[str] = None, engine_config: Optional[str] = None) -> int:
+        log_file: Optional[str] = None, engine_config: Optional[str] = None,
+        accept_missing_storage: bool = False) -> int:
     """Start or resume the migration; exit 0 only once it has completed."""
     with default_progress(quiet, log_file) as progress:
-        return _run(root, state_db, engine_pidfiles, jobs, strategy, progress, engine_config)
+        return _run(root, state_db, engine_pidfiles, jobs, strategy, progress, engine_config,
+                    accept_missing_storage)
 
 
 def _run(root: str, state_db: Optional[str], engine_pidfiles: Optional[Sequence[str]], jobs: int,
-         strategy: Optional[str], progress, engine_config: Optional[str]) -> int:
+         strategy: Optional[str], progress, engine_config: Optional[str], accept_missing_storage: bool) -> int:
     paths = _paths(root, state_db)
     if strategy is not None and strategy not in STRATEGIES:
         raise MigratorError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}", EXIT_USAGE)
     store = _open_store(paths)
-    if store is None and not fsio.lexists(paths.aufs):
+    if store is None and consistency.nothing_to_migrate(paths):
         _say(f"nothing to migrate: {paths.root} has no aufs/")
         return EXIT_OK
     _refuse_mixed_strategy(store, strategy)
     _refuse_running_engine(paths, engine_pidfiles)
     fresh = store is None or store.run().phase == "rolled-back"
     if fresh:
-        plan = _checked_plan(paths, strategy or DEFAULT_STRATEGY, engine_pidfiles, jobs, progress, engine_config)
+        plan = _checked_plan(paths, strategy or DEFAULT_STRATEGY, engine_pidfiles, jobs, progress, engine_config,
+                             accept_missing_storage)
     with root_lock(paths):
         if store is not None:
             store.close()
@@ -167,7 +173,7 @@ def _run(root: str, state_db: Optional[str], engine_pidfiles: Optional[Sequence[
         if store is None or store.run().phase == "rolled-back":
             if not fresh:
                 plan = _checked_plan(paths, strategy or DEFAULT_STRATEGY, engine_pidfiles, jobs, progress,
-                                     engine_config)
+                                     engine_config, accept_missing_storage)
             if store is not None:
                 store.close()
             store = _start(paths, plan, progress, engine_config)

@@ -80,6 +80,24 @@ def read_config(path: str) -> Tuple[bytes, os.stat_result]:
     return fsio.read_regular(path, CONFIG_MAX)
 
 
+def any_on_aufs(root: str) -> bool:
+    """Whether any readable ``config.v2.json`` says aufs (a quick look that never refuses: used to tell a root
+    with nothing to migrate from one whose storage is missing)."""
+    base = os.path.join(root, "containers")
+    try:
+        names = os.listdir(base)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    for cid in names:
+        try:
+            data, _st = read_config(os.path.join(base, cid, CONFIG))
+            if locate_driver(data.decode("utf-8"))[0] in AUFS_DRIVER_VALUES:
+                return True
+        except (OSError, ValueError, UnicodeDecodeError):
+            continue
+    return False
+
+
 def find_containers(root: str, kept_original: Callable[[str], Optional[Tuple[bytes, os.stat_result]]] = lambda c: None
                     ) -> Tuple[List[FoundContainer], List[Tuple[str, str]]]:
     """Every ``containers/<id>/``; an unreadable config of an aufs container refuses the migration.

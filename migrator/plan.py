@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from migrator import aufs, containers, engine, fsio, prescan, probe, recovery, survey
+from migrator import aufs, consistency, containers, engine, fsio, prescan, probe, recovery, survey
 from migrator.errors import Refused
 from migrator.paths import Paths
 from migrator.survey import LayerSurvey
@@ -45,6 +45,8 @@ class Plan:
     engine_running: List[str] = field(default_factory=list)
     probe: Optional[probe.ProbeResult] = None
     walked: bool = False  # False: the counts of entries are unknown and ``need`` is an upper bound
+    accept_missing_storage: bool = False
+    storage: Optional[consistency.StorageCheck] = None
     problems: List[str] = field(default_factory=list)
     findings: List[Tuple[str, str]] = field(default_factory=list)
     # What run takes over from the plan (not shown):
@@ -52,6 +54,11 @@ class Plan:
     found: List[containers.FoundContainer] = field(default_factory=list)
     container_findings: List[Tuple[str, str]] = field(default_factory=list)
     surveys: Dict[str, LayerSurvey] = field(default_factory=dict)
+
+    def recorded_findings(self) -> List[Tuple[str, str]]:
+        """What a run records as findings at its start: discovery's, the containers', the storage check's."""
+        storage = self.storage.findings() if self.storage is not None else []
+        return list(self.discovery.findings) + list(self.container_findings) + storage
 
     @property
     def verdict(self) -> bool:
@@ -71,6 +78,11 @@ class Plan:
                                                 "whiteout_devices": p.whiteout_devices,
                                                 "mount": p.overlay_mount},
             "engine_running": self.engine_running,
+            "storage": None if self.storage is None else {
+                "aufs_diff": self.storage.diff_state, "complete": self.storage.complete,
+                "missing_layers": len(self.storage.missing_layers),
+                "missing_metadata": len(self.storage.missing_metadata),
+                "accepted": self.accept_missing_storage},
             "findings": [{"kind": k, "detail": d} for k, d in self.findings],
             "problems": self.problems, "verdict": "yes" if self.verdict else "no",
         }
@@ -87,7 +99,8 @@ def engine_kind(root: str) -> Tuple[str, str]:
     return "docker", "the root is not named after balena-engine and no balena-engine pidfile exists"
 
 
-def make_plan(paths: Paths, strategy: str, pidfiles: Sequence[str], jobs: int = 1, walk: bool = True) -> Plan:
+def make_plan(paths: Paths, strategy: str, pidfiles: Sequence[str], jobs: int = 1, walk: bool = True,
+              accept_missing_storage: bool = False) -> Plan:
     """Read everything ``run`` needs and say whether it can go ahead; writes nothing (the probe's temporary
     directory is removed and the root's times put back).
 
@@ -95,8 +108,11 @@ def make_plan(paths: Paths, strategy: str, pidfiles: Sequence[str], jobs: int = 
     the filesystem has more room free than it uses in all: nothing a migration makes can then exceed it (every
     directory, file and block it could copy is part of what is used), and the walk would cost a tenth of the
     run.  The in-place strategy always walks: its link step takes the whiteout directories from the walk.
+
+    ``accept_missing_storage``: layers and image metadata that the root names but does not hold (a filesystem
+    that did not mount, a partial restore: ``consistency.py``) are reported instead of refused.
     """
-    plan = Plan(root=paths.root, strategy=strategy)
+    plan = Plan(root=paths.root, strategy=strategy, accept_missing_storage=accept_missing_storage)
     plan.engine, plan.engine_reason = engine_kind(paths.root)
     plan.engine_running = engine.running_engine(paths.root, pidfiles)
     if plan.engine_running:
@@ -109,7 +125,8 @@ def make_plan(paths: Paths, strategy: str, pidfiles: Sequence[str], jobs: int = 
     vfs = os.statvfs(paths.root)
     plan.free_inodes, plan.free_bytes = vfs.f_ffree, vfs.f_bfree * vfs.f_frsize
     bound = _upper_bound(vfs, plan)
-    plan.walked = walk or strategy == "inplace" or bound[0] > plan.free_inodes or bound[1] > plan.free_bytes
+    plan.walked = (walk or strategy == "inplace" or not plan.discovery.layers or bound[0] > plan.free_inodes
+                   or bound[1] > plan.free_bytes)
     if plan.walked:
         plan.surveys = survey_layers(paths, plan.discovery.layers, jobs)
     _count(paths, plan)
@@ -134,15 +151,19 @@ def _read_root(paths: Paths, plan: Plan) -> None:
     if moved:
         raise Refused(f"layer {moved[0][0]} was moved out of aufs/diff by an in-place migration whose state "
                       f"database is gone ({moved[0][1]}); 'aufs2overlay rollback --force' moves it back")
-    plan.discovery = aufs.discover(paths.root)
     plan.found, plan.container_findings = containers.find_containers(
         paths.root, lambda c: recovery.original_of(paths, c))
+    plan.storage = consistency.check(paths, [c.id for c in plan.found if c.state == "pending"])
+    plan.findings = plan.storage.findings()
+    if not plan.storage.complete and not plan.accept_missing_storage:
+        raise Refused(plan.storage.refusal())
+    plan.discovery = aufs.discover(paths.root, skip_broken_chains=plan.accept_missing_storage)
     for path, what in ((paths.tree, "overlay2/"), (paths.image_overlay2, "image/overlay2/")):
         if fsio.lexists(path):
             raise Refused(f"{what} already exists in {paths.root} and is not this migration's (an engine ran "
                           "with overlay2, or a migration lost its state database: 'aufs2overlay rollback --force' "
                           "removes it); move it away, then run again")
-    plan.findings = list(plan.discovery.findings) + list(plan.container_findings)
+    plan.findings = plan.recorded_findings()
 
 
 def _upper_bound(vfs: os.statvfs_result, plan: Plan) -> Tuple[int, int]:

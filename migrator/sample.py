@@ -230,6 +230,8 @@ def build_aufs_root(root: str, layers: Dict[str, Tuple[List[str], List[Entry]]],
         os.makedirs(os.path.join(root, "aufs", "mnt", lid), exist_ok=True)
         _write(os.path.join(root, "aufs", "layers", lid), "".join(a + "\n" for a in ancestors).encode())
     layerdb = os.path.join(root, "image", "aufs", "layerdb")
+    for sub in ("layerdb", "imagedb/content/sha256", "imagedb/metadata/sha256"):  # what an engine makes at start
+        os.makedirs(os.path.join(root, "image", "aufs", sub), exist_ok=True)
     chain_of: Dict[str, str] = {}
     for name, chain in images.items():
         parent_chain = ""
