@@ -122,7 +122,7 @@ def test_missing_parent(tmp_path):
     root = build(tmp_path, layers)
     shutil.rmtree(os.path.join(root, "aufs", "diff", ids[0]))
     os.unlink(os.path.join(root, "aufs", "layers", ids[0]))
-    assert_refused(root, words=("ancestor", ids[0]))
+    assert_refused(root, words=("storage missing", ids[0]))
 
 
 def test_parent_cycle(tmp_path):
