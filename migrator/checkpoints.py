@@ -6,7 +6,9 @@ test hooks; with neither set, ``reached`` only counts:
 
 - ``AUFS2OVERLAY_CHECKPOINT_TRACE=PATH``: append ``N label`` for every checkpoint to PATH (to enumerate them);
 - ``AUFS2OVERLAY_KILL_AT=N``: SIGKILL this process at the N-th checkpoint (1-based), a crash at that instant;
-- ``AUFS2OVERLAY_STOP_AT=N``: SIGSTOP it there instead, so a test can copy the disk as a power cut would leave it.
+- ``AUFS2OVERLAY_STOP_AT=N``: SIGSTOP it there instead, so a test can copy the disk as a power cut would leave it;
+- ``AUFS2OVERLAY_STOP_AT_START=1``: SIGSTOP this process (alone) once the command's code is imported, before it
+  does any work, so a test can attach a tracer (the syscall fault suite) and send SIGCONT.
 
 Layers are converted in worker processes, so the count lives in shared memory (inherited across fork) and a
 kill or stop goes to the migrator's whole process group: with a hook set, the migrator makes itself a process
@@ -45,3 +47,9 @@ def reached(label: str) -> None:
             os.killpg(os.getpgrp(), signal.SIGKILL)
         if n == _STOP_AT:
             os.killpg(os.getpgrp(), signal.SIGSTOP)
+
+
+def started() -> None:
+    """The command's code is imported and its work begins: stop here if a test asked to attach first."""
+    if os.environ.get("AUFS2OVERLAY_STOP_AT_START") == "1":
+        os.kill(os.getpid(), signal.SIGSTOP)

@@ -5,13 +5,18 @@ the probe checks that directory entries carry ``d_type`` (overlayfs needs it to 
 ``trusted.*`` xattrs can be set (the opaque marker), that a 0/0 device can be made (a whiteout), and then mounts
 an overlay of a lower and an upper directory and checks that the whiteout hides a lower file and the opaque
 directory hides the lower directory's content.
+
+The probe is a change to the root, so it is journaled like one: before it creates its directory it keeps the
+root's times in an xattr of the root (``ROOT_TIMES``: setting or removing an xattr leaves a directory's times
+alone), durably. A probe cut off before it put everything back (a crash, a failed ``unlink`` or ``utimensat``)
+is undone by the next probe, or by ``rollback`` (``undo_earlier_probe``): its directory removed, the root's
+times put back, the xattr removed.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
-import shutil
 import stat
 import tempfile
 from dataclasses import dataclass, field
@@ -24,12 +29,16 @@ from migrator import fsio
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.opendir.restype = ctypes.c_void_p
 _libc.opendir.argtypes = [ctypes.c_char_p]
-_libc.readdir.restype = ctypes.c_void_p
-_libc.readdir.argtypes = [ctypes.c_void_p]
+_libc.readdir64.restype = ctypes.c_void_p
+_libc.readdir64.argtypes = [ctypes.c_void_p]
 _libc.closedir.argtypes = [ctypes.c_void_p]
 _DT_UNKNOWN = 0
-_DIRENT_TYPE_OFFSET = 18  # struct dirent on LP64 glibc: d_ino (8), d_off (8), d_reclen (2), d_type (1), d_name
+# struct dirent64, the same on every architecture (readdir's struct dirent is not: 32-bit ARM has 4-byte
+# d_ino and d_off): d_ino (8), d_off (8), d_reclen (2), d_type (1), d_name
+_DIRENT_TYPE_OFFSET = 18
 _MNT_DETACH = 2
+PREFIX = ".aufs2overlay-probe-"
+ROOT_TIMES = b"trusted.aufs2overlay.probe-times"  # "atime_ns mtime_ns" of the root before a probe
 
 
 @dataclass
@@ -53,7 +62,7 @@ def has_d_type(path: str) -> bool:
         raise OSError(err, os.strerror(err), path)
     try:
         while True:
-            ent = _libc.readdir(d)
+            ent = _libc.readdir64(d)
             if not ent:
                 return False
             name = ctypes.string_at(ent + _DIRENT_TYPE_OFFSET + 1)
@@ -69,21 +78,44 @@ def probe(root: str) -> ProbeResult:
     if os.geteuid() != 0:
         result.problems.append("not root: the overlay probe (mknod, trusted.* xattrs, mount) needs root")
         return result
+    undo_earlier_probe(root)
     st = os.lstat(root)
     try:
-        base = tempfile.mkdtemp(prefix=".aufs2overlay-probe-", dir=root)
+        xattr.set(root, ROOT_TIMES, f"{st.st_atime_ns} {st.st_mtime_ns}".encode(), nofollow=True)
+        fsio.fsync_path(root)
+        base = tempfile.mkdtemp(prefix=PREFIX, dir=root)
     except OSError as exc:
         result.problems.append(f"the overlay probe cannot run in {root} ({exc.strerror})")
+        undo_earlier_probe(root)
         return result
     try:
         _try(base, result)
     except OSError as exc:
         result.problems.append(f"the overlay probe cannot run in {root} ({exc.strerror})")
     finally:
-        shutil.rmtree(base, ignore_errors=True)
-        os.utime(root, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
-        fsio.fsync_path(root)
+        undo_earlier_probe(root)  # a failure here is raised: the next probe or a rollback finishes it
     return result
+
+
+def undo_earlier_probe(root: str) -> bool:
+    """Remove what a probe left in ``root`` and put the root's times back; True when there was anything.
+    Idempotent: every step checks before it acts, and the kept times go last."""
+    leftovers = [name for name in os.listdir(root) if name.startswith(PREFIX)]
+    for name in leftovers:
+        fsio.remove_tree(os.path.join(root, name))
+    try:
+        kept = xattr.get(root, ROOT_TIMES, nofollow=True)
+    except OSError:
+        kept = None  # none kept (ENODATA), or no xattrs here at all: no probe got as far as its directory
+    if kept is None and not leftovers:
+        return False
+    if kept is not None:
+        atime_ns, mtime_ns = (int(t) for t in kept.split())
+        os.utime(root, ns=(atime_ns, mtime_ns), follow_symlinks=False)
+        fsio.fsync_path(root)
+        xattr.remove(root, ROOT_TIMES, nofollow=True)
+    fsio.fsync_path(root)
+    return True
 
 
 def _try(base: str, result: ProbeResult) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import Callable, List, Tuple
 
-from migrator import aufs, containers, engineconfig, fsio, inplace
+from migrator import aufs, containers, engineconfig, fsio, inplace, probe
 from migrator.errors import MigratorError
 from migrator.paths import Paths
 
@@ -121,8 +121,12 @@ def remove_new_trees(paths: Paths, progress: Callable[[str], None], final: bool)
         if fsio.lexists(path):
             progress(f"removing {path}")
             fsio.ensure_absent_durably(*os.path.split(path))
+    if probe.undo_earlier_probe(paths.root):
+        progress(f"removed what a cut-off overlay probe left in {paths.root}")
 
 
 def leftovers(paths: Paths) -> List[str]:
-    """What a lost migration may have left: the trees it builds and renames."""
-    return [p for p in (paths.temp_tree, paths.tree, paths.image_stage, paths.image_overlay2) if fsio.lexists(p)]
+    """What a lost migration may have left: the trees it builds and renames, and a cut-off probe's directory."""
+    probes = [os.path.join(paths.root, n) for n in os.listdir(paths.root) if n.startswith(probe.PREFIX)]
+    return [p for p in (paths.temp_tree, paths.tree, paths.image_stage, paths.image_overlay2) if fsio.lexists(p)] \
+        + probes

@@ -1,0 +1,160 @@
+"""System-call faults: every kind of mutating call the migrator makes fails once, at its first, a middle and its
+last invocation in a run of the sample root, for both strategies (``strace --inject``).
+
+Each faulted run either stops with exactly one ``aufs2overlay: error:`` line and no traceback, or absorbs the
+fault and leaves the same tree as an undisturbed run. A failed sync is never absorbed, with one documented
+exception: SQLite ignores a failed ``fsync`` of the database's directory (docs/reliability.md). After every
+faulted run, ``run`` resumes to the identical tree and ``rollback --force`` gives back the exact root.
+
+The migrator runs with ``--jobs 1`` (every mutating call in one process: strace counts invocations per
+process) and stops itself once its code is imported (``AUFS2OVERLAY_STOP_AT_START``), so the tracer attaches
+to the command's work, not to the interpreter's start-up.
+"""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import WORKDIR, cli, needs_root
+from tests.manifest import diff_manifests, link_groups, manifest
+from tests.signature import tree_signature
+from tests.test_power_cut import wait_stopped
+
+pytestmark = [needs_root, pytest.mark.slow,
+              pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (apt-get install strace)")]
+
+# kind (as docs/reliability.md names it): the system calls it covers, and the error injected
+KINDS = {
+    "mkdir(at)": (("mkdir", "mkdirat"), "ENOSPC"),
+    "link(at)": (("link", "linkat"), "ENOSPC"),
+    "rename*": (("rename", "renameat", "renameat2"), "EIO"),
+    "unlink(at)": (("unlink", "unlinkat"), "EIO"),
+    "symlink(at)": (("symlink", "symlinkat"), "ENOSPC"),
+    "mknod(at)": (("mknod", "mknodat"), "ENOSPC"),
+    "*setxattr": (("setxattr", "lsetxattr", "fsetxattr"), "ENOSPC"),
+    "*chown*": (("chown", "fchown", "lchown", "fchownat"), "EIO"),
+    "utimensat": (("utimensat",), "EIO"),
+    "write": (("write",), "ENOSPC"),
+    "pwrite64": (("pwrite64",), "ENOSPC"),
+    "fsync": (("fsync",), "EIO"),
+    "fdatasync": (("fdatasync",), "EIO"),
+    "syncfs": (("syncfs",), "EIO"),
+    "ftruncate": (("ftruncate",), "EIO"),
+    "openat": (("openat",), "EMFILE"),
+}
+SYNCS = {"fsync", "fdatasync", "syncfs"}
+ALL = sorted(s for calls, _e in KINDS.values() for s in calls)
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_traced(root, strategy, strace_args, out):
+    """``run`` under strace, attached once the command's code is imported; (exit code, stdout, stderr)."""
+    env = dict(os.environ, AUFS2OVERLAY_STOP_AT_START="1")
+    proc = subprocess.Popen([sys.executable, "-m", "migrator", "run", "--root", root, "--engine-pidfile",
+                             "/nonexistent", "-q", "--jobs", "1", "--strategy", strategy],
+                            env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_stopped(proc)
+        tracer = subprocess.Popen(["strace", "-p", str(proc.pid), "-o", out, "-y", "-e", f"trace={','.join(ALL)}",
+                                   *strace_args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 10
+        while _tracer_of(proc.pid) is None:  # attached: the kernel names the tracer in /proc/PID/status
+            assert time.monotonic() < deadline, tracer.stderr.read() if tracer.poll() is not None else "no attach"
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGCONT)
+        stdout, stderr = proc.communicate(timeout=120)
+        tracer.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, stdout, stderr
+
+
+def _tracer_of(pid):
+    with open(f"/proc/{pid}/status") as f:
+        tracer = re.search(r"^TracerPid:\s+(\d+)", f.read(), re.M).group(1)
+    return None if tracer == "0" else tracer
+
+
+@pytest.fixture(scope="module")
+def counts(template, tmp_path_factory):
+    """How often a run of the sample root makes each call, per strategy (strace -c)."""
+    found = {}
+    for strategy in ("hardlink", "inplace"):
+        work = tmp_path_factory.mktemp(f"count-{strategy}")
+        root = str(work / "docker")
+        subprocess.run(["cp", "-a", template, root], check=True)
+        out = str(work / "count.txt")
+        code, _o, err = run_traced(root, strategy, ["-c"], out)
+        assert code == 0, err
+        with open(out) as f:
+            rows = [line.split() for line in f if re.match(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+\d+", line)]
+        found[strategy] = {row[-1]: int(row[3]) for row in rows}
+    return found
+
+
+def points(n):
+    return sorted({1, max(1, (n + 1) // 2), n})
+
+
+def whole_root(root):
+    return manifest(root, skip={WORKDIR}), link_groups(root, skip={WORKDIR})
+
+
+def injected_line(trace):
+    with open(trace, errors="replace") as f:
+        lines = [line for line in f if "(INJECTED)" in line]
+    return lines[0] if lines else None
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_a_failed_call_stops_cleanly_or_is_absorbed_and_resume_and_rollback_are_exact(
+        template, reference, counts, strategy, kind, tmp_path):
+    syscalls, errno = KINDS[kind]
+    made = {s: counts[strategy].get(s, 0) for s in syscalls}
+    cases = [(s, n) for s in syscalls for n in points(made[s]) if made[s]]
+    if not cases:
+        pytest.skip(f"a {strategy} run of the sample root makes no {kind} call")
+    original = whole_root(template)
+    state_dir = f"/{WORKDIR.decode()}>)"  # strace -y names a descriptor's path: "fsync(4</…/.aufs2overlay>)"
+    problems = []
+    for i, (call, n) in enumerate(cases):
+        root = str(tmp_path / f"r{i}" / "docker")
+        os.makedirs(os.path.dirname(root))
+        subprocess.run(["cp", "-a", template, root], check=True)
+        trace = str(tmp_path / f"r{i}" / "trace.txt")
+        code, out, err = run_traced(root, strategy, ["-e", f"inject={call}:error={errno}:when={n}"], trace)
+        hit = injected_line(trace)
+        where = f"{call} #{n} of {made[call]} ({errno}){': ' + hit.strip() if hit else ''}"
+        errors = [line for line in err.splitlines() if line.startswith("aufs2overlay: error:")]
+        if "Traceback" in err or (code != 0 and len(errors) != 1) or code not in (0, 1, 3, 4):
+            problems.append(f"{where}: exit {code}, not one clear line:\n{err[-1500:]}")
+            continue
+        if code == 0:
+            if hit and call in SYNCS and state_dir not in hit:
+                problems.append(f"{where}: a failed sync was absorbed (exit 0)")
+                continue
+            if tree_signature(root) != reference["signature"]:
+                problems.append(f"{where}: absorbed, but the tree differs from an undisturbed run")
+                continue
+        res = cli("run", "--root", root, "--engine-pidfile", "/nonexistent", "-q")
+        if res.returncode != 0:
+            problems.append(f"{where}: the resumed run failed: {res.stderr[-800:]}")
+            continue
+        if tree_signature(root) != reference["signature"]:
+            problems.append(f"{where}: the resumed run's tree differs from an undisturbed run")
+            continue
+        res = cli("rollback", "--root", root, "--engine-pidfile", "/nonexistent", "--force", "-q")
+        after = whole_root(root)
+        if res.returncode != 0 or after[0] != original[0] or after[1] != original[1]:
+            problems.append(f"{where}: rollback is not exact ({res.stderr[-400:]}): "
+                            f"{diff_manifests(original[0], after[0])[:5]}")
+        shutil.rmtree(os.path.dirname(root), ignore_errors=True)
+    assert not problems, f"{len(problems)} of {len(cases)} injections:\n" + "\n".join(problems)
