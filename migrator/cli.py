@@ -8,7 +8,7 @@ import sys
 from typing import List, Optional
 
 from migrations_state.errors import StateDatabaseError
-from migrator import fsio, report
+from migrator import frozen, fsio, report
 from migrator.errors import EXIT_FAILED, EXIT_USAGE, MigratorError
 
 DEFAULT_ROOT = "/var/lib/docker"
@@ -18,6 +18,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aufs2overlay",
         description="Migrate a Docker or balena-engine root from aufs to overlay2, resumably and reversibly.")
+    parser.add_argument("--version", action="version", version=frozen.version())
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, help_text: str, engine_check: bool = True, progress: bool = True) -> argparse.ArgumentParser:
@@ -54,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     p = add("plan", "say what run would do and whether it can (exit 0 yes, 3 no); changes nothing", progress=False)
     add_strategy(p)
     add_accept_missing(p)
+    p.add_argument("--content", action="store_true",
+                   help="also check every image layer on aufs against its digest (a damaged one makes the verdict "
+                        "no)")
     p.add_argument("--json", action="store_true", help="one JSON object (schema in docs/operations.md)")
     p = add("run", "start or resume the migration (exit 0 only when completed)")
     add_strategy(p)
@@ -66,7 +70,13 @@ def _parser() -> argparse.ArgumentParser:
     p = add("rollback", "undo the migration and return the aufs root to its exact starting state")
     p.add_argument("--force", action="store_true", help="roll back even after completion")
     add("cleanup", "after completion, remove aufs/ and image/aufs/ (no rollback afterwards)")
-    add("verify", "check the migrated overlay2 tree", engine_check=False)
+    p = add("verify", "check the migrated overlay2 tree", engine_check=False)
+    p.add_argument("--content", action="store_true",
+                   help="instead, check every image layer's bytes against its digest, reassembled from its "
+                        "tar-split and overlay2/ (no engine, no state database needed; works after cleanup)")
+    p.add_argument("--json", action="store_true", help="with --content: one JSON object (docs/operations.md)")
+    p.add_argument("-j", "--jobs", type=int, default=report.DEFAULT_JOBS, metavar="N",
+                   help=f"with --content: layers read at once (default {report.DEFAULT_JOBS})")
     p = sub.add_parser("demo", help="migrate a built-in sample root in a temporary folder")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
     return parser
@@ -93,6 +103,7 @@ def entry() -> None:
     """The console script: ``main``, then exit without the interpreter's teardown of the modules it imported
     (60 ms of every command, for SQLAlchemy alone): every file this tool writes is closed and made durable
     before ``main`` returns, so only the standard streams are left to flush."""
+    frozen.restore_host_environment()
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -107,13 +118,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             return report.status(args.root, args.state_db, args.json)
         if args.command == "run" and args.strategy == "inplace" and args.jobs >= 1:
             _start_walkers(args)
-        from migrator import commands  # the machinery; status answers without importing it
+        from migrator import checkpoints, commands  # the machinery; status answers without importing it
+
+        checkpoints.started()
 
         if getattr(args, "jobs", 1) < 1:
             raise MigratorError("--jobs must be at least 1", EXIT_USAGE)
         if args.command == "plan":
             return commands.plan(args.root, args.state_db, args.strategy, args.engine_pidfile, args.json, args.jobs,
-                                 args.accept_missing_storage)
+                                 args.accept_missing_storage, args.content)
         if args.command == "run":
             return commands.run(args.root, args.state_db, args.engine_pidfile, args.quiet, args.jobs, args.strategy,
                                 args.log_file, args.set_engine_config, args.accept_missing_storage)
@@ -123,7 +136,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "cleanup":
             return commands.cleanup(args.root, args.state_db, args.engine_pidfile, args.quiet, args.log_file)
         if args.command == "verify":
-            return commands.verify(args.root, args.state_db)
+            return commands.verify(args.root, args.state_db, args.content, args.json, args.jobs)
         return commands.demo(args.keep)
     except MigratorError as exc:
         print(f"aufs2overlay: error: {exc}", file=sys.stderr)

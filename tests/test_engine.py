@@ -289,19 +289,25 @@ def test_real_balena_root_runs_on_dockerd(tmp_path, strategy):
     unpack_fixture(root)
     try:
         cli("run", "--root", root, "--engine-pidfile", "/nonexistent", "--strategy", strategy, check=0)
-        engine = dk.Dockerd(root)
-        try:
-            engine.start()
-            repos = engine.out("image", "ls", "--format", "{{.Repository}}").split()
-            assert "a2o-test" in repos and "busybox" in repos
-            _data, digests, diff_ids = saved_layer_digests(engine, "a2o-test")
-            assert digests == diff_ids
-            out = engine.out("run", "--rm", "a2o-test", "sh", "-c",
-                             "ls /tmp/f1 2>&1; ls -A /tmp/d1; ls /tmp/hlkn /tmp/slkn; readlink /tmp/slkn")
-            lines = out.splitlines()
-            assert "No such file" in lines[0]
-            assert lines[1:] == ["d1f2", "/tmp/hlkn", "/tmp/slkn", "/tmp/d1/d1f2"]
-        finally:
-            engine.cleanup()
+        assert_balena_root_runs(root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def assert_balena_root_runs(root):
+    """A real dockerd on the migrated balena root: both images there, `docker save` gives the layer digests
+    (diff ids), and a container sees the files the Dockerfile left (SPEC.md, "A real aufs root")."""
+    engine = dk.Dockerd(root)
+    try:
+        engine.start()
+        repos = engine.out("image", "ls", "--format", "{{.Repository}}").split()
+        assert "a2o-test" in repos and "busybox" in repos
+        _data, digests, diff_ids = saved_layer_digests(engine, "a2o-test")
+        assert digests == diff_ids
+        out = engine.out("run", "--rm", "a2o-test", "sh", "-c",
+                         "ls /tmp/f1 2>&1; ls -A /tmp/d1; ls /tmp/hlkn /tmp/slkn; readlink /tmp/slkn")
+        lines = out.splitlines()
+        assert "No such file" in lines[0]
+        assert lines[1:] == ["d1f2", "/tmp/hlkn", "/tmp/slkn", "/tmp/d1/d1f2"]
+    finally:
+        engine.cleanup()

@@ -273,7 +273,9 @@ def guide_blocks():
 def test_the_operator_guide_runs_as_written(sample_root, tmp_path):
     blocks = guide_blocks()
     assert len(blocks) >= 5
-    env = dict(os.environ, ROOT=sample_root, LOG=str(tmp_path / "guide.log"))
+    # the console script of the Python running the tests (a venv's bin/ need not be on PATH)
+    path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    env = dict(os.environ, ROOT=sample_root, LOG=str(tmp_path / "guide.log"), PATH=path)
     for block in blocks:
         res = subprocess.run(["bash", "-e", "-c", block], env=env, capture_output=True, text=True)
         assert res.returncode == 0, f"{block}\nexit {res.returncode}\n{res.stdout}\n{res.stderr}"
