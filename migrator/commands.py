@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from typing import Optional, Sequence
@@ -12,16 +13,18 @@ from typing import Optional, Sequence
 from migrations_state.errors import StateDatabaseError
 from migrations_state.machine import ROLLBACK_FORCED, ROLLBACK_FREE
 from migrations_state.store import Store
-from migrator import consistency, engine, engineconfig, fsio, recovery, report, sample
+from migrator import consistency, contentcheck, engine, engineconfig, fsio, recovery, report, sample
 from migrator import plan as planner
 from migrator import verify as verifier
 from migrator.errors import (
+    EXIT_FAILED,
     EXIT_OK,
     EXIT_REFUSED,
     EXIT_USAGE,
     MigratorError,
     Refused,
 )
+from migrator.progress import Reporter
 from migrator.runtime import (
     Migration,
     Paths,
@@ -117,7 +120,7 @@ def _start(paths: Paths, plan: planner.Plan, progress, engine_config: Optional[s
 
 def plan(root: str, state_db: Optional[str] = None, strategy: Optional[str] = None,
          engine_pidfiles: Optional[Sequence[str]] = None, as_json: bool = False, jobs: int = DEFAULT_JOBS,
-         accept_missing_storage: bool = False) -> int:
+         accept_missing_storage: bool = False, content_check: bool = False) -> int:
     """Say what run would do and whether it can: exit 0 for yes, 3 for no; nothing is changed."""
     paths = _paths(root, state_db)
     store = _open_store(paths)
@@ -133,6 +136,9 @@ def plan(root: str, state_db: Optional[str] = None, strategy: Optional[str] = No
         return EXIT_OK
     result = planner.make_plan(paths, strategy or DEFAULT_STRATEGY, _pidfiles(engine_pidfiles), jobs,
                                accept_missing_storage=accept_missing_storage)
+    if content_check and result.discovery is not None:
+        proofs, seconds = contentcheck.check(paths, "aufs", jobs, _terminal_progress())
+        result.add_content(proofs, contentcheck.summary(proofs, seconds), contentcheck.lines(proofs, seconds))
     if as_json:
         print(json.dumps(result.summary(), indent=2, sort_keys=True))
     else:
@@ -338,9 +344,20 @@ def _cleanup(root: str, state_db: Optional[str], engine_pidfiles: Optional[Seque
     return EXIT_OK
 
 
-def verify(root: str, state_db: Optional[str] = None) -> int:
-    """Check the migrated tree: structure of every layer, no aufs residue, and each chain mounts."""
+def _terminal_progress() -> Reporter:
+    """A bar on a terminal, nothing otherwise: these commands print their results on standard output."""
+    return Reporter(quiet=not sys.stderr.isatty())
+
+
+def verify(root: str, state_db: Optional[str] = None, content_check: bool = False, as_json: bool = False,
+           jobs: int = DEFAULT_JOBS) -> int:
+    """Check the migrated tree: structure of every layer, no aufs residue, and each chain mounts; or, with
+    ``content_check``, every image layer's bytes against its digest (no state database needed)."""
     paths = _paths(root, state_db)
+    if content_check:
+        return _verify_content(paths, as_json, jobs)
+    if as_json:
+        raise MigratorError("--json goes with --content", EXIT_USAGE)
     store = _open_store(paths)
     if store is None:
         raise Refused(f"no migration state at {paths.state_db}")
@@ -355,6 +372,19 @@ def verify(root: str, state_db: Optional[str] = None) -> int:
         return 1
     print("verify: ok")
     return EXIT_OK
+
+
+def _verify_content(paths: Paths, as_json: bool, jobs: int) -> int:
+    if not fsio.lexists(paths.image_overlay2):
+        raise Refused(f"{paths.root} has no image/overlay2/: nothing is migrated yet ('aufs2overlay plan --content' "
+                      "checks the layers on aufs)")
+    proofs, seconds = contentcheck.check(paths, "overlay2", jobs, _terminal_progress())
+    if as_json:
+        print(json.dumps({"root": paths.root, "side": "overlay2", **contentcheck.summary(proofs, seconds)},
+                         indent=2, sort_keys=True))
+    else:
+        print("\n".join(contentcheck.lines(proofs, seconds)))
+    return EXIT_FAILED if any(p.status == "failed" for p in proofs) else EXIT_OK
 
 
 def demo(keep: bool = False) -> int:

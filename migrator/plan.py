@@ -47,6 +47,8 @@ class Plan:
     walked: bool = False  # False: the counts of entries are unknown and ``need`` is an upper bound
     accept_missing_storage: bool = False
     storage: Optional[consistency.StorageCheck] = None
+    content: Optional[dict] = None  # plan --content: contentcheck.summary of the layers on aufs
+    content_lines: List[str] = field(default_factory=list)
     problems: List[str] = field(default_factory=list)
     findings: List[Tuple[str, str]] = field(default_factory=list)
     # What run takes over from the plan (not shown):
@@ -54,6 +56,15 @@ class Plan:
     found: List[containers.FoundContainer] = field(default_factory=list)
     container_findings: List[Tuple[str, str]] = field(default_factory=list)
     surveys: Dict[str, LayerSurvey] = field(default_factory=dict)
+
+    def add_content(self, proofs: list, summary: dict, lines: List[str]) -> None:
+        """The content proof of the layers on aufs (``plan --content``): a damaged layer makes the verdict no."""
+        self.content, self.content_lines = summary, lines
+        for proof in proofs:
+            if proof.status == "failed":
+                self.problems.append(f"layer {proof.chain_id} (cache-id {proof.cache_id}) is damaged on aufs "
+                                     f"already ({proof.reason}); re-pull the image that uses it, or remove it, "
+                                     "before migrating")
 
     def recorded_findings(self) -> List[Tuple[str, str]]:
         """What a run records as findings at its start: discovery's, the containers', the storage check's."""
@@ -83,6 +94,7 @@ class Plan:
                 "missing_layers": len(self.storage.missing_layers),
                 "missing_metadata": len(self.storage.missing_metadata),
                 "accepted": self.accept_missing_storage},
+            "content": self.content,
             "findings": [{"kind": k, "detail": d} for k, d in self.findings],
             "problems": self.problems, "verdict": "yes" if self.verdict else "no",
         }
@@ -265,6 +277,8 @@ def render(plan: Plan) -> str:
     if p is not None:
         lines.append(f"overlay probe:  d_type {yes_no[p.d_type]}, trusted.* xattrs {yes_no[p.trusted_xattrs]}, "
                      f"whiteout devices {yes_no[p.whiteout_devices]}, mount {yes_no[p.overlay_mount]}")
+    for text in plan.content_lines:
+        lines.append(f"content:        {text}")
     for kind, detail in plan.findings:
         lines.append(f"note:           {kind}: {detail}")
     for problem in plan.problems:

@@ -16,6 +16,7 @@ from typing import Optional, TextIO
 
 BAR_WIDTH = 24
 REDRAW_EVERY = 0.1  # seconds
+MIB = 1 << 20
 
 
 class Reporter:
@@ -35,6 +36,7 @@ class Reporter:
         self.layers = self.done_layers = self.entries = self.done_entries = 0
         self.current = ""
         self._drawn = 0.0
+        self.byte_total = self.done_bytes = 0
 
     def __enter__(self) -> "Reporter":
         return self
@@ -63,6 +65,21 @@ class Reporter:
         self.done_layers, self.done_entries = done_layers, done_entries
         self.started = time.monotonic()
         self._draw(force=True)
+
+    def start_bytes(self, total: int, layers: int) -> None:
+        """A bar in bytes (the content proof): ``total`` bytes over ``layers`` layers."""
+        self.byte_total, self.done_bytes, self.layers, self.done_layers = total, 0, layers, 0
+        self.started = time.monotonic()
+        self._draw(force=True)
+
+    def advance_bytes(self, done: int) -> None:
+        self.done_bytes = done
+        self._draw()
+
+    def layer_done(self, text: str) -> None:
+        """One layer's result line, above the bar (and in the log)."""
+        self.done_layers += 1
+        self(text)
 
     def step(self, layer_id: str, state: str, entries: Optional[int], seconds: float) -> None:
         """One layer step done."""
@@ -103,6 +120,9 @@ class Reporter:
         if not force and now - self._drawn < REDRAW_EVERY:
             return
         self._drawn = now
+        if self.byte_total:
+            self._draw_bytes(now)
+            return
         filled = BAR_WIDTH * self.done_layers // max(1, self.layers)
         elapsed = max(now - self.started, 1e-6)
         rate = self.done_entries / elapsed
@@ -115,6 +135,16 @@ class Reporter:
         eta = "ETA -:--" if seconds is None else f"ETA {int(seconds) // 60}:{int(seconds) % 60:02d}"
         self.stream.write(f"\r\033[K[{'#' * filled}{'-' * (BAR_WIDTH - filled)}] {self.done_layers}/{self.layers} "
                           f"layers  {rate:,.0f} files/s  {eta}  {self.current}")
+        self.stream.flush()
+
+    def _draw_bytes(self, now: float) -> None:
+        filled = BAR_WIDTH * min(self.done_bytes, self.byte_total) // max(1, self.byte_total)
+        rate = self.done_bytes / max(now - self.started, 1e-6)
+        seconds = max(0, self.byte_total - self.done_bytes) / rate if rate > 0 else None
+        eta = "ETA -:--" if seconds is None else f"ETA {int(seconds) // 60}:{int(seconds) % 60:02d}"
+        self.stream.write(f"\r\033[K[{'#' * filled}{'-' * (BAR_WIDTH - filled)}] {self.done_bytes / MIB:,.1f}/"
+                          f"{self.byte_total / MIB:,.1f} MiB  {rate / MIB:,.0f} MiB/s  {eta}  "
+                          f"{self.done_layers}/{self.layers} layers")
         self.stream.flush()
 
     def _log(self, msg: str) -> None:

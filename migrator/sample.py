@@ -14,6 +14,8 @@ from typing import Dict, List, Tuple
 
 import xattr
 
+from migrator import tarsplit
+
 T0 = 1_600_000_000_000_000_000  # a fixed epoch in ns so trees are comparable across builds
 
 
@@ -160,6 +162,13 @@ def _mkentry(root: bytes, rel: bytes, kind: str, opts: dict) -> None:
         with open(path, "wb") as f:
             f.write(opts["data"])
         os.chmod(path, mode if mode is not None else 0o644)
+    elif kind == "sparse":  # opts: size, and data: [(offset, bytes)] written into the holes
+        with open(path, "wb") as f:
+            for offset, data in opts.get("data", ()):
+                f.seek(offset)
+                f.write(data)
+            f.truncate(opts["size"])
+        os.chmod(path, mode if mode is not None else 0o644)
     elif kind == "link":
         os.symlink(opts["to"], path)
     elif kind == "hard":
@@ -183,7 +192,7 @@ def _mkentry(root: bytes, rel: bytes, kind: str, opts: dict) -> None:
     os.lchown(path, opts.get("uid", 0), opts.get("gid", 0))
     if kind == "dir":
         os.chmod(path, mode if mode is not None else 0o755)  # chown may clear set-id bits: mode last
-    elif kind in ("file", "fifo", "sock", "chr", "blk"):
+    elif kind in ("file", "sparse", "fifo", "sock", "chr", "blk"):
         os.chmod(path, mode if mode is not None else 0o644)
     for key, value in opts.get("xattrs", {}).items():
         xattr.set(path, key, value, nofollow=True)
@@ -236,14 +245,17 @@ def build_aufs_root(root: str, layers: Dict[str, Tuple[List[str], List[Entry]]],
     for name, chain in images.items():
         parent_chain = ""
         for lid in chain:
-            diff_id = "sha256:" + hashlib.sha256(b"diff" + lid.encode()).hexdigest()
+            tar_split = os.path.join(root, "image", "aufs", "layerdb", "tmp", f"{lid}.json.gz")
+            os.makedirs(os.path.dirname(tar_split), exist_ok=True)
+            diff_id = tarsplit.write(os.path.join(root, "aufs", "diff", lid), tar_split)
             chain_id = diff_id if not parent_chain else "sha256:" + hashlib.sha256(
                 (parent_chain + " " + diff_id).encode()).hexdigest()
             d = os.path.join(layerdb, "sha256", chain_id.split(":")[1])
             _write(os.path.join(d, "cache-id"), lid.encode())
             _write(os.path.join(d, "diff"), diff_id.encode())
             _write(os.path.join(d, "size"), b"1234")
-            _write(os.path.join(d, "tar-split.json.gz"), b"\x1f\x8b" + b"\0" * 20)
+            os.makedirs(d, exist_ok=True)
+            os.replace(tar_split, os.path.join(d, "tar-split.json.gz"))
             if parent_chain:
                 _write(os.path.join(d, "parent"), parent_chain.encode())
             parent_chain = chain_id

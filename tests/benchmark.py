@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Benchmark: aufs2overlay run, both strategies, against `cp -al` of the same layer directories, in one run.
 
-    python3 tests/benchmark.py [--scale 1.0] [--rounds 5] [--workdir /var/tmp/a2o-bench] [--cold]
+    python3 tests/benchmark.py [--scale 1.0] [--rounds 5] [--workdir /var/tmp/a2o-bench] [--cold] [--binary F]
+    python3 tests/benchmark.py --startup dist/aufs2overlay-x86_64 [--rounds 11]
+    python3 tests/benchmark.py --content [--rounds 5]
 
 It builds a realistic aufs root (a distribution base, runtime and application layers, whiteouts, opaque
 directories, containers with -init and writable layers; at scale 1.0 about 200,000 entries in 35 layers) by
@@ -11,12 +13,15 @@ Then, per round and alternating: `cp -al` of every aufs/diff/<id> into a scratch
 with durability on, each followed by an untimed reset that returns the root to its start.  For each it
 prints the median time, the ratio to `cp -al`, entries per second, the extra inodes and bytes it left on the
 filesystem (statvfs before and after), and the migrator's peak RSS; and the start-up floor: a process that
-only imports what `run` imports.  Needs root.
+only imports what `run` imports.  Needs root.  ``--binary F`` runs the single-file build F instead of the
+package.  ``--startup F`` only times start-up: `F --help` against the package's `aufs2overlay --help`,
+alternating, every round printed, and the medians.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import os
 import platform
@@ -90,6 +95,8 @@ def build_root(root: str, scale: float) -> Tuple[int, int]:
     layers_root = os.path.join(root, "aufs", "layers")
     os.makedirs(diff_root)
     os.makedirs(layers_root)
+    for sub in ("layerdb/sha256", "imagedb/content/sha256", "imagedb/metadata/sha256"):  # as an engine makes them
+        os.makedirs(os.path.join(root, "image", "aufs", sub))
     chain: List[str] = []
 
     def new_layer(name: str, parents: List[str]) -> str:
@@ -207,6 +214,78 @@ def status_timing(workdir: str, n_layers: int = 5000, runs: int = 7) -> float:
     return statistics.median(times)
 
 
+def startup_timing(binary: str, rounds: int) -> int:
+    """Median wall time of ``--help``: the single-file build against the package, alternating."""
+    commands = {"single file": [binary, "--help"], "package": [sys.executable, "-m", "migrator", "--help"]}
+    times: Dict[str, List[float]] = {name: [] for name in commands}
+    for r in range(rounds):
+        for name, cmd in commands.items():
+            start = time.monotonic()
+            subprocess.run(cmd, stdout=subprocess.DEVNULL, check=True)
+            times[name].append(time.monotonic() - start)
+        print(f"round {r + 1}: " + ", ".join(f"{n} {t[-1]:.3f}s" for n, t in times.items()), flush=True)
+    for name, rows in times.items():
+        print(f"{name:12} median {statistics.median(rows):.3f} s, min {min(rows):.3f} s, max {max(rows):.3f} s")
+    return 0
+
+
+def content_timing(args: argparse.Namespace) -> int:
+    """``verify --content`` of a migrated benchmark root against ``cat`` of the same files (the payloads its
+    tar-splits name, each once), alternating, warm page cache, every round printed."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from migrator import content, tarsplit
+
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    root = os.path.join(args.workdir, "docker")
+    n_layers, n_entries = build_root(root, args.scale)
+    sha = os.path.join(root, "image", "aufs", "layerdb", "sha256")
+    parent = ""
+    containers = {layer_id(f"container-{c}") for c in range(2)}
+    image = [lid for lid in sorted(os.listdir(os.path.join(root, "aufs", "layers")))
+             if lid not in containers and lid.removesuffix("-init") not in containers]
+    image.sort(key=lambda lid: os.path.getsize(os.path.join(root, "aufs", "layers", lid)))
+    for lid in image:  # every image layer gets its layer store entry, with a tar-split, as a pull records them
+        diff_id = tarsplit.write(os.path.join(root, "aufs", "diff", lid), os.path.join(args.workdir, "ts.gz"))
+        chain = diff_id if not parent else "sha256:" + hashlib.sha256(f"{parent} {diff_id}".encode()).hexdigest()
+        entry = os.path.join(sha, chain.split(":")[1])
+        os.makedirs(entry)
+        for name, value in (("cache-id", lid), ("diff", diff_id)):
+            with open(os.path.join(entry, name), "w") as f:
+                f.write(value)
+        os.rename(os.path.join(args.workdir, "ts.gz"), os.path.join(entry, "tar-split.json.gz"))
+        parent = chain
+    sh(sys.executable, "-m", "migrator", "run", "--root", root, "--engine-pidfile", "/nonexistent", "-q")
+    files = os.path.join(args.workdir, "files")
+    total = 0
+    with open(files, "wb") as out:
+        for layer in content.image_layers(os.path.join(root, "image", "overlay2")):
+            diff = os.path.join(root, "overlay2", layer.cache_id, "diff")
+            for entry in content._entries(layer.tar_split):
+                if entry.get("type") == 1 and entry.get("size"):
+                    name = base64.b64decode(entry["name_raw"]) if entry.get("name_raw") else entry["name"].encode()
+                    out.write(os.path.join(os.fsencode(diff), name) + b"\0")
+                    total += entry["size"]
+    print(f"machine: {machine(args.workdir)}")
+    print(f"root: {n_layers} layers, {n_entries} entries; {len(image)} image layers, {total / (1 << 20):.0f} MiB "
+          "of file payloads")
+    commands = {"cat": ["sh", "-c", f"xargs -0 cat < {files} > /dev/null"],
+                "verify --content": [sys.executable, "-m", "migrator", "verify", "--root", root, "--content"]}
+    sh(*commands["cat"])  # warm the page cache
+    times: Dict[str, List[float]] = {name: [] for name in commands}
+    for r in range(args.rounds):
+        for name, cmd in commands.items():
+            times[name].append(timed(cmd, args.workdir)[0])
+        print(f"round {r + 1}: " + ", ".join(f"{n} {t[-1]:.2f}s ({t[-1] / times['cat'][-1]:.2f}x)"
+                                             for n, t in times.items()), flush=True)
+    ref = statistics.median(times["cat"])
+    for name, rows in times.items():
+        med = statistics.median(rows)
+        print(f"{name:18} median {med:.2f} s, {med / ref:.2f} x cat, {total / med / (1 << 20):.0f} MiB/s")
+    if not args.keep:
+        shutil.rmtree(args.workdir, ignore_errors=True)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", type=float, default=1.0, help="application-layer size factor (default 1.0)")
@@ -215,7 +294,18 @@ def main() -> int:
     ap.add_argument("--cold", action="store_true", help="drop the page cache before each timed command")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--jobs", type=int, default=None, help="aufs2overlay run --jobs (default: its own)")
+    ap.add_argument("--binary", metavar="F", default=None, help="run the single-file build F, not the package")
+    ap.add_argument("--startup", metavar="F", default=None,
+                    help="only time start-up (--help) of the single-file build F against the package")
+    ap.add_argument("--content", action="store_true",
+                    help="only time verify --content of a migrated root against cat of the same files")
     args = ap.parse_args()
+    if args.startup:
+        return startup_timing(args.startup, args.rounds)
+    if os.geteuid() != 0:
+        raise SystemExit("the benchmark needs root")
+    if args.content:
+        return content_timing(args)
     if os.geteuid() != 0:
         raise SystemExit("the benchmark needs root")
     shutil.rmtree(args.workdir, ignore_errors=True)
@@ -226,7 +316,8 @@ def main() -> int:
                                      capture_output=True, text=True, check=True).stdout)
     print(f"machine: {machine(args.workdir)}")
     print(f"root: {n_layers} layers, {n_entries} entries")
-    migrate = [sys.executable, "-m", "migrator", "run", "--root", root, "--engine-pidfile", "/nonexistent", "-q"]
+    program = [os.path.abspath(args.binary)] if args.binary else [sys.executable, "-m", "migrator"]
+    migrate = program + ["run", "--root", root, "--engine-pidfile", "/nonexistent", "-q"]
     if args.jobs:
         migrate += ["--jobs", str(args.jobs)]
     strategies = {"run (hardlink)": "hardlink", "run --strategy inplace": "inplace"}
