@@ -23,6 +23,7 @@ Holes of sparse files are fed as zeros without being read. Nothing here writes.
 from __future__ import annotations
 
 import base64
+import binascii
 import gzip
 import hashlib
 import json
@@ -112,69 +113,92 @@ class _Opener:
 
     def __init__(self, top_fd: int) -> None:
         self.top_fd = top_fd
-        self.dir_parts: Tuple[bytes, ...] = ()
+        self.dir_key = b""  # the parent path of the last file opened, as the tar names it
         self.dir_fd = top_fd
 
     def open(self, name: bytes) -> int:
-        parts = tuple(p for p in name.split(b"/") if p not in (b"", b"."))
-        if not parts or b".." in parts:
-            raise FileNotFoundError(f"not a path below the layer: {name!r}")
-        if parts[:-1] != self.dir_parts:
-            self._close_dir()
-            fd = self.top_fd
-            try:
-                for part in parts[:-1]:
-                    nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-                    if fd != self.top_fd:
-                        os.close(fd)
-                    fd = nfd
-            except OSError:
+        parent, _, leaf = name.rpartition(b"/")
+        if parent != self.dir_key or not leaf or leaf in (b".", b".."):
+            parts = [p for p in name.split(b"/") if p not in (b"", b".")]
+            if not parts or b".." in parts:
+                raise FileNotFoundError(f"not a path below the layer: {name!r}")
+            self._walk(parts[:-1])
+            self.dir_key, leaf = parent, parts[-1]
+        return os.open(leaf, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=self.dir_fd)
+
+    def _walk(self, parts: List[bytes]) -> None:
+        self.close()
+        fd = self.top_fd
+        try:
+            for part in parts:
+                nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
                 if fd != self.top_fd:
                     os.close(fd)
-                raise
-            self.dir_parts, self.dir_fd = parts[:-1], fd
-        return os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=self.dir_fd)
-
-    def _close_dir(self) -> None:
-        if self.dir_fd != self.top_fd:
-            os.close(self.dir_fd)
-        self.dir_parts, self.dir_fd = (), self.top_fd
+                fd = nfd
+        except OSError:
+            if fd != self.top_fd:
+                os.close(fd)
+            raise
+        self.dir_fd = fd
 
     def close(self) -> None:
-        self._close_dir()
+        if self.dir_fd != self.top_fd:
+            os.close(self.dir_fd)
+        self.dir_key, self.dir_fd = None, self.top_fd
 
 
-def _stream_file(fd: int, size: int, sha, advance: Callable[[int], None]) -> Tuple[int, int]:
-    """Feed ``size`` bytes of ``fd`` (zeros past its end) to ``sha``; return (its CRC-64, its actual size)."""
-    actual = os.fstat(fd).st_size
-    crc = 0
-    offset = 0
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    while offset < size:
-        try:
-            data_at = os.lseek(fd, offset, os.SEEK_DATA) if offset < actual else size
-        except OSError:  # ENXIO: no data past offset (a hole to the end); EINVAL: no SEEK_DATA here
-            data_at = actual if offset < actual else size
-        data_at = min(data_at, size)
-        while offset < data_at:  # a hole (or past the end of a short file): zeros, not read
-            n = min(CHUNK, data_at - offset)
-            sha.update(_ZEROS[:n])
-            crc = fastcrc.crc64.go_iso(_ZEROS[:n], crc)
+class _Stream:
+    """The layer's tar stream as it is hashed: the sha256, one read buffer for every file, the bytes so far."""
+
+    def __init__(self, advance: Callable[[int], None]) -> None:
+        self.sha = hashlib.sha256()
+        self.view = memoryview(bytearray(CHUNK))
+        self.advance = advance
+
+    def zeros(self, n: int, crc: int) -> int:
+        """``n`` zero bytes into the stream (a hole, or what a short or missing file lacks); the CRC after them."""
+        while n > 0:
+            k = min(CHUNK, n)
+            self.sha.update(_ZEROS[:k])
+            crc = fastcrc.crc64.go_iso(_ZEROS[:k], crc)
+            self.advance(k)
+            n -= k
+        return crc
+
+    def file(self, fd: int, st: os.stat_result, size: int) -> int:
+        """``size`` bytes of the file into the stream (zeros past its end); its CRC-64."""
+        if st.st_blocks * 512 >= min(size, st.st_size):  # no holes: read straight through
+            return self._read(fd, 0, size, 0, size)
+        crc, offset = 0, 0
+        while offset < size:
+            try:
+                data_at = min(os.lseek(fd, offset, os.SEEK_DATA), size)
+            except OSError:  # ENXIO: only a hole (or nothing) is left
+                data_at = size
+            crc = self.zeros(data_at - offset, crc)
+            offset = data_at
+            if offset < size:
+                try:
+                    hole_at = min(os.lseek(fd, offset, os.SEEK_HOLE), size)
+                except OSError:
+                    hole_at = size
+                crc = self._read(fd, offset, hole_at, crc, size)
+                offset = hole_at
+        return crc
+
+    def _read(self, fd: int, offset: int, end: int, crc: int, size: int) -> int:
+        """Bytes ``offset``..``end`` of the file; zeros for what it lacks of them."""
+        view = self.view
+        while offset < end:
+            n = os.preadv(fd, [view[:min(CHUNK, end - offset)]], offset)
+            if n == 0:
+                return self.zeros(end - offset, crc)
+            chunk = view[:n]
+            self.sha.update(chunk)
+            crc = fastcrc.crc64.go_iso(chunk, crc)
             offset += n
-            advance(n)
-        if offset >= size:
-            break
-        n = os.preadv(fd, [view[:min(CHUNK, size - offset)]], offset)
-        if n == 0:  # the file ended: the rest is zeros
-            actual = min(actual, offset)
-            continue
-        chunk = view[:n]
-        sha.update(chunk)
-        crc = fastcrc.crc64.go_iso(chunk, crc)
-        offset += n
-        advance(n)
-    return crc, actual
+            self.advance(n)
+        return crc
 
 
 def prove_layer(layer: ImageLayer, diff_dir: str, advance: Callable[[int], None] = lambda n: None) -> LayerProof:
@@ -191,24 +215,26 @@ def prove_layer(layer: ImageLayer, diff_dir: str, advance: Callable[[int], None]
     except OSError as exc:
         proof.status, proof.reason = "failed", f"its layer directory {diff_dir} cannot be opened ({exc.strerror})"
         return proof
-    sha = hashlib.sha256()
+    stream = _Stream(advance)
     opener = _Opener(top)
+    b64decode = binascii.a2b_base64  # accepts the str json gives, without base64.b64decode's checks
     try:
         for entry in _entries(layer.tar_split):
-            if entry.get("type") == _SEGMENT:
-                raw = base64.b64decode(entry.get("payload") or b"")
-                sha.update(raw)
+            kind = entry.get("type")
+            if kind == _SEGMENT:
+                raw = b64decode(entry.get("payload") or b"")
+                stream.sha.update(raw)
                 proof.bytes += len(raw)
                 advance(len(raw))
-            elif entry.get("type") == _FILE and entry.get("size", 0) > 0:
-                _check_file(entry, opener, sha, proof, advance)
+            elif kind == _FILE and entry.get("size", 0) > 0:
+                _check_file(entry, opener, stream, proof)
     except (OSError, EOFError, ValueError, zlib.error) as exc:
         proof.status, proof.reason = "failed", f"{TAR_SPLIT} is unreadable ({exc})"
         return proof
     finally:
         opener.close()
         os.close(top)
-    proof.digest = f"sha256:{sha.hexdigest()}"
+    proof.digest = f"sha256:{stream.sha.hexdigest()}"
     if proof.digest != layer.diff_id:
         proof.status = "failed"
         proof.reason = (f"reassembled to {proof.digest}, not {layer.diff_id}" if proof.files else
@@ -219,42 +245,37 @@ def prove_layer(layer: ImageLayer, diff_dir: str, advance: Callable[[int], None]
     return proof
 
 
-def _check_file(entry: dict, opener: _Opener, sha, proof: LayerProof, advance: Callable[[int], None]) -> None:
-    name = base64.b64decode(entry["name_raw"]) if entry.get("name_raw") else entry["name"].encode("utf-8",
-                                                                                                  "surrogateescape")
+def _check_file(entry: dict, opener: _Opener, stream: _Stream, proof: LayerProof) -> None:
+    raw_name = entry.get("name_raw")
+    name = base64.b64decode(raw_name) if raw_name else entry["name"].encode("utf-8", "surrogateescape")
     size = int(entry["size"])
-    shown = name.decode("utf-8", "backslashreplace")
-    expected = int.from_bytes(base64.b64decode(entry.get("payload") or b""), "big")
     proof.bytes += size
     try:
         fd = opener.open(name)
     except OSError as exc:
-        _pad(size, sha, advance)
-        proof.files.append(("missing", shown, exc.strerror or str(exc)))
+        stream.zeros(size, 0)
+        proof.files.append(("missing", _shown(name), exc.strerror or str(exc)))
         return
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            _pad(size, sha, advance)
-            proof.files.append(("missing", shown, "not a regular file"))
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            stream.zeros(size, 0)
+            proof.files.append(("missing", _shown(name), "not a regular file"))
             return
-        crc, actual = _stream_file(fd, size, sha, advance)
+        crc = stream.file(fd, st, size)
     except OSError as exc:
-        proof.files.append(("unreadable", shown, exc.strerror or str(exc)))
+        proof.files.append(("unreadable", _shown(name), exc.strerror or str(exc)))
         return
     finally:
         os.close(fd)
-    if actual != size:
-        proof.files.append(("wrong-size", shown, f"{actual} bytes, recorded {size}"))
-    elif crc != expected:
-        proof.files.append(("changed", shown, "its bytes differ from the recorded checksum"))
+    if st.st_size != size:
+        proof.files.append(("wrong-size", _shown(name), f"{st.st_size} bytes, recorded {size}"))
+    elif crc != int.from_bytes(base64.b64decode(entry.get("payload") or b""), "big"):
+        proof.files.append(("changed", _shown(name), "its bytes differ from the recorded checksum"))
 
 
-def _pad(size: int, sha, advance: Callable[[int], None]) -> None:
-    while size > 0:
-        n = min(CHUNK, size)
-        sha.update(_ZEROS[:n])
-        advance(n)
-        size -= n
+def _shown(name: bytes) -> str:
+    return name.decode("utf-8", "backslashreplace")
 
 
 def stream_size(layer: ImageLayer) -> int:
@@ -273,12 +294,22 @@ def stream_size(layer: ImageLayer) -> int:
 
 def _prove_in_worker(layer: ImageLayer, diff_dir: str) -> LayerProof:
     counter = _shared["counter"]
+    local = [0]
 
-    def advance(n: int) -> None:
+    def flush() -> None:
         with counter.get_lock():
-            counter.value += n
+            counter.value += local[0]
+        local[0] = 0
 
-    return prove_layer(layer, diff_dir, advance)
+    def advance(n: int) -> None:  # the shared counter every 4 MiB, not at every small file
+        local[0] += n
+        if local[0] >= 4 << 20:
+            flush()
+
+    try:
+        return prove_layer(layer, diff_dir, advance)
+    finally:
+        flush()
 
 
 _shared: dict = {}
