@@ -89,6 +89,19 @@ def fixture_root(tmp_path):
     return root
 
 
+@pytest.fixture(scope="session")
+def binary():
+    """The single-file build of this checkout (``packaging/build-binary``), built once a session."""
+    import platform
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([os.path.join(repo, "packaging", "build-binary")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr[-4000:]
+    path = res.stdout.strip().splitlines()[-1]
+    assert path == os.path.join(repo, "dist", f"aufs2overlay-{platform.machine()}")
+    return path
+
+
 @pytest.fixture
 def copy_root():
     def copy(src, dst):

@@ -24,20 +24,10 @@ from tests.test_hostile import c_awkward_names, c_special_files, c_symlinks_out
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-BUILD = os.path.join(REPO, "packaging", "build-binary")
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 CHROOT = shutil.which("chroot") or "/usr/sbin/chroot"
 
 pytestmark = needs_root  # the build installs with apt; the chroots need root
-
-
-@pytest.fixture(scope="session")
-def binary():
-    res = subprocess.run([BUILD], capture_output=True, text=True)
-    assert res.returncode == 0, res.stdout + res.stderr[-4000:]
-    path = res.stdout.strip().splitlines()[-1]
-    assert path == os.path.join(REPO, "dist", f"aufs2overlay-{platform.machine()}")
-    return path
 
 
 class Chroot:
