@@ -21,11 +21,11 @@ def check(paths: Paths, side: str, jobs: int, progress: Reporter) -> Tuple[List[
     """Prove every image layer of ``side``; the proofs, by chain id, and the seconds it took."""
     image_attr, diff_of = SIDES[side]
     layers = content.image_layers(getattr(paths, image_attr))
-    sizes = {layer.chain_id: content.stream_size(layer) for layer in layers}
+    expected = {layer.chain_id: content.expected_work(layer) for layer in layers}
     work = sorted(((layer, diff_of(paths, layer.cache_id)) for layer in layers),
-                  key=lambda item: -sizes[item[0].chain_id])
+                  key=lambda item: -expected[item[0].chain_id][1])
     started = time.monotonic()
-    progress.start_bytes(sum(sizes.values()), len(work))
+    progress.start_bytes(sum(size for size, _cost in expected.values()), len(work))
     proofs = content.prove_layers(work, jobs, progress.advance_bytes,
                                   lambda proof: progress.layer_done(line(proof)))
     progress.close()

@@ -247,13 +247,13 @@ def build_aufs_root(root: str, layers: Dict[str, Tuple[List[str], List[Entry]]],
         for lid in chain:
             tar_split = os.path.join(root, "image", "aufs", "layerdb", "tmp", f"{lid}.json.gz")
             os.makedirs(os.path.dirname(tar_split), exist_ok=True)
-            diff_id = tarsplit.write(os.path.join(root, "aufs", "diff", lid), tar_split)
+            diff_id, size = tarsplit.write(os.path.join(root, "aufs", "diff", lid), tar_split)
             chain_id = diff_id if not parent_chain else "sha256:" + hashlib.sha256(
                 (parent_chain + " " + diff_id).encode()).hexdigest()
             d = os.path.join(layerdb, "sha256", chain_id.split(":")[1])
             _write(os.path.join(d, "cache-id"), lid.encode())
             _write(os.path.join(d, "diff"), diff_id.encode())
-            _write(os.path.join(d, "size"), b"1234")
+            _write(os.path.join(d, "size"), str(size).encode())
             os.makedirs(d, exist_ok=True)
             os.replace(tar_split, os.path.join(d, "tar-split.json.gz"))
             if parent_chain:

@@ -40,8 +40,9 @@ def _names(top: str) -> List[str]:
     return out
 
 
-def write(top: str, out_path: str) -> str:
-    """Write the tar-split of the directory ``top`` to ``out_path``; return its ``diff`` (sha256:…)."""
+def write(top: str, out_path: str) -> Tuple[str, int]:
+    """Write the tar-split of the directory ``top`` to ``out_path``; return its ``diff`` (sha256:…) and its
+    ``size`` (the bytes of its files, as the engine records it)."""
     sha = hashlib.sha256()
     lines: List[bytes] = []
     # only for gettarinfo and tobuf: nothing is written to it
@@ -50,6 +51,7 @@ def write(top: str, out_path: str) -> str:
     inodes: Dict[Tuple[int, int], str] = {}
     pending = b""
     offset = 0
+    payload = 0
 
     def segment(raw: bytes) -> None:
         lines.append(json.dumps({"type": 2, "payload": base64.b64encode(raw).decode(),
@@ -83,6 +85,7 @@ def write(top: str, out_path: str) -> str:
                     entry["name_raw"] = base64.b64encode(raw).decode()
                 lines.append(json.dumps(entry).encode())
                 offset += info.size
+                payload += info.size
                 pending = bytes(-info.size % BLOCK)
                 offset += len(pending)
     finally:
@@ -92,7 +95,7 @@ def write(top: str, out_path: str) -> str:
     segment(end)
     with open(out_path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as f:
         f.write(b"\n".join(lines) + b"\n")  # mtime 0: the same tree gives the same bytes
-    return f"sha256:{sha.hexdigest()}"
+    return f"sha256:{sha.hexdigest()}", payload
 
 
 def _stream(path: str, size: int, sha) -> int:

@@ -240,16 +240,17 @@ def content_timing(args: argparse.Namespace) -> int:
     n_layers, n_entries = build_root(root, args.scale)
     sha = os.path.join(root, "image", "aufs", "layerdb", "sha256")
     parent = ""
-    containers = {layer_id(f"container-{c}") for c in range(2)}
-    image = [lid for lid in sorted(os.listdir(os.path.join(root, "aufs", "layers")))
-             if lid not in containers and lid.removesuffix("-init") not in containers]
+    cids = [layer_id(f"container-{c}") for c in range(2)]  # build_root names a container's layers by their hash
+    containers = {layer_id(cid) for cid in cids} | {layer_id(cid + "-init") for cid in cids}
+    image = [lid for lid in sorted(os.listdir(os.path.join(root, "aufs", "layers"))) if lid not in containers]
     image.sort(key=lambda lid: os.path.getsize(os.path.join(root, "aufs", "layers", lid)))
     for lid in image:  # every image layer gets its layer store entry, with a tar-split, as a pull records them
-        diff_id = tarsplit.write(os.path.join(root, "aufs", "diff", lid), os.path.join(args.workdir, "ts.gz"))
+        diff_id, size = tarsplit.write(os.path.join(root, "aufs", "diff", lid),
+                                       os.path.join(args.workdir, "ts.gz"))
         chain = diff_id if not parent else "sha256:" + hashlib.sha256(f"{parent} {diff_id}".encode()).hexdigest()
         entry = os.path.join(sha, chain.split(":")[1])
         os.makedirs(entry)
-        for name, value in (("cache-id", lid), ("diff", diff_id)):
+        for name, value in (("cache-id", lid), ("diff", diff_id), ("size", str(size))):
             with open(os.path.join(entry, name), "w") as f:
                 f.write(value)
         os.rename(os.path.join(args.workdir, "ts.gz"), os.path.join(entry, "tar-split.json.gz"))
