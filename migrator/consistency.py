@@ -113,7 +113,7 @@ def _read_id(path: str) -> Optional[str]:
 def _container_gone_or_dying(root: str, cid: str) -> bool:
     """A container whose config is gone, or marked dead or being removed: its removal was cut off."""
     try:
-        data = aufs.read_small(os.path.join(root, "containers", cid, "config.v2.json"), 64 << 20)
+        data, _st = containers.read_config(os.path.join(root, "containers", cid, containers.CONFIG))
     except FileNotFoundError:
         return True
     except (OSError, ValueError):

@@ -35,6 +35,8 @@ from typing import Callable, Iterator, List, Tuple
 
 import fastcrc
 
+from migrator import fsio
+
 TAR_SPLIT = "tar-split.json.gz"
 CHUNK = 1 << 20
 _ZEROS = bytes(CHUNK)
@@ -73,11 +75,7 @@ class LayerProof:
 
 
 def _read_small(path: str) -> str:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        return os.read(fd, 4096).decode("ascii").strip()
-    finally:
-        os.close(fd)
+    return fsio.read_regular(path, 4096)[0].decode("ascii").strip()
 
 
 def image_layers(image_dir: str) -> List[ImageLayer]:
@@ -94,7 +92,7 @@ def image_layers(image_dir: str) -> List[ImageLayer]:
         entry = os.path.join(base, chain)
         try:
             cache_id, diff_id = _read_small(os.path.join(entry, "cache-id")), _read_small(os.path.join(entry, "diff"))
-        except (OSError, UnicodeDecodeError):
+        except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
             cache_id, diff_id = "", ""
         layers.append(ImageLayer(f"sha256:{chain}", cache_id, diff_id, os.path.join(entry, TAR_SPLIT)))
     return layers
