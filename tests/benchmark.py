@@ -4,6 +4,7 @@
     python3 tests/benchmark.py [--scale 1.0] [--rounds 5] [--workdir /var/tmp/a2o-bench] [--cold] [--binary F]
     python3 tests/benchmark.py --startup dist/aufs2overlay-x86_64 [--rounds 11]
     python3 tests/benchmark.py --content [--rounds 5]
+    python3 tests/benchmark.py --many-layers [--rounds 3]     python3 tests/benchmark.py --skew [--cold]
 
 It builds a realistic aufs root (a distribution base, runtime and application layers, whiteouts, opaque
 directories, containers with -init and writable layers; at scale 1.0 about 200,000 entries in 35 layers) by
@@ -89,8 +90,42 @@ def generated_layer(diff: str, n: int, seed: int, deletes: List[str], opaque: Li
             f.write("new content\n")
 
 
-def build_root(root: str, scale: float) -> Tuple[int, int]:
-    """Write the benchmark root; return (layers, entries)."""
+def build_many_layers(root: str, chains: int = 150, depth: int = 20, per_layer: int = 40) -> Tuple[int, int]:
+    """Many small layers (CI hosts, build servers): ``chains`` chains of ``depth`` layers of about ``per_layer``
+    files, a whiteout of the parent's first file in every fifth layer; (layers, entries)."""
+    diff_root = os.path.join(root, "aufs", "diff")
+    layers_root = os.path.join(root, "aufs", "layers")
+    os.makedirs(diff_root)
+    os.makedirs(layers_root)
+    for sub in ("layerdb/sha256", "imagedb/content/sha256", "imagedb/metadata/sha256"):
+        os.makedirs(os.path.join(root, "image", "aufs", sub))
+    for c in range(chains):
+        chain: List[str] = []
+        for d in range(depth):
+            lid = layer_id(f"many-{c}-{d}")
+            os.makedirs(os.path.join(diff_root, lid))
+            with open(os.path.join(layers_root, lid), "w") as f:
+                f.write("".join(p + "\n" for p in reversed(chain)))
+            seed = c * depth + d
+            layer = os.path.join(diff_root, lid)
+            for i in range(per_layer):  # about 52 entries: app/, m<seed>/, 10 directories, the files
+                sub = os.path.join(layer, "app", f"m{seed}", f"d{i % 10}")
+                os.makedirs(sub, exist_ok=True)
+                with open(os.path.join(sub, f"f{i}.py"), "w") as f:
+                    f.write(f"# module {seed}/{i}\n")
+            if d % 5 == 4:  # a whiteout of a file of the parent layer in every fifth layer
+                parent = os.path.join(layer, "app", f"m{seed - 1}", "d0")
+                os.makedirs(parent, exist_ok=True)
+                open(os.path.join(parent, ".wh.f0.py"), "w").close()
+            chain.append(lid)
+    entries = int(subprocess.run(["sh", "-c", f"find {diff_root} -mindepth 2 | wc -l"], capture_output=True,
+                                 text=True, check=True).stdout)
+    return chains * depth, entries
+
+
+def build_root(root: str, scale: float, skew: bool = False) -> Tuple[int, int]:
+    """Write the benchmark root; return (layers, entries). ``skew``: the distribution's trees all in the base
+    layer, which then holds about 80% of the entries (as real images' base or node_modules layers do)."""
     diff_root = os.path.join(root, "aufs", "diff")
     layers_root = os.path.join(root, "aufs", "layers")
     os.makedirs(diff_root)
@@ -107,6 +142,8 @@ def build_root(root: str, scale: float) -> Tuple[int, int]:
         return lid
 
     sources = list(SOURCES) + [(f"python-{i}", [t]) for i, t in enumerate(python_trees())]
+    if skew:
+        sources = [("base", [t for _n, trees in SOURCES for t in trees])] + sources[len(SOURCES):]
     for name, trees in sources:
         lid = new_layer(name, list(reversed(chain)))
         for tree in trees:
@@ -176,6 +213,11 @@ def reset(root: str, trash: str, strategy: str) -> None:
     for rel in ("overlay2", "image/overlay2", ".aufs2overlay"):
         if os.path.lexists(os.path.join(root, rel)):
             os.rename(os.path.join(root, rel), os.path.join(trash, rel.replace("/", "-")))
+
+
+def cp_al_whole(root: str, scratch: str) -> List[str]:
+    """One cp -al of the whole aufs/diff: the reference for thousands of small layers."""
+    return ["cp", "-al", os.path.join(root, "aufs", "diff"), scratch]
 
 
 def cp_al(root: str, scratch: str) -> List[str]:
@@ -300,6 +342,9 @@ def main() -> int:
                     help="only time start-up (--help) of the single-file build F against the package")
     ap.add_argument("--content", action="store_true",
                     help="only time verify --content of a migrated root against cat of the same files")
+    ap.add_argument("--skew", action="store_true", help="one layer holds about 80%% of the entries")
+    ap.add_argument("--many-layers", action="store_true",
+                    help="about 3,000 small layers in chains of 20; the reference is one cp -al of aufs/diff")
     args = ap.parse_args()
     if args.startup:
         return startup_timing(args.startup, args.rounds)
@@ -312,7 +357,10 @@ def main() -> int:
     shutil.rmtree(args.workdir, ignore_errors=True)
     root = os.path.join(args.workdir, "docker")
     scratch = os.path.join(args.workdir, "scratch")
-    n_layers, n_entries = build_root(root, args.scale)
+    if args.many_layers:
+        n_layers, n_entries = build_many_layers(root)
+    else:
+        n_layers, n_entries = build_root(root, args.scale, skew=args.skew)
     n_whiteouts = int(subprocess.run(["sh", "-c", f"find {root}/aufs/diff -name '.wh.*' | wc -l"],
                                      capture_output=True, text=True, check=True).stdout)
     print(f"machine: {machine(args.workdir)}")
@@ -330,7 +378,8 @@ def main() -> int:
             if args.cold:
                 drop_caches()
             if name == "cp -al":
-                results[name].append(timed(cp_al(root, f"{scratch}-{r}"), args.workdir))
+                reference = cp_al_whole if args.many_layers else cp_al
+                results[name].append(timed(reference(root, f"{scratch}-{r}"), args.workdir))
                 continue
             strategy = strategies[name]
             results[name].append(timed(migrate + ["--strategy", strategy], args.workdir))
