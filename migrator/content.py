@@ -35,13 +35,13 @@ from typing import Callable, Iterator, List, Tuple
 
 import fastcrc
 
-from migrator import fsio
+from migrator import aufs, fsio
 
 TAR_SPLIT = "tar-split.json.gz"
 CHUNK = 1 << 20
 _ZEROS = bytes(CHUNK)
 _FILE, _SEGMENT = 1, 2
-REMOVING = "-removing"
+REMOVING = aufs.REMOVING_SUFFIX  # the layer store renames an entry so before removing it, as the driver does
 
 
 @dataclass

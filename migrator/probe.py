@@ -97,12 +97,17 @@ def probe(root: str) -> ProbeResult:
     return result
 
 
+def leftover_dirs(root: str) -> List[str]:
+    """The directories of probes in ``root`` that did not clean up after themselves."""
+    return [os.path.join(root, name) for name in os.listdir(root) if name.startswith(PREFIX)]
+
+
 def undo_earlier_probe(root: str) -> bool:
     """Remove what a probe left in ``root`` and put the root's times back; True when there was anything.
     Idempotent: every step checks before it acts, and the kept times go last."""
-    leftovers = [name for name in os.listdir(root) if name.startswith(PREFIX)]
-    for name in leftovers:
-        fsio.remove_tree(os.path.join(root, name))
+    leftovers = leftover_dirs(root)
+    for path in leftovers:
+        fsio.remove_tree(path)
     try:
         kept = xattr.get(root, ROOT_TIMES, nofollow=True)
     except OSError:

@@ -127,6 +127,5 @@ def remove_new_trees(paths: Paths, progress: Callable[[str], None], final: bool)
 
 def leftovers(paths: Paths) -> List[str]:
     """What a lost migration may have left: the trees it builds and renames, and a cut-off probe's directory."""
-    probes = [os.path.join(paths.root, n) for n in os.listdir(paths.root) if n.startswith(probe.PREFIX)]
-    return [p for p in (paths.temp_tree, paths.tree, paths.image_stage, paths.image_overlay2) if fsio.lexists(p)] \
-        + probes
+    trees = [p for p in (paths.temp_tree, paths.tree, paths.image_stage, paths.image_overlay2) if fsio.lexists(p)]
+    return trees + probe.leftover_dirs(paths.root)

@@ -254,7 +254,6 @@ def build_aufs_root(root: str, layers: Dict[str, Tuple[List[str], List[Entry]]],
             _write(os.path.join(d, "cache-id"), lid.encode())
             _write(os.path.join(d, "diff"), diff_id.encode())
             _write(os.path.join(d, "size"), str(size).encode())
-            os.makedirs(d, exist_ok=True)
             os.replace(tar_split, os.path.join(d, "tar-split.json.gz"))
             if parent_chain:
                 _write(os.path.join(d, "parent"), parent_chain.encode())

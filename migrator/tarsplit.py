@@ -49,14 +49,15 @@ def write(top: str, out_path: str) -> Tuple[str, int]:
     tar = tarfile.TarFile(fileobj=io.BytesIO(), mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8",
                           errors="surrogateescape")
     inodes: Dict[Tuple[int, int], str] = {}
-    pending = b""
-    offset = 0
-    payload = 0
+    pending = b""  # the padding after a file's data, sent with the next header
+    written = payload = 0  # bytes of the stream so far; bytes of file data
 
     def segment(raw: bytes) -> None:
+        nonlocal written
         lines.append(json.dumps({"type": 2, "payload": base64.b64encode(raw).decode(),
                                  "position": len(lines)}).encode())
         sha.update(raw)
+        written += len(raw)
 
     try:
         for rel in _names(top):
@@ -70,9 +71,7 @@ def write(top: str, out_path: str) -> Tuple[str, int]:
                 info.type, info.linkname, info.size = tarfile.LNKTYPE, inodes[key], 0
             elif stat.S_ISREG(st.st_mode):
                 inodes[key] = rel
-            header = pending + info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-            segment(header)
-            offset += len(header) - len(pending)
+            segment(pending + info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
             pending = b""
             if info.isreg() and info.size > 0:
                 crc = _stream(path, info.size, sha)
@@ -84,15 +83,13 @@ def write(top: str, out_path: str) -> Tuple[str, int]:
                 except UnicodeDecodeError:
                     entry["name_raw"] = base64.b64encode(raw).decode()
                 lines.append(json.dumps(entry).encode())
-                offset += info.size
+                written += info.size
                 payload += info.size
                 pending = bytes(-info.size % BLOCK)
-                offset += len(pending)
     finally:
         tar.close()
     end = pending + bytes(2 * BLOCK)
-    end += bytes(-(offset + len(end) - len(pending)) % RECORD)
-    segment(end)
+    segment(end + bytes(-(written + len(end)) % RECORD))  # two zero blocks, then the tar's last record filled
     with open(out_path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as f:
         f.write(b"\n".join(lines) + b"\n")  # mtime 0: the same tree gives the same bytes
     return f"sha256:{sha.hexdigest()}", payload
