@@ -9,53 +9,87 @@ database still holds the old state and the work is redone, idempotently, on the 
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import TYPE_CHECKING, Dict
 
-from transitions import Machine
+if TYPE_CHECKING:
+    from transitions import Machine
 
-LAYER_STATES = ["discovered", "linked", "whiteouts-converted", "lowers-written", "committed"]
+# Layer states, in the order a layer goes through them.
+DISCOVERED = "discovered"
+LINKED = "linked"
+WHITEOUTS_CONVERTED = "whiteouts-converted"
+LOWERS_WRITTEN = "lowers-written"
+COMMITTED = "committed"
+LAYER_STATES = [DISCOVERED, LINKED, WHITEOUTS_CONVERTED, LOWERS_WRITTEN, COMMITTED]
+
+# Layer triggers.
+LINK = "link"
+CONVERT_WHITEOUTS = "convert_whiteouts"
+WRITE_LOWERS = "write_lowers"
+COMMIT = "commit"
 
 LAYER_TRANSITIONS = [
-    {"trigger": "link", "source": "discovered", "dest": "linked",
+    {"trigger": LINK, "source": DISCOVERED, "dest": LINKED,
      "before": "build_tree", "after": "record_state"},
-    {"trigger": "convert_whiteouts", "source": "linked", "dest": "whiteouts-converted",
+    {"trigger": CONVERT_WHITEOUTS, "source": LINKED, "dest": WHITEOUTS_CONVERTED,
      "before": "convert_whiteouts_in_tree", "after": "record_state"},
-    {"trigger": "write_lowers", "source": "whiteouts-converted", "dest": "lowers-written",
+    {"trigger": WRITE_LOWERS, "source": WHITEOUTS_CONVERTED, "dest": LOWERS_WRITTEN,
      "before": "write_lower_files", "after": "record_state"},
-    {"trigger": "commit", "source": "lowers-written", "dest": "committed",
+    {"trigger": COMMIT, "source": LOWERS_WRITTEN, "dest": COMMITTED,
      "before": "write_committed_marker", "after": "record_state"},
 ]
 
-# The one trigger that leads out of each non-final layer state.
+# The one trigger that leads out of each non-final layer state, in the order of the states.
 LAYER_NEXT: Dict[str, str] = {t["source"]: t["trigger"] for t in LAYER_TRANSITIONS}
 
-PHASES = ["converting", "switching", "completed", "cleaning", "cleaned", "rolling-back", "rolled-back"]
+# Run phases.
+CONVERTING = "converting"
+SWITCHING = "switching"
+COMPLETED = "completed"
+CLEANING = "cleaning"
+CLEANED = "cleaned"
+ROLLING_BACK = "rolling-back"
+ROLLED_BACK = "rolled-back"
+PHASES = [CONVERTING, SWITCHING, COMPLETED, CLEANING, CLEANED, ROLLING_BACK, ROLLED_BACK]
 
 PHASE_TRANSITIONS = [
-    {"trigger": "start_switching", "source": "converting", "dest": "switching",
+    {"trigger": "start_switching", "source": CONVERTING, "dest": SWITCHING,
      "conditions": "all_layers_committed", "after": "record_phase"},
-    {"trigger": "finish_switching", "source": "switching", "dest": "completed",
+    {"trigger": "finish_switching", "source": SWITCHING, "dest": COMPLETED,
      "before": "switch_to_overlay2", "after": "record_phase"},
-    {"trigger": "start_cleanup", "source": "completed", "dest": "cleaning", "after": "record_phase"},
-    {"trigger": "finish_cleanup", "source": "cleaning", "dest": "cleaned",
+    {"trigger": "start_cleanup", "source": COMPLETED, "dest": CLEANING, "after": "record_phase"},
+    {"trigger": "finish_cleanup", "source": CLEANING, "dest": CLEANED,
      "before": "remove_aufs_data", "after": "record_phase"},
-    {"trigger": "start_rollback", "source": ["converting", "switching", "completed"], "dest": "rolling-back",
+    {"trigger": "start_rollback", "source": [CONVERTING, SWITCHING, COMPLETED], "dest": ROLLING_BACK,
      "after": "record_phase"},
-    {"trigger": "finish_rollback", "source": "rolling-back", "dest": "rolled-back",
+    {"trigger": "finish_rollback", "source": ROLLING_BACK, "dest": ROLLED_BACK,
      "before": "undo_migration", "after": "record_phase"},
 ]
 
-# Phases from which rollback can start without --force / needs --force.
-ROLLBACK_FREE = ("converting", "switching")
-ROLLBACK_FORCED = ("completed",)
+# Phases from which rollback can start without --force / needs --force; phases past the conversion.
+ROLLBACK_FREE = (CONVERTING, SWITCHING)
+ROLLBACK_FORCED = (COMPLETED,)
+FINISHED = (COMPLETED, CLEANING, CLEANED)
+
+# Container states: found on aufs and to switch, or left alone (dead, without a config); then switched, and
+# on rollback restored, or gone (removed by the engine since).
+PENDING = "pending"
+SKIPPED = "skipped"
+SWITCHED = "switched"
+RESTORED = "restored"
+GONE = "gone"
 
 
-def layer_machine() -> Machine:
+def layer_machine() -> "Machine":
     """One machine shared by all layer models (cheap for thousands of layers: add_model/remove_model)."""
+    from transitions import Machine  # here, so that the names above cost no import
+
     return Machine(model=None, states=LAYER_STATES, transitions=LAYER_TRANSITIONS,
-                   initial="discovered", auto_transitions=False)
+                   initial=DISCOVERED, auto_transitions=False)
 
 
-def phase_machine(model: object, phase: str) -> Machine:
+def phase_machine(model: object, phase: str) -> "Machine":
+    from transitions import Machine
+
     return Machine(model=model, states=PHASES, transitions=PHASE_TRANSITIONS,
                    initial=phase, auto_transitions=False)

@@ -11,8 +11,9 @@ data partitions) touching it raises SIGBUS instead of an error.  The rollback jo
 
 A new database is built under a temporary name (without per-statement syncs: only the finished file counts)
 and fsynced, renamed into place, so ``state.db`` exists only complete.
-Each record method is one transaction; the checkpoint after it lets the fault-injection tests crash right
-after a state became durable.
+Each record method is one transaction; the ``on_recorded`` hook after it (the migrator passes its checkpoint
+counter) lets the fault-injection tests crash right after a state became durable.  Every SQLAlchemy error
+leaves this module as a ``StateDatabaseError`` that names the database.
 """
 
 from __future__ import annotations
@@ -20,13 +21,15 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from typing import Dict, Iterable, Iterator, List, Optional
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from sqlalchemy import create_engine, event, func, insert, select, update
-from sqlalchemy.exc import DatabaseError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from migrations_state.errors import StateDatabaseError, filesystem_hint
+from migrations_state.machine import CONVERTING
 from migrations_state.schema import (
     SCHEMA_VERSION,
     Base,
@@ -64,17 +67,41 @@ def _on_connect_building(dbapi_conn, _record) -> None:
     cur.close()
 
 
-def _checkpoint(label: str) -> None:
-    from migrator import checkpoints  # the store is usable without the migrator package's side effects
+@dataclass
+class LayerStep:
+    """A layer step done and made durable, to record: the state it reached and what it found (the link step
+    counts entries and lists the directories that hold whiteouts; the whiteout step may only find)."""
 
-    checkpoints.reached(label)
+    layer_id: str
+    state: str
+    entries: Optional[int] = None
+    findings: List[Tuple[str, str]] = field(default_factory=list)
+    whiteout_dirs: List[bytes] = field(default_factory=list)
+    seconds: float = 0.0  # how long the step took (for the progress log; not recorded)
+
+
+@dataclass
+class Journal:
+    """An in-place layer's journal: every change to its aufs data, and the times of the directories they touch,
+    recorded before any of them is made."""
+
+    layer_id: str
+    changes: List[ChangeRecord]
+    dirs: List[ChangedDirRecord]
+    findings: List[Tuple[str, str]] = field(default_factory=list)
+
+
+def _no_hook(label: str) -> None:
+    pass
 
 
 class Store:
-    """Open the state database at ``path`` (``Store.create`` makes a new one)."""
+    """Open the state database at ``path`` (``Store.create`` makes a new one); ``on_recorded(label)`` is called
+    after each durable change."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, on_recorded: Callable[[str], None] = _no_hook) -> None:
         self.path = path
+        self._recorded = on_recorded
         if not os.path.exists(path):
             raise StateDatabaseError(f"no state database at {path}")
         self._open(path)
@@ -86,9 +113,10 @@ class Store:
             if run.schema_version != SCHEMA_VERSION:
                 raise StateDatabaseError(
                     f"state database {path} has schema {run.schema_version}, this tool knows {SCHEMA_VERSION}")
-        except DatabaseError as exc:
+        except SQLAlchemyError as exc:
             self.engine.dispose()
-            raise StateDatabaseError(f"state database {path} is unreadable: {exc.orig}{filesystem_hint(path)}") from exc
+            raise StateDatabaseError(f"state database {path} is unreadable: {_cause(exc)}"
+                                     f"{filesystem_hint(path)}") from exc
         except StateDatabaseError:
             self.engine.dispose()
             raise
@@ -101,7 +129,7 @@ class Store:
     @classmethod
     def create(cls, path: str, root: str, strategy: str, layers: Iterable[LayerRecord],
                containers: Iterable[ContainerRecord], findings: Iterable[FindingRecord],
-               saved_times: Iterable[SavedTimeRecord] = ()) -> "Store":
+               saved_times: Iterable[SavedTimeRecord] = (), on_recorded: Callable[[str], None] = _no_hook) -> "Store":
         """Record a whole discovery: built as ``<path>.new`` in one transaction, fsynced, renamed into place.
 
         Either ``path`` holds the run with all its layers, or it does not exist.
@@ -117,15 +145,15 @@ class Store:
         try:
             Base.metadata.create_all(builder.engine)
             with builder._session.begin() as s:
-                s.add(RunRecord(id=1, schema_version=SCHEMA_VERSION, phase="converting", strategy=strategy,
+                s.add(RunRecord(id=1, schema_version=SCHEMA_VERSION, phase=CONVERTING, strategy=strategy,
                                 root=root, created_at=now, updated_at=now))
                 s.add_all(list(layers))
                 s.flush()
                 s.add_all(list(containers))
                 s.add_all(list(findings))
                 s.add_all(list(saved_times))
-        except DatabaseError as exc:
-            raise StateDatabaseError(f"state database {path} cannot be created: {exc.orig}"
+        except SQLAlchemyError as exc:
+            raise StateDatabaseError(f"state database {path} cannot be created: {_cause(exc)}"
                                      f"{filesystem_hint(path)}") from exc
         finally:
             builder.engine.dispose()
@@ -136,10 +164,15 @@ class Store:
             os.close(fd)
         os.rename(tmp, path)
         _fsync_dir(os.path.dirname(os.path.abspath(path)))
-        _checkpoint("recorded discovery")
-        return cls(path)
+        on_recorded("recorded discovery")
+        return cls(path, on_recorded)
 
     def close(self) -> None:
+        self.engine.dispose()
+
+    def release_connections(self) -> None:
+        """Before a fork: no pooled SQLite connection may be shared with a child; the engine reconnects when next
+        used."""
         self.engine.dispose()
 
     @contextlib.contextmanager
@@ -148,55 +181,63 @@ class Store:
         try:
             with self._session.begin() as s:
                 yield s
-        except DatabaseError as exc:
-            raise StateDatabaseError(f"state database {self.path}: {exc.orig}{filesystem_hint(self.path)}") from exc
+        except SQLAlchemyError as exc:
+            raise StateDatabaseError(f"state database {self.path}: {_cause(exc)}{filesystem_hint(self.path)}") from exc
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[Session]:
+        try:
+            with self._session() as s:
+                yield s
+        except SQLAlchemyError as exc:
+            raise StateDatabaseError(f"state database {self.path}: {_cause(exc)}{filesystem_hint(self.path)}") from exc
 
     # -- reads ------------------------------------------------------------------------------------------
 
     def run(self) -> RunRecord:
-        with self._session() as s:
+        with self._reading() as s:
             run = s.get(RunRecord, 1)
         if run is None:
             raise StateDatabaseError(f"state database {self.path} holds no migration")
         return run
 
     def layers(self) -> List[LayerRecord]:
-        with self._session() as s:
+        with self._reading() as s:
             return list(s.scalars(select(LayerRecord).order_by(LayerRecord.seq)))
 
-    def layer(self, layer_id: str) -> LayerRecord:
-        with self._session() as s:
-            record = s.get(LayerRecord, layer_id)
-        if record is None:
-            raise StateDatabaseError(f"state database {self.path} has no layer {layer_id}")
-        return record
-
     def layer_states(self) -> Dict[str, int]:
-        with self._session() as s:
+        with self._reading() as s:
             rows = s.execute(select(LayerRecord.state, func.count()).group_by(LayerRecord.state))
             return {state: n for state, n in rows}
 
     def containers(self) -> List[ContainerRecord]:
-        with self._session() as s:
+        with self._reading() as s:
             return list(s.scalars(select(ContainerRecord).order_by(ContainerRecord.id)))
 
-    def whiteout_dirs(self, layer_id: str) -> List[bytes]:
-        with self._session() as s:
-            return list(s.scalars(select(WhiteoutDirRecord.path).where(WhiteoutDirRecord.layer_id == layer_id)
-                                  .order_by(WhiteoutDirRecord.id)))
-
     def all_whiteout_dirs(self) -> Dict[str, List[bytes]]:
-        """``whiteout_dirs`` of every layer at once (one query for a whole wave)."""
+        """The directories holding whiteouts of every layer, by layer (one query for a whole wave)."""
         found: Dict[str, List[bytes]] = {}
-        with self._session() as s:
+        with self._reading() as s:
             for layer_id, path in s.execute(select(WhiteoutDirRecord.layer_id, WhiteoutDirRecord.path)
                                             .order_by(WhiteoutDirRecord.id)):
                 found.setdefault(layer_id, []).append(path)
         return found
 
     def saved_times(self) -> List[SavedTimeRecord]:
-        with self._session() as s:
+        with self._reading() as s:
             return list(s.scalars(select(SavedTimeRecord).order_by(SavedTimeRecord.path)))
+
+    def changes(self, layer_id: str) -> Tuple[List[ChangeRecord], List[ChangedDirRecord]]:
+        with self._reading() as s:
+            rows = list(s.scalars(select(ChangeRecord).where(ChangeRecord.layer_id == layer_id)
+                                  .order_by(ChangeRecord.seq)))
+            dirs = list(s.scalars(select(ChangedDirRecord).where(ChangedDirRecord.layer_id == layer_id)
+                                  .order_by(ChangedDirRecord.id)))
+        return rows, dirs
+
+    def journaled_layers(self) -> List[str]:
+        with self._reading() as s:
+            return list(s.scalars(select(ChangeRecord.layer_id).distinct()))
 
     # -- state changes ----------------------------------------------------------------------------------
 
@@ -206,72 +247,46 @@ class Store:
             values["rollback_from"] = rollback_from
         with self._transaction() as s:
             s.execute(update(RunRecord).where(RunRecord.id == 1).values(**values))
-        _checkpoint(f"recorded phase {phase}")
+        self._recorded(f"recorded phase {phase}")
 
     def set_image_staged(self, staged: bool) -> None:
         with self._transaction() as s:
             s.execute(update(RunRecord).where(RunRecord.id == 1).values(image_staged=staged, updated_at=_now()))
-        _checkpoint(f"recorded image_staged={staged}")
+        self._recorded(f"recorded image_staged={staged}")
 
     def set_error(self, message: Optional[str]) -> None:
         with self._transaction() as s:
             s.execute(update(RunRecord).where(RunRecord.id == 1).values(last_error=message, updated_at=_now()))
 
-    def set_layer_state(self, layer_id: str, state: str, entries: Optional[int] = None,
-                        findings: Iterable[FindingRecord] = (), whiteout_dirs: Iterable[bytes] = ()) -> None:
-        """One transaction per layer step: the new state and what the step found."""
-        values = {"state": state, "error": None}
-        if entries is not None:
-            values["entries"] = entries
-        with self._transaction() as s:
-            s.execute(update(LayerRecord).where(LayerRecord.id == layer_id).values(**values))
-            s.add_all(list(findings))
-            s.add_all([WhiteoutDirRecord(layer_id=layer_id, path=p) for p in whiteout_dirs])
-            s.execute(update(RunRecord).where(RunRecord.id == 1).values(updated_at=_now()))
-        _checkpoint(f"recorded layer {layer_id} {state}")
-
-    def set_layer_states(self, changes: List[dict]) -> None:
-        """Several layers' steps in one transaction (the in-place strategy records a whole wave of layers after
-        one ``syncfs``); each item holds ``id``, ``state`` and optionally ``entries``, ``findings``,
-        ``whiteout_dirs``."""
-        if not changes:
+    def set_layer_states(self, steps: List[LayerStep]) -> None:
+        """A wave of layer steps, made durable by the caller, in one transaction: each layer's new state and
+        what its step found."""
+        if not steps:
             return
-        counted = [{"id": c["id"], "state": c["state"], "error": None, "entries": c["entries"]}
-                   for c in changes if c.get("entries") is not None]
-        others = [{"id": c["id"], "state": c["state"], "error": None} for c in changes if c.get("entries") is None]
+        counted = [{"id": c.layer_id, "state": c.state, "error": None, "entries": c.entries}
+                   for c in steps if c.entries is not None]
+        others = [{"id": c.layer_id, "state": c.state, "error": None} for c in steps if c.entries is None]
         with self._transaction() as s:
             for rows in (counted, others):  # ORM bulk UPDATE by primary key: one executemany per set of columns
                 if rows:
                     s.execute(update(LayerRecord), rows)
-            findings = [f for c in changes for f in c.get("findings", ())]
-            s.add_all(findings)
-            dirs = [{"layer_id": c["id"], "path": p} for c in changes for p in c.get("whiteout_dirs", ())]
+            findings = [{"layer_id": c.layer_id, "kind": k, "detail": d} for c in steps for k, d in c.findings]
+            if findings:
+                s.execute(insert(FindingRecord), findings)
+            dirs = [{"layer_id": c.layer_id, "path": p} for c in steps for p in c.whiteout_dirs]
             if dirs:
                 s.execute(insert(WhiteoutDirRecord), dirs)
             s.execute(update(RunRecord).where(RunRecord.id == 1).values(updated_at=_now()))
-        _checkpoint(f"recorded layers {changes[0]['state']}")
+        self._recorded(f"recorded layers {steps[0].state}")
 
-    def record_journals(self, journals: List[tuple]) -> None:
-        """In-place journals, ``(layer_id, changes, dirs, findings)`` each, in one transaction, before any of
-        their changes is made."""
+    def record_journals(self, journals: List[Journal]) -> None:
+        """In-place journals in one transaction, before any of their changes is made."""
         with self._transaction() as s:
-            for _layer_id, changes, dirs, findings in journals:
-                s.add_all(list(changes))
-                s.add_all(list(dirs))
-                s.add_all(list(findings))
-        _checkpoint(f"recorded journals of {len(journals)} layer(s)")
-
-    def changes(self, layer_id: str) -> "tuple[List[ChangeRecord], List[ChangedDirRecord]]":
-        with self._session() as s:
-            rows = list(s.scalars(select(ChangeRecord).where(ChangeRecord.layer_id == layer_id)
-                                  .order_by(ChangeRecord.seq)))
-            dirs = list(s.scalars(select(ChangedDirRecord).where(ChangedDirRecord.layer_id == layer_id)
-                                  .order_by(ChangedDirRecord.id)))
-        return rows, dirs
-
-    def journaled_layers(self) -> List[str]:
-        with self._session() as s:
-            return list(s.scalars(select(ChangeRecord.layer_id).distinct()))
+            for journal in journals:
+                s.add_all(journal.changes)
+                s.add_all(journal.dirs)
+                s.add_all([FindingRecord(layer_id=journal.layer_id, kind=k, detail=d) for k, d in journal.findings])
+        self._recorded(f"recorded journals of {len(journals)} layer(s)")
 
     def set_layer_error(self, layer_id: str, message: str) -> None:
         with self._transaction() as s:
@@ -280,7 +295,11 @@ class Store:
     def set_container_state(self, container_id: str, state: str) -> None:
         with self._transaction() as s:
             s.execute(update(ContainerRecord).where(ContainerRecord.id == container_id).values(state=state))
-        _checkpoint(f"recorded container {container_id} {state}")
+        self._recorded(f"recorded container {container_id} {state}")
+
+
+def _cause(exc: SQLAlchemyError) -> str:
+    return str(getattr(exc, "orig", None) or exc)
 
 
 def _fsync_dir(path: str) -> None:

@@ -5,11 +5,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 from migrations_state.errors import StateDatabaseError
-from migrator import frozen, fsio, report
+from migrator import frozen, procs
 from migrator.errors import EXIT_FAILED, EXIT_USAGE, MigratorError
+from migrator.fs import fsio
+from migrator.strategies import registry
+from migrator.ui import report
+
+if TYPE_CHECKING:
+    from migrator.scan.prescan import EarlyWalk
 
 DEFAULT_ROOT = "/var/lib/docker"
 
@@ -43,10 +49,10 @@ def _parser() -> argparse.ArgumentParser:
                             "partial restore); every missing piece is recorded as a finding")
 
     def add_strategy(p: argparse.ArgumentParser) -> None:
-        p.add_argument("-j", "--jobs", type=int, default=report.DEFAULT_JOBS, metavar="N",
-                       help=f"layers walked or converted at once (default {report.DEFAULT_JOBS}: the cores, at "
+        p.add_argument("-j", "--jobs", type=int, default=procs.DEFAULT_JOBS, metavar="N",
+                       help=f"layers walked or converted at once (default {procs.DEFAULT_JOBS}: the cores, at "
                             "least 2, at most 4)")
-        p.add_argument("--strategy", choices=("hardlink", "inplace"), default=None,
+        p.add_argument("--strategy", choices=registry.NAMES, default=None,
                        help="hardlink (default for a new migration): build overlay2 beside the untouched aufs "
                             "data; inplace: move each layer into overlay2 and convert it there, journaling every "
                             "change (for full disks and huge roots). A migration resumes with the strategy it "
@@ -75,28 +81,28 @@ def _parser() -> argparse.ArgumentParser:
                    help="instead, check every image layer's bytes against its digest, reassembled from its "
                         "tar-split and overlay2/ (no engine, no state database needed; works after cleanup)")
     p.add_argument("--json", action="store_true", help="with --content: one JSON object (docs/operations.md)")
-    p.add_argument("-j", "--jobs", type=int, default=report.DEFAULT_JOBS, metavar="N",
-                   help=f"with --content: layers read at once (default {report.DEFAULT_JOBS})")
+    p.add_argument("-j", "--jobs", type=int, default=procs.DEFAULT_JOBS, metavar="N",
+                   help=f"with --content: layers read at once (default {procs.DEFAULT_JOBS})")
     p = sub.add_parser("demo", help="migrate a built-in sample root in a temporary folder")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
     return parser
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", None) or exc)
-    if type(exc).__module__.startswith("sqlalchemy"):
-        text = f"state database: {text}"
-    return " ".join(text.split())[:500] + "; fix the cause and run the same command again"
+    return " ".join(str(exc).split())[:500] + "; fix the cause and run the same command again"
 
 
-def _start_walkers(args: argparse.Namespace) -> None:
-    """A new in-place run: walk the layers while SQLAlchemy is imported (``migrator/prescan.py``)."""
-    from migrator import prescan
+def _start_walkers(args: argparse.Namespace) -> "EarlyWalk | None":
+    """A new run of a strategy that starts from a walk of every layer: walk them while SQLAlchemy is imported
+    (``migrator/scan/prescan.py``)."""
     from migrator.paths import Paths
+    from migrator.scan import prescan
 
     paths = Paths.for_root(args.root, args.state_db)
-    if not os.path.exists(paths.state_db) and os.path.isdir(paths.aufs_diff):
-        prescan.start(paths.aufs_diff, args.jobs)
+    if registry.walks_first(args.strategy) and args.jobs >= 1 and not os.path.exists(paths.state_db) \
+            and os.path.isdir(paths.aufs_diff):
+        return prescan.start(paths.aufs_diff, args.jobs)
+    return None
 
 
 def entry() -> None:
@@ -116,11 +122,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.command == "status":
             return report.status(args.root, args.state_db, args.json)
-        if args.command == "run" and args.strategy == "inplace" and args.jobs >= 1:
-            _start_walkers(args)
+        early = _start_walkers(args) if args.command == "run" else None
         from migrator import checkpoints, commands  # the machinery; status answers without importing it
 
-        checkpoints.started()
+        checkpoints.arm(os.environ)
 
         if getattr(args, "jobs", 1) < 1:
             raise MigratorError("--jobs must be at least 1", EXIT_USAGE)
@@ -129,7 +134,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                  args.accept_missing_storage, args.content)
         if args.command == "run":
             return commands.run(args.root, args.state_db, args.engine_pidfile, args.quiet, args.jobs, args.strategy,
-                                args.log_file, args.set_engine_config, args.accept_missing_storage)
+                                args.log_file, args.set_engine_config, args.accept_missing_storage, early)
         if args.command == "rollback":
             return commands.rollback(args.root, args.state_db, args.force, args.engine_pidfile, args.quiet,
                                      args.log_file)
@@ -142,11 +147,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"aufs2overlay: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except (OSError, StateDatabaseError) as exc:
-        print(f"aufs2overlay: error: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_FAILED
-    except Exception as exc:  # SQLAlchemy's errors, without importing SQLAlchemy for status
-        if type(exc).__module__.split(".")[0] != "sqlalchemy":
-            raise
         print(f"aufs2overlay: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

@@ -23,6 +23,15 @@ class Paths:
         root = os.path.abspath(root)
         return cls(root, os.path.abspath(state_db) if state_db else os.path.join(root, WORKDIR, STATE_DB))
 
+    @classmethod
+    def checked(cls, root: str, state_db: Optional[str] = None) -> "Paths":
+        """``for_root`` of a root that must be a directory (what every command is given)."""
+        if not os.path.isdir(root) or os.path.islink(root):
+            from migrator.errors import EXIT_USAGE, MigratorError
+
+            raise MigratorError(f"engine root {root} is not a directory", EXIT_USAGE)
+        return cls.for_root(root, state_db)
+
     def __getattr__(self, name: str) -> str:
         rel = _RELATIVE.get(name)
         if rel is None:
@@ -34,6 +43,7 @@ _RELATIVE = {
     "workdir": (WORKDIR,),
     "lock": (WORKDIR, "lock"),
     "stash": (WORKDIR, "stash"),
+    "originals": (WORKDIR, "originals"),
     "aufs": ("aufs",),
     "aufs_diff": ("aufs", "diff"),
     "temp_tree": (TEMP_TREE,),

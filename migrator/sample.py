@@ -14,7 +14,7 @@ from typing import Dict, List, Tuple
 
 import xattr
 
-from migrator import tarsplit
+from migrator.formats import tarsplit
 
 T0 = 1_600_000_000_000_000_000  # a fixed epoch in ns so trees are comparable across builds
 

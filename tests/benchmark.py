@@ -238,7 +238,7 @@ def status_timing(workdir: str, n_layers: int = 5000, runs: int = 7) -> float:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     from migrations_state.schema import LayerRecord
     from migrations_state.store import Store
-    from migrator.linkid import new_link_ids
+    from migrator.formats.linkid import new_link_ids
 
     root = os.path.join(workdir, "status-root")
     os.makedirs(os.path.join(root, "aufs", "diff"))
@@ -275,7 +275,8 @@ def content_timing(args: argparse.Namespace) -> int:
     """``verify --content`` of a migrated benchmark root against ``cat`` of the same files (the payloads its
     tar-splits name, each once), alternating, warm page cache, every round printed."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    from migrator import content, tarsplit
+    from migrator.checks import content
+    from migrator.formats import tarsplit
 
     shutil.rmtree(args.workdir, ignore_errors=True)
     root = os.path.join(args.workdir, "docker")

@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.skipif(can_loop() is not None, reason=str(can_loop()))
 
 BAD_CONFIG_WRITER = r"""
 import os, sys
-from migrator import fsio
+from migrator.fs import fsio
 
 real = fsio.atomic_write
 

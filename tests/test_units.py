@@ -2,7 +2,8 @@
 
 import pytest
 
-from migrator import aufs, containers, linkid, overlay
+from migrator.formats import aufs, containers, linkid
+from migrator.formats import overlay2 as overlay
 
 
 def test_driver_is_changed_and_nothing_else():
@@ -55,14 +56,14 @@ def test_status_reader_reads_what_the_store_wrote(tmp_path):
     """reader.py uses plain SQL for speed: this keeps its column names honest against the ORM schema."""
     from migrations_state import reader
     from migrations_state.schema import ContainerRecord, FindingRecord, LayerRecord
-    from migrations_state.store import Store
+    from migrations_state.store import LayerStep, Store
 
     db = str(tmp_path / "state.db")
     layers = [LayerRecord(id=f"l{i}", seq=i, parent=None, ancestors="", link_id=f"{'A' * 25}{i}", has_child=False,
                           state="discovered") for i in range(3)]
     store = Store.create(db, "/root", "hardlink", layers, [ContainerRecord(id="c", state="pending")],
                          [FindingRecord(layer_id="l1", kind="k", detail="d")])
-    store.set_layer_state("l1", "linked", entries=7)
+    store.set_layer_states([LayerStep("l1", "linked", entries=7)])
     store.close()
     doc = reader.read_status(db)
     assert doc["run"]["phase"] == "converting" and doc["run"]["strategy"] == "hardlink"
@@ -74,7 +75,7 @@ def test_status_reader_reads_what_the_store_wrote(tmp_path):
 @pytest.mark.parametrize("cold", [False, True])
 def test_early_walk_finds_what_the_plan_walk_finds(tmp_path, monkeypatch, cold):
     """The in-place run's early walk (any number of walkers) gives every layer exactly the plan's own walk."""
-    from migrator import prescan, survey
+    from migrator.scan import prescan, survey
 
     diff = tmp_path / "aufs" / "diff"
     for i in range(7):
@@ -88,8 +89,7 @@ def test_early_walk_finds_what_the_plan_walk_finds(tmp_path, monkeypatch, cold):
             (layer / "d0" / ".wh..wh..opq").write_text("")
         (layer / b"name-\xff".decode("utf-8", "surrogateescape")).symlink_to("/nonexistent")
     monkeypatch.setattr(prescan, "_cold", lambda _diff, _names: cold)
-    prescan.start(str(diff), 2)
-    early = prescan.take()
+    early = prescan.start(str(diff), 2).take()
     assert sorted(early) == [f"layer{i}" for i in range(7)]
     for name, found in early.items():
         walked = survey.scan_layer(str(diff / name))

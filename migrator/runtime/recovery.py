@@ -10,44 +10,13 @@ times of ROOT, ``image/`` and the container directories.
 from __future__ import annotations
 
 import os
-from typing import Callable, List, Tuple
+from typing import Callable, List
 
-from migrator import aufs, containers, engineconfig, fsio, inplace, probe
-from migrator.errors import MigratorError
+from migrator.checks import probe
+from migrator.formats import aufs, containers, engineconfig
+from migrator.fs import fsio
 from migrator.paths import Paths
-
-ORIGINALS = "originals"
-
-
-def originals_dir(paths: Paths) -> str:
-    return os.path.join(paths.workdir, ORIGINALS)
-
-
-def keep_originals(paths: Paths, found: List[containers.FoundContainer]) -> None:
-    """Copies of the configs about to be switched, with their metadata, durable before the database exists."""
-    pending = [c for c in found if c.state == "pending" and c.original is not None]
-    if not pending:
-        return
-    os.makedirs(originals_dir(paths), mode=0o700, exist_ok=True)
-    fd = fsio.open_dir(originals_dir(paths))
-    try:
-        for c in pending:
-            fsio.atomic_write(fd, f"{c.id}.{containers.CONFIG}", c.original, c.st.st_mode & 0o7777,
-                              owner=(c.st.st_uid, c.st.st_gid), times_ns=(c.st.st_atime_ns, c.st.st_mtime_ns))
-    finally:
-        os.close(fd)
-    fsio.fsync_path(paths.workdir)
-
-
-def original_of(paths: Paths, cid: str) -> "tuple | None":
-    """(bytes, stat) of the kept original config of ``cid``, if there is one that says aufs."""
-    path = os.path.join(originals_dir(paths), f"{cid}.{containers.CONFIG}")
-    try:
-        data, st = containers.read_config(path)
-        driver = containers.locate_driver(data.decode("utf-8"))[0]
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-    return (data, st) if driver in containers.AUFS_DRIVER_VALUES else None
+from migrator.strategies import inplace_journal, inplace_moves
 
 
 def rollback_from_disk(paths: Paths, progress: Callable[[str], None]) -> None:
@@ -63,7 +32,7 @@ def rollback_from_disk(paths: Paths, progress: Callable[[str], None]) -> None:
             continue
         if driver != "overlay2" or cid not in aufs_containers:
             continue  # not switched, or created on overlay2 after the migration: an aufs engine ignores it
-        kept = original_of(paths, cid)
+        kept = containers.kept_original(paths.originals, cid)
         if kept is not None:
             data, st = kept
             containers.restore(paths.root, cid, data, st.st_mode & 0o7777, st.st_uid, st.st_gid,
@@ -75,41 +44,12 @@ def rollback_from_disk(paths: Paths, progress: Callable[[str], None]) -> None:
     config = engineconfig.restore(paths)
     if config:
         progress(f"engine config {config} restored")
-    for layer_id, diff in moved_layers(paths):
-        journal = inplace.read_journal_copy(os.path.join(paths.stash, layer_id)) or ([], [])
-        inplace.undo_layer(paths.aufs_diff, diff, os.path.join(paths.stash, layer_id), layer_id, *journal, None,
+    for layer_id, diff in inplace_moves.moved_layers(paths):
+        journal = inplace_journal.read_journal_copy(os.path.join(paths.stash, layer_id)) or ([], [])
+        inplace_moves.undo_layer(paths.aufs_diff, diff, os.path.join(paths.stash, layer_id), layer_id, *journal, None,
                            progress)
-    sync_moved_back(paths)
+    inplace_moves.sync_moved_back(paths)
     remove_new_trees(paths, progress, final=True)
-
-
-def moved_layers(paths: Paths) -> List[Tuple[str, str]]:
-    """``(id, diff)`` of every layer the in-place strategy moved out of ``aufs/diff`` (its ``aufs/layers/<id>``
-    is still there), found on disk: what no tree may be removed with."""
-    found = []
-    for tree_root in (paths.temp_tree, paths.tree):
-        try:
-            names = sorted(os.listdir(tree_root))
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        for layer_id in names:
-            diff = os.path.join(tree_root, layer_id, "diff")
-            if (fsio.lexists(diff) and not fsio.lexists(os.path.join(paths.aufs_diff, layer_id))
-                    and fsio.lexists(os.path.join(paths.aufs, "layers", layer_id))):
-                found.append((layer_id, diff))
-    return found
-
-
-def sync_moved_back(paths: Paths) -> None:
-    """Make the layers' return durable, and make sure none is left in a tree about to be removed."""
-    left = moved_layers(paths)
-    if left:
-        raise MigratorError(f"layer {left[0][0]} is still at {left[0][1]}; not removing the tree that holds it")
-    fd = fsio.open_dir(paths.root)
-    try:
-        fsio.syncfs(fd)
-    finally:
-        os.close(fd)
 
 
 def remove_new_trees(paths: Paths, progress: Callable[[str], None], final: bool) -> None:

@@ -8,15 +8,15 @@ hardlink strategy copies), every entry.
 
 from __future__ import annotations
 
-import concurrent.futures
-import multiprocessing
 import os
 import stat
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Set, Tuple
+from typing import List, Sequence, Set, Tuple
 
-from migrator import fsio, tree
-from migrator.overlay import OPAQUE_MARKER, WH_META_PREFIX, WH_PREFIX, StepResult, note_zero_device
+from migrator import procs
+from migrator.formats import aufs
+from migrator.fs import fsio, tree
+from migrator.scan.findings import StepResult
 
 
 @dataclass
@@ -50,16 +50,17 @@ def scan_layer(diff_dir: str, writable: bool = False) -> LayerSurvey:
             for entry in it:
                 name = entry.name
                 result.entries += 1
-                if name.startswith(WH_PREFIX):
+                kind = aufs.whiteout_kind(name)
+                if kind is not None:
                     marked = True
-                    if name == OPAQUE_MARKER:
+                    if kind == aufs.OPAQUE:
                         result.opaque += 1
-                    elif not name.startswith(WH_META_PREFIX):
+                    elif kind == aufs.WHITEOUT:
                         result.whiteouts += 1
                 elif entry.is_dir(follow_symlinks=False):
                     subdirs.append(name)
                 else:
-                    note_zero_device(entry, rel, result)
+                    result.note_zero_device(entry, rel)
                     if writable:
                         _count_copy(entry, result)
         if marked:
@@ -76,14 +77,12 @@ def scan_layer(diff_dir: str, writable: bool = False) -> LayerSurvey:
 
 
 def scan_layers(where: Sequence[str], writable: Sequence[bool], jobs: int,
-                initializer: Optional[Callable[[], None]] = None) -> List[LayerSurvey]:
+                close_in_workers: Sequence[int] = ()) -> List[LayerSurvey]:
     """``scan_layer`` of each directory, in ``jobs`` forked processes (the walk is system calls: processes,
     not threads, see docs/performance.md).  The caller must hold no database connection across the fork."""
     if jobs <= 1 or len(where) <= 1:
         return list(map(scan_layer, where, writable))
-    context = multiprocessing.get_context("fork")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context,
-                                                initializer=initializer) as pool:
+    with procs.pool(jobs, close_in_workers) as pool:
         return list(pool.map(scan_layer, where, writable))
 
 

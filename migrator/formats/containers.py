@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from json.decoder import scanstring
 from typing import Callable, List, Optional, Tuple
 
-from migrator import fsio
+from migrations_state.machine import PENDING, SKIPPED
 from migrator.errors import Refused
+from migrator.fs import fsio
 
 CONFIG = "config.v2.json"
 CONFIG_MAX = 64 << 20
@@ -120,7 +121,7 @@ def find_containers(root: str, kept_original: Callable[[str], Optional[Tuple[byt
         path = os.path.join(cdir, CONFIG)
         if not fsio.lexists(path):
             findings.append(("container-without-config", f"containers/{cid}"))
-            found.append(FoundContainer(cid, None, None, "skipped", "no config.v2.json"))
+            found.append(FoundContainer(cid, None, None, SKIPPED, "no config.v2.json"))
             continue
         try:
             data, st = read_config(path)
@@ -129,11 +130,11 @@ def find_containers(root: str, kept_original: Callable[[str], Optional[Tuple[byt
             raise Refused(f"containers/{cid}/{CONFIG} is unreadable ({exc}); fix or remove that container") from None
         kept = kept_original(cid) if driver == "overlay2" else None
         if kept is not None:
-            found.append(FoundContainer(cid, kept[0], kept[1], "pending", "switched by an earlier attempt"))
+            found.append(FoundContainer(cid, kept[0], kept[1], PENDING, "switched by an earlier attempt"))
         elif driver in AUFS_DRIVER_VALUES:
-            found.append(FoundContainer(cid, data, st, "pending"))
+            found.append(FoundContainer(cid, data, st, PENDING))
         else:
-            found.append(FoundContainer(cid, data, st, "skipped", f"Driver is {driver!r}"))
+            found.append(FoundContainer(cid, data, st, SKIPPED, f"Driver is {driver!r}"))
     return found, findings
 
 
@@ -179,3 +180,30 @@ def restore(root: str, cid: str, original: bytes, mode: int, uid: int, gid: int,
     finally:
         os.close(fd)
     return True
+
+
+def keep_originals(originals: str, found: List[FoundContainer]) -> None:
+    """Copies of the configs about to be switched, with their metadata, durable before the database exists."""
+    pending = [c for c in found if c.state == PENDING and c.original is not None]
+    if not pending:
+        return
+    os.makedirs(originals, mode=0o700, exist_ok=True)
+    fd = fsio.open_dir(originals)
+    try:
+        for c in pending:
+            fsio.atomic_write(fd, f"{c.id}.{CONFIG}", c.original, c.st.st_mode & 0o7777,
+                              owner=(c.st.st_uid, c.st.st_gid), times_ns=(c.st.st_atime_ns, c.st.st_mtime_ns))
+    finally:
+        os.close(fd)
+    fsio.fsync_path(os.path.dirname(originals))
+
+
+def kept_original(originals: str, cid: str) -> "tuple | None":
+    """(bytes, stat) of the kept original config of ``cid``, if there is one that says aufs."""
+    path = os.path.join(originals, f"{cid}.{CONFIG}")
+    try:
+        data, st = read_config(path)
+        driver = locate_driver(data.decode("utf-8"))[0]
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return (data, st) if driver in AUFS_DRIVER_VALUES else None

@@ -30,7 +30,7 @@ import stat
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Set, Tuple
 
-from migrator import aufs, containers
+from migrator.formats import aufs, containers
 from migrator.paths import Paths
 
 REMOVING = aufs.REMOVING_SUFFIX

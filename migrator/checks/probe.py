@@ -24,7 +24,7 @@ from typing import List
 
 import xattr
 
-from migrator import fsio
+from migrator.fs import fsio
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.opendir.restype = ctypes.c_void_p

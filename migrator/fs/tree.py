@@ -15,7 +15,8 @@ from typing import Callable, Iterator, List, Optional, Tuple
 
 import xattr
 
-from migrator import checkpoints, fsio
+from migrator import checkpoints
+from migrator.fs import fsio
 
 OVERLAY_XATTR_PREFIX = b"trusted.overlay."
 

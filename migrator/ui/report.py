@@ -13,20 +13,9 @@ from typing import Optional
 
 from migrations_state import reader
 from migrations_state.errors import StateDatabaseError
-from migrator import fsio
-from migrator.errors import EXIT_IN_PROGRESS, EXIT_OK, EXIT_ROLLED_BACK, EXIT_USAGE, MigratorError
+from migrator.errors import EXIT_IN_PROGRESS, EXIT_OK, EXIT_ROLLED_BACK, MigratorError
+from migrator.fs import fsio
 from migrator.paths import Paths
-
-# Layers converted at once: the work is system calls that wait on the disk as much as on a core; measured
-# on 2 cores, 2 threads beat 1 by a quarter and 4 or 8 lose again to contention (docs/performance.md).
-DEFAULT_JOBS = max(2, min(4, os.cpu_count() or 1))
-
-
-def paths_for(root: str, state_db: Optional[str]) -> Paths:
-    if not os.path.isdir(root) or os.path.islink(root):
-        raise MigratorError(f"engine root {root} is not a directory", EXIT_USAGE)
-    return Paths.for_root(root, state_db)
-
 
 NEXT_STEP = {
     None: "nothing to do",
@@ -43,7 +32,7 @@ NEXT_STEP = {
 
 def status(root: str, state_db: Optional[str] = None, as_json: bool = False) -> int:
     """Show the phase, each layer's state and what to do next."""
-    paths = paths_for(root, state_db)
+    paths = Paths.checked(root, state_db)
     if not os.path.exists(paths.state_db):
         phase = "not-started" if fsio.lexists(paths.aufs) else None
         doc = {"root": paths.root, "phase": phase or "nothing-to-migrate", "strategy": None, "layers": [],

@@ -35,7 +35,8 @@ from typing import Callable, Iterator, List, Tuple
 
 import fastcrc
 
-from migrator import aufs, fsio
+from migrator.formats import aufs
+from migrator.fs import fsio
 
 TAR_SPLIT = "tar-split.json.gz"
 CHUNK = 1 << 20

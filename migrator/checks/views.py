@@ -14,11 +14,10 @@ import os
 import stat
 from typing import Dict, Iterator, List, Tuple
 
-from migrator import tree
-from migrator.overlay import OPAQUE_MARKER, WH_META_PREFIX, WH_PREFIX
+from migrator.formats import aufs
+from migrator.fs import tree
 
 Meta = Tuple
-_WH, _WH_META, _OPQ = WH_PREFIX.encode(), WH_META_PREFIX.encode(), OPAQUE_MARKER.encode()
 
 
 def describe(path: bytes) -> Meta:
@@ -58,9 +57,10 @@ def aufs_view(layers: List[str]) -> Dict[bytes, Meta]:
         blocked: set = set()
         for directory in contributors:
             names = os.listdir(directory)
-            hidden = {n[len(_WH):] for n in names if n.startswith(_WH) and not n.startswith(_WH_META)}
+            kinds = {n: aufs.whiteout_kind(n) for n in names}
+            hidden = {aufs.whiteout_target(n) for n in names if kinds[n] == aufs.WHITEOUT}
             for name in names:
-                if name.startswith(_WH) or name in blocked:
+                if kinds[name] is not None or name in blocked:
                     continue
                 path = os.path.join(directory, name)
                 is_dir = stat.S_ISDIR(os.lstat(path).st_mode)
@@ -73,7 +73,7 @@ def aufs_view(layers: List[str]) -> Dict[bytes, Meta]:
                 else:
                     blocked.add(name)
             blocked |= hidden
-            if _OPQ in names:
+            if aufs.OPAQUE in kinds.values():
                 break
         for name, (path, is_dir, *below) in decided.items():
             child = os.path.join(rel, name) if rel else name

@@ -11,12 +11,18 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from migrator import aufs, consistency, containers, engine, fsio, prescan, probe, recovery, survey
+from migrations_state.machine import PENDING
+from migrator.checks import consistency, engine, probe
 from migrator.errors import Refused
+from migrator.formats import aufs, containers, overlay2
+from migrator.fs import fsio
 from migrator.paths import Paths
-from migrator.survey import LayerSurvey
+from migrator.scan import survey
+from migrator.scan.prescan import EarlyWalk
+from migrator.scan.survey import LayerSurvey
+from migrator.strategies import inplace_moves, registry
+from migrator.strategies.base import Strategy
 
-STRATEGIES = ("hardlink", "inplace")
 # Free space a run must keep beyond its estimate: SQLite's journal during a commit, rounding.
 RESERVE_BYTES = 1 << 20
 RESERVE_INODES = 16
@@ -112,18 +118,20 @@ def engine_kind(root: str) -> Tuple[str, str]:
 
 
 def make_plan(paths: Paths, strategy: str, pidfiles: Sequence[str], jobs: int = 1, walk: bool = True,
-              accept_missing_storage: bool = False) -> Plan:
+              accept_missing_storage: bool = False, early: Optional[EarlyWalk] = None) -> Plan:
     """Read everything ``run`` needs and say whether it can go ahead; writes nothing (the probe's temporary
     directory is removed and the root's times put back).
 
-    ``walk=False`` (what ``run`` asks for with the hardlink strategy) leaves out the walk of every layer when
-    the filesystem has more room free than it uses in all: nothing a migration makes can then exceed it (every
-    directory, file and block it could copy is part of what is used), and the walk would cost a tenth of the
-    run.  The in-place strategy always walks: its link step takes the whiteout directories from the walk.
+    ``walk=False`` (what ``run`` asks for) leaves out the walk of every layer when the filesystem has more room
+    free than it uses in all: nothing a migration makes can then exceed it (every directory, file and block it
+    could copy is part of what is used), and the walk would cost a tenth of the run.  A strategy whose
+    conversion starts from the walk (``walks_in_plan``) is always walked for; ``early`` is the walk the CLI
+    started before the heavy imports, whose results are taken first.
 
     ``accept_missing_storage``: layers and image metadata that the root names but does not hold (a filesystem
     that did not mount, a partial restore: ``consistency.py``) are reported instead of refused.
     """
+    chosen = registry.get(strategy)
     plan = Plan(root=paths.root, strategy=strategy, accept_missing_storage=accept_missing_storage)
     plan.engine, plan.engine_reason = engine_kind(paths.root)
     plan.engine_running = engine.running_engine(paths.root, pidfiles)
@@ -137,21 +145,22 @@ def make_plan(paths: Paths, strategy: str, pidfiles: Sequence[str], jobs: int = 
     vfs = os.statvfs(paths.root)
     plan.free_inodes, plan.free_bytes = vfs.f_ffree, vfs.f_bfree * vfs.f_frsize
     bound = _upper_bound(vfs, plan)
-    plan.walked = (walk or strategy == "inplace" or not plan.discovery.layers or bound[0] > plan.free_inodes
+    plan.walked = (walk or chosen.walks_in_plan() or not plan.discovery.layers or bound[0] > plan.free_inodes
                    or bound[1] > plan.free_bytes)
     if plan.walked:
-        plan.surveys = survey_layers(paths, plan.discovery.layers, jobs)
-    _count(paths, plan)
+        plan.surveys = survey_layers(paths, plan.discovery.layers, jobs, early)
+    _count(paths, plan, chosen)
     if not plan.walked:
         plan.need_inodes, plan.need_bytes = bound
+    alternative = registry.frugal_alternative(strategy)
     if plan.need_inodes + RESERVE_INODES > plan.free_inodes:
         plan.problems.append(f"not enough free inodes: the {strategy} strategy needs about {plan.need_inodes}, "
                              f"the filesystem has {plan.free_inodes}"
-                             + ("; --strategy inplace needs far fewer" if strategy == "hardlink" else ""))
+                             + (f"; --strategy {alternative} needs far fewer" if alternative else ""))
     if plan.need_bytes + RESERVE_BYTES > plan.free_bytes:
         plan.problems.append(f"not enough free space: the {strategy} strategy needs about "
                              f"{mib(plan.need_bytes)}, the filesystem has {mib(plan.free_bytes)}"
-                             + ("; --strategy inplace needs far less" if strategy == "hardlink" else ""))
+                             + (f"; --strategy {alternative} needs far less" if alternative else ""))
     plan.probe = probe.probe(paths.root)
     plan.problems.extend(plan.probe.problems)
     return plan
@@ -159,13 +168,13 @@ def make_plan(paths: Paths, strategy: str, pidfiles: Sequence[str], jobs: int = 
 
 def _read_root(paths: Paths, plan: Plan) -> None:
     """Discovery and every refusal of a new run, before anything is written."""
-    moved = recovery.moved_layers(paths)
+    moved = inplace_moves.moved_layers(paths)
     if moved:
         raise Refused(f"layer {moved[0][0]} was moved out of aufs/diff by an in-place migration whose state "
                       f"database is gone ({moved[0][1]}); 'aufs2overlay rollback --force' moves it back")
     plan.found, plan.container_findings = containers.find_containers(
-        paths.root, lambda c: recovery.original_of(paths, c))
-    plan.storage = consistency.check(paths, [c.id for c in plan.found if c.state == "pending"])
+        paths.root, lambda c: containers.kept_original(paths.originals, c))
+    plan.storage = consistency.check(paths, [c.id for c in plan.found if c.state == PENDING])
     plan.findings = plan.storage.findings()
     if not plan.storage.complete and not plan.accept_missing_storage:
         raise Refused(plan.storage.refusal())
@@ -187,9 +196,10 @@ def _upper_bound(vfs: os.statvfs_result, plan: Plan) -> Tuple[int, int]:
     return inodes, used
 
 
-def survey_layers(paths: Paths, layers: List[aufs.AufsLayer], jobs: int) -> Dict[str, LayerSurvey]:
+def survey_layers(paths: Paths, layers: List[aufs.AufsLayer], jobs: int,
+                  early: Optional[EarlyWalk] = None) -> Dict[str, LayerSurvey]:
     """Walk every layer, read-only, in ``jobs`` processes (but those the CLI's early walkers did already)."""
-    known = prescan.take()
+    known = early.take() if early is not None else {}
     todo = [layer for layer in layers if layer.id not in known]
     results = survey.scan_layers([os.path.join(paths.aufs_diff, layer.id) for layer in todo],
                                  [layer.writable for layer in todo], jobs)
@@ -197,10 +207,10 @@ def survey_layers(paths: Paths, layers: List[aufs.AufsLayer], jobs: int) -> Dict
     return {layer.id: known[layer.id] for layer in layers}
 
 
-def _count(paths: Paths, plan: Plan) -> None:
+def _count(paths: Paths, plan: Plan, chosen: Strategy) -> None:
     layers = plan.discovery.layers
     parents = plan.discovery.parents
-    pending = [c for c in plan.found if c.state == "pending"]
+    pending = [c for c in plan.found if c.state == PENDING]
     plan.layers = len(layers)
     plan.containers = len(pending)
     plan.deepest_chain = max((len(layer.ancestors) + 1 for layer in layers), default=0)
@@ -221,21 +231,19 @@ def _count(paths: Paths, plan: Plan) -> None:
         symlink_inline = len(f"../{layer.id}/diff") < 60
         inodes += files + (1 if layer.id in parents else 0) + s.whiteouts
         used += (files - (1 if symlink_inline else 0)) * block
-        if plan.strategy == "hardlink":
-            inodes += s.directories + (s.copy_inodes if layer.writable else 0)
-            used += s.directory_bytes + (s.copy_bytes if layer.writable else 0)
-        elif s.whiteout_dirs:
-            inodes += 2  # the layer's stash directory and its journal copy
-            used += 2 * block
+        more_inodes, more_bytes = chosen.layer_need(layer.writable, s, block)
+        inodes += more_inodes
+        used += more_bytes
     image_inodes, image_bytes = survey.scan_tree_usage(paths.image_aufs)
     inodes += image_inodes
     used += image_bytes
-    # The work area: itself, the lock, the state database, the stash (in place), the kept container configs.
-    inodes += 3 + (1 if plan.strategy == "inplace" else 0) + (1 + len(pending) if pending else 0)
+    # The work area: itself, the lock, the state database, the strategy's own, the kept container configs.
+    area_inodes, area_bytes = chosen.work_area_need(block)
+    inodes += 3 + area_inodes + (1 + len(pending) if pending else 0)
     originals = sum(_blocks(len(c.original or b""), block) for c in pending)
     db = _DB_BASE + sum(_DB_PER_LAYER + 66 * len(layer.ancestors) for layer in layers)
     db += sum(len(c.original or b"") for c in plan.found) + 64 * plan.opaque + 96 * plan.whiteouts
-    used += block + _blocks(db, 4096) + originals + (block if plan.strategy == "inplace" else 0)
+    used += block + _blocks(db, 4096) + originals + area_bytes
     plan.need_inodes, plan.need_bytes = inodes, used
 
 
@@ -267,7 +275,7 @@ def render(plan: Plan) -> str:
         lines += [
             f"images:         {plan.images}",
             f"layers:         {plan.layers} (deepest chain: {plan.deepest_chain} layers; overlay2 takes up to "
-            f"{aufs.MAX_LOWERS + 1})",
+            f"{overlay2.MAX_LOWERS + 1})",
             f"containers:     {plan.containers} to switch",
             f"entries:        {plan.entries} ({plan.directories} directories, {plan.whiteouts} whiteouts, "
             f"{plan.opaque} opaque directories)",

@@ -15,8 +15,8 @@ import os
 import stat
 from typing import Optional
 
-from migrator import fsio
 from migrator.errors import Refused
+from migrator.fs import fsio
 from migrator.paths import Paths
 
 KEPT = "engine-config.json"

@@ -2,6 +2,14 @@
 
 Nothing here writes.  Every check that can refuse the migration runs before anything is created, so a refusal
 leaves the root exactly as it was.
+
+The layout, as moby's aufs driver leaves it (``daemon/graphdriver/aufs``)::
+
+    aufs/diff/<id>/            a layer's content; ``.wh.<name>`` whites out <name> below it,
+                               ``.wh..wh..opq`` makes its directory opaque, other ``.wh..wh.*`` are aufs's own
+    aufs/diff/<id>-removing    a removal the engine did not finish
+    aufs/layers/<id>           the layer's ancestors, nearest first, one per line
+    aufs/mnt/<id>              mount points (empty when the engine is stopped)
 """
 
 from __future__ import annotations
@@ -13,8 +21,34 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Set, Tuple
 
 from migrator.errors import Refused
+from migrator.formats.overlay2 import MAX_LOWERS
 
-MAX_LOWERS = 128  # overlay2's maxDepth: a layer may have at most this many ancestors
+WH_PREFIX = ".wh."
+WH_META_PREFIX = ".wh..wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+# What a ``.wh.`` name is (``whiteout_kind``); an ordinary name is None.
+WHITEOUT = "whiteout"  # .wh.<name>: <name> is deleted in this layer
+OPAQUE = "opaque"  # .wh..wh..opq: nothing below this directory shows through
+INTERNAL = "internal"  # .wh..wh.<other>: aufs's own bookkeeping (.wh..wh.aufs, .wh..wh.plnk, .wh..wh.orph)
+_KINDS = {str: (WH_PREFIX, WH_META_PREFIX, OPAQUE_MARKER),
+          bytes: (WH_PREFIX.encode(), WH_META_PREFIX.encode(), OPAQUE_MARKER.encode())}
+
+
+def whiteout_kind(name: "str | bytes") -> "str | None":
+    """What an entry named ``name`` (str or bytes) is to aufs: WHITEOUT, OPAQUE, INTERNAL, or None."""
+    prefix, meta, opaque = _KINDS[type(name)]
+    if not name.startswith(prefix):
+        return None
+    if name == opaque:
+        return OPAQUE
+    return INTERNAL if name.startswith(meta) else WHITEOUT
+
+
+def whiteout_target(name: "str | bytes") -> "str | bytes":
+    """The name a WHITEOUT entry deletes."""
+    return name[len(WH_PREFIX):]
+
+
 LAYERS_FILE_MAX = 1 << 20
 REMOVING_SUFFIX = "-removing"
 # Ids are directory names the engine generated: hex cache-ids, "<id>-init", BuildKit's own ids.  Anything

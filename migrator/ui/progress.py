@@ -59,6 +59,10 @@ class Reporter:
             self.stream.write(f"aufs2overlay: {msg}\n")
         self.stream.flush()
 
+    def elapsed(self) -> float:
+        """Seconds since this reporter began (or since ``start``)."""
+        return time.monotonic() - self.started
+
     def start(self, layers: int, entries: int, done_layers: int = 0, done_entries: int = 0) -> None:
         """The work ahead: ``layers`` in all (``done_layers`` of them already done), ``entries`` to walk."""
         self.layers, self.entries = layers, entries

@@ -4,35 +4,52 @@ A new ``run --strategy inplace`` spends most of its time in two things that do n
 read-only walk of every layer (the kernel reading every directory) and importing SQLAlchemy.  So the CLI forks
 the walkers first, and the plan takes their results when it gets there (``take``).  A result is only a hint:
 it is used for a layer the plan also finds in ``aufs/diff``, and only when its walker finished without error;
-anything missing is walked again.  A walk of a layer still in ``aufs/diff`` is valid whenever it ran: the
+anything missing is walked again.  ``start`` returns the walk, which the CLI hands to the command as an
+argument.  A walk of a layer still in ``aufs/diff`` is valid whenever it ran: the
 migration changes a layer's content only after the layer has left ``aufs/diff`` and its move is recorded.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import pickle
-import signal
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
-from migrator import survey
-
-_children: List[Tuple[int, int]] = []  # (pid, read end of its pipe)
-
+from migrator import procs
+from migrator.scan import survey
 
 COLD_WALKERS_PER_JOB = 4
 COLD_READ_SECONDS = 25e-6  # a directory read from memory takes a few microseconds, from a disk 50 and more
 
 
-def start(aufs_diff: str, jobs: int) -> None:
+class EarlyWalk:
+    """The walkers started by ``start``: (pid, read end of its pipe) each."""
+
+    def __init__(self, children: List[Tuple[int, int]]) -> None:
+        self.children = children
+
+    def take(self) -> Dict[str, survey.LayerSurvey]:
+        """What the walkers found; empty when they failed.  Reaps them: a second call finds nothing."""
+        found: Dict[str, survey.LayerSurvey] = {}
+        while self.children:
+            pid, r = self.children.pop()
+            with os.fdopen(r, "rb") as f:
+                data = f.read()
+            _, status = os.waitpid(pid, 0)
+            if os.waitstatus_to_exitcode(status) == 0 and data:
+                found.update(pickle.loads(data))
+        return found
+
+
+def start(aufs_diff: str, jobs: int) -> Optional[EarlyWalk]:
     """Fork the walkers over the directories of ``aufs_diff``, each taking every n-th one: ``jobs`` of them,
     or ``COLD_WALKERS_PER_JOB`` times as many when the layers are not in the page cache (``_cold``)."""
     try:
         names = sorted(os.listdir(aufs_diff))
     except OSError:
-        return
+        return None
+    children = []
     n = max(1, jobs) * (COLD_WALKERS_PER_JOB if _cold(aufs_diff, names) else 1)
     for k in range(n):
         share = names[k::n]
@@ -44,7 +61,8 @@ def start(aufs_diff: str, jobs: int) -> None:
             os.close(r)
             _walk(aufs_diff, share, w)
         os.close(w)
-        _children.append((pid, r))
+        children.append((pid, r))
+    return EarlyWalk(children)
 
 
 def _cold(aufs_diff: str, names: List[str]) -> bool:
@@ -67,7 +85,7 @@ def _cold(aufs_diff: str, names: List[str]) -> bool:
 def _walk(aufs_diff: str, names: List[str], w: int) -> None:
     code = 1
     try:
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the migrator
+        procs.die_with_parent()
         found = {}
         for name in names:
             path = os.path.join(aufs_diff, name)
@@ -78,16 +96,3 @@ def _walk(aufs_diff: str, names: List[str], w: int) -> None:
         code = 0
     finally:
         os._exit(code)
-
-
-def take() -> Dict[str, survey.LayerSurvey]:
-    """What the walkers found; empty when none were started or they failed."""
-    found: Dict[str, survey.LayerSurvey] = {}
-    while _children:
-        pid, r = _children.pop()
-        with os.fdopen(r, "rb") as f:
-            data = f.read()
-        _, status = os.waitpid(pid, 0)
-        if os.waitstatus_to_exitcode(status) == 0 and data:
-            found.update(pickle.loads(data))
-    return found

@@ -7,12 +7,13 @@ import os
 import time
 from typing import List, Tuple
 
-from migrator import content
+from migrator.checks import content
+from migrator.formats import overlay2
 from migrator.paths import Paths
-from migrator.progress import Reporter
+from migrator.ui.progress import Reporter
 
 SIDES = {  # side: (the image store, where a layer's files are)
-    "overlay2": ("image_overlay2", lambda p, cache_id: os.path.join(p.tree, cache_id, "diff")),
+    "overlay2": ("image_overlay2", lambda p, cache_id: overlay2.diff_dir(p.tree, cache_id)),
     "aufs": ("image_aufs", lambda p, cache_id: os.path.join(p.aufs_diff, cache_id)),
 }
 

@@ -10,12 +10,12 @@ import subprocess
 import tempfile
 from typing import Dict, Iterator, List
 
+from migrations_state.machine import FINISHED, SWITCHED
 from migrations_state.store import Store
-from migrator import containers, overlay, views
+from migrator.checks import views
 from migrator.errors import MigratorError
+from migrator.formats import aufs, containers, overlay2
 from migrator.paths import Paths
-
-DONE_PHASES = ("completed", "cleaning", "cleaned")
 
 
 def _read(path: str) -> "bytes | None":
@@ -31,7 +31,7 @@ def aufs_residue(diff_dir: str) -> List[str]:
     found = []
     for top, dirs, files in os.walk(os.fsencode(diff_dir)):
         for name in dirs + files:
-            if name.startswith(b".wh."):
+            if aufs.whiteout_kind(name) is not None:
                 found.append(os.path.join(top, name).decode("utf-8", "backslashreplace"))
     return found
 
@@ -39,27 +39,28 @@ def aufs_residue(diff_dir: str) -> List[str]:
 def layer_problems(tree: str, layer_id: str, link_id: str, ancestor_links: List[str], has_child: bool) -> List[str]:
     problems = []
     ldir = os.path.join(tree, layer_id)
-    if not os.path.isdir(os.path.join(ldir, "diff")):
+    if not os.path.isdir(os.path.join(ldir, overlay2.DIFF)):
         return [f"{layer_id}: no diff/ directory"]
-    if _read(os.path.join(ldir, "link")) != link_id.encode():
+    if _read(os.path.join(ldir, overlay2.LINK)) != link_id.encode():
         problems.append(f"{layer_id}: link file is not {link_id}")
     try:
-        target = os.readlink(os.path.join(tree, "l", link_id))
-        if target != f"../{layer_id}/diff":
+        target = os.readlink(os.path.join(tree, overlay2.LINKS_DIR, link_id))
+        if target != f"../{layer_id}/{overlay2.DIFF}":
             problems.append(f"{layer_id}: l/{link_id} points to {target}")
     except OSError:
         problems.append(f"{layer_id}: l/{link_id} is missing")
-    lower = _read(os.path.join(ldir, "lower"))
+    lower = _read(os.path.join(ldir, overlay2.LOWER))
     if ancestor_links:
-        if lower != overlay.lower_value(ancestor_links):
+        if lower != overlay2.lower_value(ancestor_links):
             problems.append(f"{layer_id}: lower is {lower!r}")
-        if not os.path.isdir(os.path.join(ldir, "work")):
+        if not os.path.isdir(os.path.join(ldir, overlay2.WORK)):
             problems.append(f"{layer_id}: no work/ directory")
     elif lower is not None:
         problems.append(f"{layer_id}: a base layer with a lower file")
-    if has_child and _read(os.path.join(ldir, "committed")) is None:
+    if has_child and _read(os.path.join(ldir, overlay2.COMMITTED)) is None:
         problems.append(f"{layer_id}: no committed marker")
-    problems += [f"{layer_id}: aufs entry left in the tree: {p}" for p in aufs_residue(os.path.join(ldir, "diff"))]
+    residue = aufs_residue(os.path.join(ldir, overlay2.DIFF))
+    problems += [f"{layer_id}: aufs entry left in the tree: {p}" for p in residue]
     return problems
 
 
@@ -104,7 +105,7 @@ def chain_problems(paths: Paths, layer_id: str, ancestors: List[str], ancestor_l
 
 def verify(paths: Paths, store: Store) -> List[str]:
     run = store.run()
-    if run.phase not in DONE_PHASES:
+    if run.phase not in FINISHED:
         return [f"the migration is {run.phase}, not completed"]
     if run.phase == "cleaned":
         return []
@@ -122,7 +123,7 @@ def verify(paths: Paths, store: Store) -> List[str]:
     if os.path.isdir(paths.image_aufs) and not os.path.isdir(paths.image_overlay2):
         problems.append("image/overlay2/ is missing")
     for c in store.containers():
-        if c.state != "switched":
+        if c.state != SWITCHED:
             continue
         data = _read(os.path.join(paths.root, "containers", c.id, containers.CONFIG))
         try:

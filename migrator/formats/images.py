@@ -6,7 +6,7 @@ import os
 import stat
 from typing import List
 
-from migrator import fsio, tree
+from migrator.fs import fsio, tree
 
 
 def stage_copy(src: str, dst: str) -> int:

@@ -1,0 +1,247 @@
+"""The seam between the run and a strategy: one interface, and the wave runner both strategies convert with.
+
+A strategy decides what each layer step does to the filesystem (its ``LayerTask`` model's callbacks) and what
+the plan must count for it; the runner decides the order and the durability, the same for every strategy:
+
+- layers go in batches of at most ``WAVE_LAYERS``; in a batch, one *wave* per layer state takes every layer at
+  that state one step on (``trigger``), its work handed to ``jobs`` worker processes when the strategy says
+  the step is heavy (``pooled_triggers``);
+- then one ``syncfs`` makes the whole wave durable, and one transaction records every layer's new state.
+
+A cut anywhere leaves each layer at its last recorded state with the step's work perhaps done in part, and
+every step converges when it is done again.  Costs per layer are a few system calls; per wave, one sync and
+one transaction (docs/design.md, "Waves").
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
+
+from migrations_state.machine import COMMITTED, CONVERT_WHITEOUTS, DISCOVERED, LAYER_NEXT, LINKED, layer_machine
+from migrations_state.schema import LayerRecord
+from migrations_state.store import LayerStep, Store
+from migrator import procs
+from migrator.formats import overlay2
+from migrator.fs import fsio
+from migrator.paths import Paths
+from migrator.scan.findings import StepResult
+from migrator.scan.survey import LayerSurvey
+from migrator.ui.progress import Reporter
+
+WAVE_LAYERS = 512  # layers per batch: bounds what a cut loses and what one transaction holds
+CHUNKS_PER_JOB = 8  # a pooled wave goes out in this many chunks per worker (fewer round trips, even load)
+Work = Tuple[Callable[..., Any], tuple]
+
+
+@dataclass
+class Conversion:
+    """What a conversion works with: where, the store, progress, how many workers, the descriptor the workers
+    must close (the root's lock), and the plan's walk of the layers (a new run; empty on a resume)."""
+
+    paths: Paths
+    store: Store
+    progress: Reporter
+    jobs: int = 1
+    lock_fd: Optional[int] = None
+    surveys: Dict[str, LayerSurvey] = field(default_factory=dict)
+
+
+class LayerTask:
+    """Model of one layer's state machine (``migrations_state/machine.py``).  Subclasses do the link and whiteout
+    steps; the other two are the same for every strategy.  ``work(trigger)`` names a heavy step's work as a
+    function and its arguments, so the runner can hand it to a worker; the callback then takes its result."""
+
+    def __init__(self, record: LayerRecord, paths: Paths, ancestor_links: List[str]) -> None:
+        self.id = record.id
+        self.record = record
+        self.paths = paths
+        self.ancestor_links = ancestor_links
+        self.whiteout_dirs: List[bytes] = []  # set by the runner before the whiteout wave
+        self.result: Optional[StepResult] = None
+        self.steps: List[LayerStep] = []
+        self.handed_out: Optional[concurrent.futures.Future] = None
+
+    def work(self, trigger: str) -> Optional[Work]:
+        return None
+
+    def perform(self, trigger: str) -> Any:
+        """The work of ``trigger``: its result from the worker it was handed to, or done here."""
+        if self.handed_out is not None:
+            future, self.handed_out = self.handed_out, None
+            return future.result()
+        fn, args = self.work(trigger)
+        return fn(*args)
+
+    def write_lower_files(self) -> None:
+        overlay2.write_layer_files(self.paths.temp_tree, self.id, self.record.link_id, self.ancestor_links,
+                                   sync=False)
+        self.result = None
+
+    def write_committed_marker(self) -> None:
+        overlay2.write_committed_marker(self.paths.temp_tree, self.id, self.record.has_child, sync=False)
+        self.result = None
+
+    def record_state(self) -> None:
+        """Keep the step for the wave's one transaction (after its ``syncfs``)."""
+        step = LayerStep(self.id, self.state)
+        if self.result is not None:
+            if self.state == LINKED:
+                step.entries = self.result.entries
+                step.whiteout_dirs = list(self.result.whiteout_dirs)
+            step.findings = list(self.result.findings)
+        self.steps.append(step)
+
+
+class Strategy:
+    """How layers become overlay2 layers; ``registry.py`` names each one and picks it."""
+
+    name = ""
+    pooled_triggers: FrozenSet[str] = frozenset()  # steps heavy enough to hand to worker processes
+
+    # -- what the plan counts ---------------------------------------------------------------------------
+
+    def walks_in_plan(self) -> bool:
+        """Whether the plan must walk every layer (else it may bound the need without walking): when the
+        conversion starts from that walk."""
+        from migrator.strategies import registry
+
+        return registry.walks_first(self.name)
+
+    def layer_need(self, writable: bool, survey: LayerSurvey, block: int) -> Tuple[int, int]:
+        """(inodes, bytes) this strategy adds for a layer beyond overlay2's own files."""
+        return 0, 0
+
+    def work_area_need(self, block: int) -> Tuple[int, int]:
+        return 0, 0
+
+    # -- converting -------------------------------------------------------------------------------------
+
+    def task(self, record: LayerRecord, conv: Conversion, ancestor_links: List[str]) -> LayerTask:
+        raise NotImplementedError
+
+    def prepare(self, conv: Conversion, pending: List[LayerRecord]) -> None:
+        """Before the first wave (the in-place strategy walks the layers it has yet to move)."""
+
+    def before_wave(self, conv: Conversion, trigger: str, tasks: List[LayerTask]) -> None:
+        """Before ``trigger``'s wave changes anything (the in-place strategy records its journals here)."""
+
+    def convert(self, conv: Conversion) -> None:
+        """Drive every layer to ``committed``, resuming each from its recorded state."""
+        overlay2.prepare_tree(conv.paths.temp_tree)
+        records = conv.store.layers()
+        pending = [r for r in records if r.state != COMMITTED]
+        self.prepare(conv, pending)
+        _start_progress(conv, records)
+        link_ids = {r.id: r.link_id for r in records}
+        tfd = fsio.open_dir(conv.paths.temp_tree)
+        try:
+            for start in range(0, len(pending), WAVE_LAYERS):
+                batch = pending[start:start + WAVE_LAYERS]
+                tasks = [self.task(r, conv, [link_ids[a] for a in _ancestors(r)]) for r in batch]
+                self._convert_batch(conv, tasks, tfd)
+        finally:
+            os.close(tfd)
+
+    def _convert_batch(self, conv: Conversion, tasks: List[LayerTask], tfd: int) -> None:
+        machine = layer_machine()
+        for task in tasks:
+            machine.add_model(task, initial=task.record.state)
+        for source, trigger in LAYER_NEXT.items():
+            at = [t for t in tasks if t.state == source]
+            if not at:
+                continue
+            if trigger == CONVERT_WHITEOUTS:
+                listed = conv.store.all_whiteout_dirs()
+                for task in at:
+                    task.whiteout_dirs = listed.get(task.id, [])
+            self.before_wave(conv, trigger, at)
+            self._wave(conv, trigger, at)
+            fsio.syncfs(tfd)
+            steps = [step for t in at for step in t.steps]
+            conv.store.set_layer_states(steps)
+            for task in at:
+                task.steps.clear()
+            for step in steps:
+                conv.progress.step(step.layer_id, step.state, step.entries, step.seconds)
+
+    def _wave(self, conv: Conversion, trigger: str, tasks: List[LayerTask]) -> None:
+        """Take every task one step on; a heavy step's work runs in ``jobs`` workers meanwhile."""
+        if trigger in self.pooled_triggers and conv.jobs > 1 and len(tasks) > 1:
+            conv.store.release_connections()
+            with procs.pool(conv.jobs, [conv.lock_fd] if conv.lock_fd is not None else []) as pool:
+                _hand_out(pool, trigger, tasks, conv.jobs)
+                self._step_each(conv, trigger, tasks)
+        else:
+            self._step_each(conv, trigger, tasks)
+
+    def _step_each(self, conv: Conversion, trigger: str, tasks: List[LayerTask]) -> None:
+        for task in tasks:
+            started = time.monotonic()
+            try:
+                task.trigger(trigger)
+            except OSError as exc:
+                conv.store.set_layer_error(task.id, f"{task.state}: {exc}")
+                raise
+            for step in task.steps:
+                step.seconds = time.monotonic() - started
+
+    # -- rollback ---------------------------------------------------------------------------------------
+
+    def missing_layers(self, paths: Paths, store: Store) -> List[str]:
+        """Layers whose aufs data a rollback could not give back (it is nowhere any more)."""
+        return []
+
+    def undo_layers(self, paths: Paths, store: Store, progress: Reporter) -> None:
+        """Give aufs back what the conversion took from it, durably, before the new trees are removed."""
+
+
+def _ancestors(record: LayerRecord) -> List[str]:
+    return record.ancestors.split("\n") if record.ancestors else []
+
+
+def _start_progress(conv: Conversion, records: List[LayerRecord]) -> None:
+    surveyed = {i: s.entries for i, s in conv.surveys.items()}
+    done = [r for r in records if r.state != DISCOVERED]
+    conv.progress.start(len(records), sum(r.entries or surveyed.get(r.id, 0) for r in records),
+                        sum(r.state == COMMITTED for r in records), sum(r.entries for r in done))
+
+
+def _run_chunk(work: Sequence[Work]) -> List[Tuple[bool, Any]]:
+    """In a worker: each piece of work, its result or the OSError it raised (so the parent can tell which
+    layer failed, and the others of the chunk still count)."""
+    out = []
+    for fn, args in work:
+        try:
+            out.append((True, fn(*args)))
+        except OSError as exc:
+            out.append((False, exc))
+    return out
+
+
+def _hand_out(pool: concurrent.futures.ProcessPoolExecutor, trigger: str, tasks: List[LayerTask],
+              jobs: int) -> None:
+    """Submit every task's work in chunks, in order, and give each task a future of its own result."""
+    per_chunk = max(1, len(tasks) // (jobs * CHUNKS_PER_JOB))
+    for start in range(0, len(tasks), per_chunk):
+        chunk = tasks[start:start + per_chunk]
+        future = pool.submit(_run_chunk, [t.work(trigger) for t in chunk])
+        for i, task in enumerate(chunk):
+            task.handed_out = _Share(future, i)
+
+
+class _Share(concurrent.futures.Future):
+    """One task's result out of its chunk's future."""
+
+    def __init__(self, chunk: concurrent.futures.Future, index: int) -> None:
+        super().__init__()
+        self.chunk, self.index = chunk, index
+
+    def result(self, timeout: Optional[float] = None) -> Any:
+        ok, value = self.chunk.result(timeout)[self.index]
+        if not ok:
+            raise value
+        return value

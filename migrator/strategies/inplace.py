@@ -1,0 +1,121 @@
+"""The in-place strategy: each ``aufs/diff/<id>`` is renamed into the new tree and converted where it stands.
+
+No entry is copied or linked, so the cost is one rename per layer plus a read-only walk that finds the
+directories holding aufs whiteouts.  What it changes is aufs data, so before the whiteout wave changes
+anything every layer's journal is written (a copy in its stash, then one ``syncfs``, then the rows in one
+transaction); rollback undoes each journal and renames the layer back (``inplace_moves.py``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Tuple
+
+from migrations_state.machine import CONVERT_WHITEOUTS, DISCOVERED
+from migrations_state.schema import LayerRecord
+from migrations_state.store import Journal, Store
+from migrator.formats import overlay2
+from migrator.fs import fsio
+from migrator.paths import Paths
+from migrator.scan import survey
+from migrator.scan.findings import StepResult
+from migrator.strategies import inplace_journal, inplace_moves
+from migrator.strategies.base import Conversion, LayerTask, Strategy
+from migrator.ui.progress import Reporter
+
+
+class InPlaceTask(LayerTask):
+    """The link step moves ``aufs/diff/<id>`` into the tree; the whiteout step applies the layer's journal."""
+
+    def __init__(self, record: LayerRecord, paths: Paths, ancestor_links: List[str], store: Store,
+                 scanned: Optional[StepResult]) -> None:
+        super().__init__(record, paths, ancestor_links)
+        self.store = store
+        self.scanned = scanned
+        self.planned: Optional[tuple] = None  # (changes, dir times) journaled in this run
+
+    @property
+    def diff(self) -> str:
+        return overlay2.diff_dir(self.paths.temp_tree, self.id)
+
+    @property
+    def stash(self) -> str:
+        return os.path.join(self.paths.stash, self.id)
+
+    def build_tree(self) -> None:
+        if self.scanned is None:
+            self.scanned = survey.scan_layer(inplace_moves.diff_location(self.paths.aufs_diff, self.paths.temp_tree,
+                                                                         self.id))
+        inplace_moves.move_layer(self.paths.aufs_diff, self.paths.temp_tree, self.id)
+        self.result = self.scanned
+
+    def journal(self) -> Optional[Journal]:
+        """Plan this layer's changes in its whiteout directories and write their journal copy; the journal to
+        record, or None when the layer needs none.  Nothing is changed yet."""
+        self.planned = ([], [])
+        if not self.whiteout_dirs:
+            return None
+        changes, times, found = inplace_journal.plan_changes(self.diff, self.whiteout_dirs)
+        inplace_journal.write_journal_copy(self.stash, changes, times)
+        self.planned = (changes, times)
+        return Journal(self.id, *inplace_journal.rows_from_changes(self.id, changes, times), found.findings)
+
+    def convert_whiteouts_in_tree(self) -> None:
+        """Apply the journal: planned and recorded before this wave, or recorded by an earlier run."""
+        self.result = None
+        if self.planned is None:
+            self.planned = inplace_journal.changes_from_rows(*self.store.changes(self.id))
+        changes, times = self.planned
+        if changes:
+            inplace_moves.apply_changes(self.diff, self.stash, self.id, changes, times)
+
+
+class InPlaceStrategy(Strategy):
+    def layer_need(self, writable: bool, found: survey.LayerSurvey, block: int) -> Tuple[int, int]:
+        return (2, 2 * block) if found.whiteout_dirs else (0, 0)  # the layer's stash and its journal copy
+
+    def work_area_need(self, block: int) -> Tuple[int, int]:
+        return 1, block  # the stash directory
+
+    def task(self, record: LayerRecord, conv: Conversion, ancestor_links: List[str]) -> LayerTask:
+        return InPlaceTask(record, conv.paths, ancestor_links, conv.store, conv.surveys.get(record.id))
+
+    def prepare(self, conv: Conversion, pending: List[LayerRecord]) -> None:
+        """Walk, read-only and in ``jobs`` processes, the layers still to move that the plan did not walk."""
+        p = conv.paths
+        todo = [r.id for r in pending if r.state == DISCOVERED and r.id not in conv.surveys]
+        where = [inplace_moves.diff_location(p.aufs_diff, p.temp_tree, i) for i in todo]
+        conv.store.release_connections()
+        close = [conv.lock_fd] if conv.lock_fd is not None else []
+        conv.surveys.update(zip(todo, survey.scan_layers(where, [False] * len(where), conv.jobs, close)))
+
+    def before_wave(self, conv: Conversion, trigger: str, tasks: List[LayerTask]) -> None:
+        """Every journal of the wave before it changes anything: the copies written, one ``syncfs``, one
+        transaction.  A layer whose journal an earlier run recorded reads it back in its whiteout step."""
+        if trigger != CONVERT_WHITEOUTS:
+            return
+        journaled = set(conv.store.journaled_layers())
+        journals = [j for j in (t.journal() for t in tasks if t.id not in journaled) if j is not None]
+        if journals:
+            fd = fsio.open_dir(conv.paths.temp_tree)
+            try:
+                fsio.syncfs(fd)
+            finally:
+                os.close(fd)
+            conv.store.record_journals(journals)
+
+    def missing_layers(self, paths: Paths, store: Store) -> List[str]:
+        """Layers whose data is nowhere (an engine removed them after completion)."""
+        return [r.id for r in store.layers()
+                if not fsio.lexists(os.path.join(paths.aufs_diff, r.id))
+                and not fsio.lexists(inplace_moves.moved_location((paths.temp_tree, paths.tree), r.id))]
+
+    def undo_layers(self, paths: Paths, store: Store, progress: Reporter) -> None:
+        """Undo each layer's journal and rename it back into ``aufs/diff``, then sync; only then may the new
+        trees, now free of aufs data, be removed."""
+        for record in reversed(store.layers()):
+            changes, times = inplace_journal.changes_from_rows(*store.changes(record.id))
+            diff = inplace_moves.moved_location((paths.temp_tree, paths.tree), record.id)
+            inplace_moves.undo_layer(paths.aufs_diff, diff, os.path.join(paths.stash, record.id), record.id,
+                                     changes, times, (record.atime_ns, record.mtime_ns), progress)
+        inplace_moves.sync_moved_back(paths)

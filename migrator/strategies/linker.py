@@ -1,0 +1,183 @@
+"""The hardlink strategy's two heavy layer steps: rebuild a layer's tree beside aufs by hardlinking every
+entry, then turn its aufs whiteouts into overlay2's.  aufs data is only read here.
+
+Each step is idempotent (re-running it after a cut-off converges to the same result) and leaves the
+durability to its caller, which syncs the filesystem once for a wave of layers before it records them.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from typing import Dict, List, Sequence, Tuple
+
+import xattr
+
+from migrator import checkpoints
+from migrator.formats import aufs, overlay2
+from migrator.fs import fsio, tree
+from migrator.scan.findings import StepResult
+
+
+def build_layer_tree(src_dir: str, tree_root: str, layer_id: str, copy: bool = False) -> StepResult:
+    """Step ``discovered → linked``: rebuild ``<tree>/<id>/diff`` from scratch, hardlinking every entry
+    (``copy``: copying it with its metadata, for a container's writable layer, which overlay2 changes in place).
+
+    Whiteouts and aufs internals are left out here; the directories holding whiteouts or opaque markers are
+    listed in the result, for the next step to convert (and to give their times, which a new whiteout device
+    changes).  Every other directory gets its times here, bottom-up.  A partial tree from an earlier, cut-off
+    attempt is removed first, which is what makes the step idempotent.
+    """
+    result = StepResult()
+    tfd = fsio.open_dir(tree_root)
+    try:
+        fsio.remove_tree(os.path.join(tree_root, layer_id))
+        os.mkdir(layer_id, 0o700, dir_fd=tfd)
+        os.chmod(layer_id, overlay2.LAYER_DIR_MODE, dir_fd=tfd)
+        lfd = fsio.open_dir(layer_id, tfd)
+        try:
+            os.mkdir(overlay2.DIFF, 0o700, dir_fd=lfd)
+            src_fd = fsio.open_dir(src_dir, noatime=True)
+            try:
+                dst_fd = fsio.open_dir(overlay2.DIFF, lfd)
+                try:
+                    carry = _Copier(dst_fd, result) if copy else _link_entry
+                    visit, leave = _linker(result, carry)
+                    tree.walk_pair(src_fd, dst_fd, visit, leave, label=f"link {layer_id}")
+                finally:
+                    os.close(dst_fd)
+            finally:
+                os.close(src_fd)
+        finally:
+            os.close(lfd)
+    finally:
+        os.close(tfd)
+    return result
+
+
+def _linker(result: StepResult, carry):
+    converting = set()  # directories left for the whiteout step, which sets their times
+
+    def visit(s_fd: int, d_fd: int, rel: bytes) -> List[str]:
+        for dropped in tree.copy_dir_meta(s_fd, d_fd):
+            result.note("dropped-overlay-xattr", rel, dropped.decode("ascii", "replace"))
+        subdirs = []
+        has_whiteouts = False
+        with os.scandir(s_fd) as it:
+            for entry in it:
+                name = entry.name
+                kind = aufs.whiteout_kind(name)
+                if kind is not None:
+                    if kind == aufs.INTERNAL:
+                        result.note("dropped-aufs-internal", rel, name)
+                    else:
+                        has_whiteouts = True
+                    continue
+                result.entries += 1
+                if entry.is_dir(follow_symlinks=False):
+                    subdirs.append(name)
+                    continue
+                result.note_zero_device(entry, rel)
+                carry(s_fd, d_fd, name, rel, result)
+        for name in subdirs:
+            os.mkdir(name, 0o700, dir_fd=d_fd)
+        if has_whiteouts:
+            result.whiteout_dirs.append(rel)
+            converting.add(rel)
+        return subdirs
+
+    def leave(s_fd: int, d_fd: int, rel: bytes) -> None:
+        if rel not in converting:
+            tree.copy_dir_times(s_fd, d_fd)
+
+    return visit, leave
+
+
+def _link_entry(s_fd: int, d_fd: int, name: str, rel: bytes, result: StepResult) -> None:
+    """Hardlink without following a symlink (``follow_symlinks=False``: linkat without AT_SYMLINK_FOLLOW)."""
+    try:
+        os.link(name, name, src_dir_fd=s_fd, dst_dir_fd=d_fd, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno != errno.EMLINK:
+            raise
+        tree.copy_entry(s_fd, d_fd, name)
+        result.note("copied-link-limit", rel, name)
+
+
+class _Copier:
+    """Copies entries of a writable layer, keeping its hardlink groups: the second name of an inode is
+    linked to the first copy (by its path below the layer root, through directories this step created)."""
+
+    def __init__(self, root_fd: int, result: StepResult) -> None:
+        self.root_fd = root_fd
+        self.first_copy: Dict[Tuple[int, int], bytes] = {}
+        result.note("copied-writable-layer", b"")
+
+    def __call__(self, s_fd: int, d_fd: int, name: str, rel: bytes, result: StepResult) -> None:
+        st = os.stat(name, dir_fd=s_fd, follow_symlinks=False)
+        key = (st.st_dev, st.st_ino)
+        here = (rel + b"/" + os.fsencode(name)).lstrip(b"/")
+        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode) and key in self.first_copy:
+            os.link(self.first_copy[key], name, src_dir_fd=self.root_fd, dst_dir_fd=d_fd, follow_symlinks=False)
+            return
+        tree.copy_entry(s_fd, d_fd, name)
+        if st.st_nlink > 1:
+            self.first_copy[key] = here
+
+
+def convert_whiteouts(src_dir: str, tree_root: str, layer_id: str, whiteout_dirs: Sequence[bytes]) -> StepResult:
+    """Step ``linked → whiteouts-converted``: in each directory the link step listed, aufs whiteouts become 0/0
+    character devices and an opaque marker becomes ``trusted.overlay.opaque=y``; then the directory gets its
+    times (creating a device changed its mtime).  Existing devices and xattrs are accepted, so a re-run
+    converges.  Directories are reached component by component with ``O_NOFOLLOW``.
+    """
+    result = StepResult()
+    if not whiteout_dirs:
+        return result
+    src_root = fsio.open_dir(src_dir, noatime=True)
+    try:
+        dst_root = fsio.open_dir(overlay2.diff_dir(tree_root, layer_id))
+        try:
+            for rel in whiteout_dirs:
+                s_fd = tree.open_path(src_root, rel, noatime=True)
+                try:
+                    d_fd = tree.open_path(dst_root, rel)
+                    try:
+                        _convert_dir(s_fd, d_fd, rel, result)
+                        tree.copy_dir_times(s_fd, d_fd)
+                    finally:
+                        os.close(d_fd)
+                finally:
+                    os.close(s_fd)
+                checkpoints.reached(f"converted whiteouts {layer_id}")
+        finally:
+            os.close(dst_root)
+    finally:
+        os.close(src_root)
+    return result
+
+
+def _convert_dir(s_fd: int, d_fd: int, rel: bytes, result: StepResult) -> None:
+    with os.scandir(s_fd) as it:
+        kinds = {entry.name: entry.is_dir(follow_symlinks=False) for entry in it}
+    for name in kinds:
+        kind = aufs.whiteout_kind(name)
+        if kind == aufs.OPAQUE:
+            xattr.set(d_fd, overlay2.OPAQUE_XATTR, b"y")
+            result.entries += 1
+        elif kind == aufs.WHITEOUT:
+            target = aufs.whiteout_target(name)
+            if target in ("", ".", ".."):
+                result.note("ignored-bad-whiteout", rel, name)
+            elif target in kinds:
+                # The layer holds both <name> and .wh.<name>: its own entry stays; for a directory that means
+                # nothing below shows through, i.e. an opaque directory.
+                if kinds[target]:
+                    overlay2.set_opaque_child(d_fd, target)
+                result.note("whiteout-beside-entry", rel, name)
+            else:
+                st = os.stat(name, dir_fd=s_fd, follow_symlinks=False)
+                overlay2.make_whiteout_device(d_fd, target, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+                                              (st.st_atime_ns, st.st_mtime_ns))
+            result.entries += 1

@@ -1,0 +1,47 @@
+"""The strategies, by name: the one place (with the CLI's choices) that names them.
+
+Looking a name up imports nothing heavy; ``get`` imports the strategy's module only when it is needed, so the
+CLI can ask ``walks_first`` before SQLAlchemy is imported (``fs/prescan.py``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Dict, NamedTuple
+
+if TYPE_CHECKING:
+    from migrator.strategies.base import Strategy
+
+
+class Registered(NamedTuple):
+    module: str
+    cls: str
+    walks_first: bool  # its conversion starts from a walk of every layer: the CLI starts it early
+    frugal: bool  # needs a few inodes and blocks per layer, not per entry: what to suggest on a full disk
+
+
+DEFAULT = "hardlink"
+STRATEGIES: Dict[str, Registered] = {
+    "hardlink": Registered("migrator.strategies.hardlink", "HardlinkStrategy", walks_first=False, frugal=False),
+    "inplace": Registered("migrator.strategies.inplace", "InPlaceStrategy", walks_first=True, frugal=True),
+}
+NAMES = tuple(STRATEGIES)
+
+
+def walks_first(name: str) -> bool:
+    return name in STRATEGIES and STRATEGIES[name].walks_first
+
+
+def frugal_alternative(name: str) -> "str | None":
+    """The strategy to suggest when ``name`` needs more room than there is (None: ``name`` is the frugal one)."""
+    if STRATEGIES[name].frugal:
+        return None
+    return next((n for n, entry in STRATEGIES.items() if entry.frugal), None)
+
+
+def get(name: str) -> "Strategy":
+    """The strategy called ``name`` (a name from ``NAMES``)."""
+    entry = STRATEGIES[name]
+    strategy = getattr(importlib.import_module(entry.module), entry.cls)()
+    strategy.name = name
+    return strategy
