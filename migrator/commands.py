@@ -26,11 +26,12 @@ from migrations_state.machine import (
     SWITCHING,
 )
 from migrations_state.schema import RunRecord
+from migrations_state.store import Store
 from migrator import sample
 from migrator.checks import consistency, contentcheck, engine
 from migrator.checks import plan as planner
 from migrator.checks import verify as verifier
-from migrator.errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, EXIT_USAGE, MigratorError, Refused
+from migrator.errors import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, MigratorError, Refused
 from migrator.formats import engineconfig
 from migrator.fs import fsio
 from migrator.paths import Paths
@@ -47,16 +48,6 @@ from migrator.ui.progress import Reporter
 
 def _say(msg: str) -> None:
     print(msg, flush=True)
-
-
-def _pidfiles(pidfiles: Optional[Sequence[str]]) -> Sequence[str]:
-    return pidfiles if pidfiles is not None else engine.DEFAULT_PIDFILES
-
-
-def _refuse_running_engine(paths: Paths, pidfiles: Optional[Sequence[str]]) -> None:
-    signs = engine.running_engine(paths.root, _pidfiles(pidfiles))
-    if signs:
-        raise Refused(f"an engine is using {paths.root} ({signs[0]}); stop it first")
 
 
 def _fresh(run: Optional[RunRecord]) -> bool:
@@ -77,7 +68,7 @@ def plan(root: str, state_db: Optional[str] = None, strategy: Optional[str] = No
     if consistency.nothing_to_migrate(paths):
         _say(f"nothing to migrate: {paths.root} has no aufs/")
         return EXIT_OK
-    result = planner.make_plan(paths, strategy or registry.DEFAULT, _pidfiles(engine_pidfiles), jobs,
+    result = planner.make_plan(paths, strategy or registry.DEFAULT, engine.pidfiles_or_default(engine_pidfiles), jobs,
                                accept_missing_storage=accept_missing_storage)
     if content_check and result.discovery is not None:
         proofs, seconds = contentcheck.check(paths, "aufs", jobs, _terminal_progress())
@@ -103,11 +94,11 @@ def run(root: str, state_db: Optional[str] = None, engine_pidfiles: Optional[Seq
             _say(f"nothing to migrate: {paths.root} has no aufs/")
             return EXIT_OK
         _refuse_mixed_strategy(recorded, strategy)
-        _refuse_running_engine(paths, engine_pidfiles)
+        engine.refuse_if_running(paths.root, engine_pidfiles)
 
         def checked_plan() -> planner.Plan:
-            return start.checked_plan(paths, strategy or registry.DEFAULT, _pidfiles(engine_pidfiles), jobs,
-                                      progress, engine_config, accept_missing_storage, early)
+            return start.checked_plan(paths, strategy or registry.DEFAULT, engine.pidfiles_or_default(engine_pidfiles),
+                                      jobs, progress, engine_config, accept_missing_storage, early)
 
         new_plan = checked_plan() if _fresh(recorded) else None  # before the lock: a refusal writes nothing
         with lock.locked_store(paths) as held:
@@ -177,7 +168,7 @@ def rollback(root: str, state_db: Optional[str] = None, force: bool = False,
             return _rollback_without_state(paths, force, engine_pidfiles, progress, str(exc))
         if recorded is None:
             return _rollback_without_state(paths, force, engine_pidfiles, progress, None)
-        _refuse_running_engine(paths, engine_pidfiles)
+        engine.refuse_if_running(paths.root, engine_pidfiles)
         with lock.locked_store(paths) as held:
             store = _held_store(held, paths)
             phase = store.run().phase
@@ -205,14 +196,8 @@ def rollback(root: str, state_db: Optional[str] = None, force: bool = False,
     return EXIT_OK
 
 
-def _held_store(held: Held, paths: Paths):
-    if held.store is None:
-        raise MigratorError(f"the state database {paths.state_db} went away while waiting for the lock; run again")
-    return held.store
-
-
-def _rollback_without_state(paths: Paths, force: bool, engine_pidfiles, progress: Reporter,
-                            problem: Optional[str]) -> int:
+def _rollback_without_state(paths: Paths, force: bool, engine_pidfiles: Optional[Sequence[str]],
+                            progress: Reporter, problem: Optional[str]) -> int:
     """No usable state database: with --force, rebuild the aufs root from what is on disk."""
     if not fsio.lexists(paths.aufs):
         _say(f"nothing to roll back: {paths.root} has no aufs/")
@@ -223,21 +208,18 @@ def _rollback_without_state(paths: Paths, force: bool, engine_pidfiles, progress
     if not force:
         raise Refused(f"{problem or 'no state database at ' + paths.state_db}; "
                       "'aufs2overlay rollback --force' rebuilds the aufs root from what is on disk")
-    _refuse_running_engine(paths, engine_pidfiles)
+    engine.refuse_if_running(paths.root, engine_pidfiles)
     with lock.root_lock(paths):
-        if fsio.lexists(paths.state_db):
-            unusable = f"{paths.state_db}.unusable"
-            os.replace(paths.state_db, unusable)
-            fsio.fsync_path(os.path.dirname(paths.state_db))
-            progress(f"moved the unusable state database to {unusable}")
-        lock.remove_state_db(paths.state_db)
-        try:
-            recovery.rollback_from_disk(paths, progress)
-        except OSError as exc:
-            raise MigratorError(f"{exc}; fix the cause and run 'rollback --force' again") from exc
+        recovery.rollback_without_state(paths, progress)
     _say(f"rolled back from disk: {paths.root} is on aufs (directory times could not be restored without the "
          "state database)")
     return EXIT_OK
+
+
+def _held_store(held: Held, paths: Paths) -> Store:
+    if held.store is None:
+        raise MigratorError(f"the state database {paths.state_db} went away while waiting for the lock; run again")
+    return held.store
 
 
 def cleanup(root: str, state_db: Optional[str] = None, engine_pidfiles: Optional[Sequence[str]] = None,
@@ -250,7 +232,7 @@ def cleanup(root: str, state_db: Optional[str] = None, engine_pidfiles: Optional
             raise Refused(f"no migration state at {paths.state_db}; cleanup only follows a completed run")
         if recorded.phase not in FINISHED:
             raise Refused(f"the migration is {recorded.phase}, not completed; cleanup would destroy the only copy")
-        _refuse_running_engine(paths, engine_pidfiles)
+        engine.refuse_if_running(paths.root, engine_pidfiles)
         with lock.locked_store(paths) as held:
             migration = Migration(Conversion(paths, _held_store(held, paths), progress, lock_fd=held.lock_fd))
             try:
@@ -279,7 +261,7 @@ def verify(root: str, state_db: Optional[str] = None, content_check: bool = Fals
     ``content_check``, every image layer's bytes against its digest (no state database needed)."""
     paths = Paths.checked(root, state_db)
     if content_check:
-        return _verify_content(paths, as_json, jobs)
+        return contentcheck.verify_overlay2(paths, as_json, jobs, _terminal_progress())
     if as_json:
         raise MigratorError("--json goes with --content", EXIT_USAGE)
     store = lock.open_store(paths)
@@ -296,19 +278,6 @@ def verify(root: str, state_db: Optional[str] = None, content_check: bool = Fals
         return 1
     print("verify: ok")
     return EXIT_OK
-
-
-def _verify_content(paths: Paths, as_json: bool, jobs: int) -> int:
-    if not fsio.lexists(paths.image_overlay2):
-        raise Refused(f"{paths.root} has no image/overlay2/: nothing is migrated yet ('aufs2overlay plan --content' "
-                      "checks the layers on aufs)")
-    proofs, seconds = contentcheck.check(paths, "overlay2", jobs, _terminal_progress())
-    if as_json:
-        print(json.dumps({"root": paths.root, "side": "overlay2", **contentcheck.summary(proofs, seconds)},
-                         indent=2, sort_keys=True))
-    else:
-        print("\n".join(contentcheck.lines(proofs, seconds)))
-    return EXIT_FAILED if any(p.status == "failed" for p in proofs) else EXIT_OK
 
 
 def demo(keep: bool = False) -> int:

@@ -275,8 +275,7 @@ def content_timing(args: argparse.Namespace) -> int:
     """``verify --content`` of a migrated benchmark root against ``cat`` of the same files (the payloads its
     tar-splits name, each once), alternating, warm page cache, every round printed."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    from migrator.checks import content
-    from migrator.formats import tarsplit
+    from migrator.formats import images, tarsplit
 
     shutil.rmtree(args.workdir, ignore_errors=True)
     root = os.path.join(args.workdir, "docker")
@@ -302,9 +301,9 @@ def content_timing(args: argparse.Namespace) -> int:
     files = os.path.join(args.workdir, "files")
     total = 0
     with open(files, "wb") as out:
-        for layer in content.image_layers(os.path.join(root, "image", "overlay2")):
+        for layer in images.image_layers(os.path.join(root, "image", "overlay2")):
             diff = os.path.join(root, "overlay2", layer.cache_id, "diff")
-            for entry in content._entries(layer.tar_split):
+            for entry in tarsplit.entries(layer.tar_split):
                 if entry.get("type") == 1 and entry.get("size"):
                     name = base64.b64decode(entry["name_raw"]) if entry.get("name_raw") else entry["name"].encode()
                     out.write(os.path.join(os.fsencode(diff), name) + b"\0")

@@ -53,7 +53,7 @@ def template(tmp_path_factory):
 def reference(template, strategy, tmp_path_factory):
     """An uninterrupted run of the template with ``strategy``: the tree it made, the checkpoints it passed, how
     long it took.  (Both strategies make the same tree: test_convert checks that.)"""
-    from tests.signature import tree_signature
+    from tests.support.signature import tree_signature
 
     root = str(tmp_path_factory.mktemp("reference") / "docker")
     subprocess.run(["cp", "-a", template, root], check=True)

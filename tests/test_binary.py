@@ -14,13 +14,13 @@ import tempfile
 
 import pytest
 
-import tests.dockerd as dk
+import tests.support.dockerd as dk
 from migrator import __version__
 from tests.conftest import cli, needs_root, unpack_fixture
-from tests.signature import tree_signature
-from tests.test_convert import assert_chains_match, aufs_views, whole_root
-from tests.test_engine import assert_balena_root_runs
-from tests.test_hostile import c_awkward_names, c_special_files, c_symlinks_out
+from tests.support.dockerd import assert_balena_root_runs
+from tests.support.hostile import c_awkward_names, c_special_files, c_symlinks_out
+from tests.support.rootstate import assert_chains_match, aufs_views, whole_root
+from tests.support.signature import tree_signature
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)

@@ -7,50 +7,13 @@ import stat
 
 import pytest
 
-from tests.aufsview import aufs_view
-from tests.conftest import STRATEGIES, WORKDIR, cli, needs_root, run_args
-from tests.manifest import diff_manifests, link_groups, manifest
-from tests.overlaymount import mounted_chain
-from tests.signature import tree_signature
+from tests.conftest import STRATEGIES, cli, needs_root, run_args
+from tests.support.manifest import diff_manifests, link_groups, manifest
+from tests.support.overlaymount import mounted_chain
+from tests.support.rootstate import assert_chains_match, aufs_chains, aufs_side, aufs_views, whole_root
+from tests.support.signature import tree_signature
 
 pytestmark = needs_root
-
-
-def aufs_chains(root):
-    layers_dir = os.path.join(root, "aufs", "layers")
-    chains = {}
-    for lid in os.listdir(os.path.join(root, "aufs", "diff")):
-        lfile = os.path.join(layers_dir, lid)
-        if not os.path.exists(lfile):
-            continue
-        with open(lfile) as f:
-            ancestors = [line for line in f.read().split("\n") if line]
-        chains[lid] = [os.path.join(root, "aufs", "diff", x) for x in [lid] + ancestors]
-    return chains
-
-
-def aufs_views(root):
-    """What aufs shows for every layer's chain, read before the run (the in-place strategy moves the data)."""
-    chains = aufs_chains(root)
-    assert chains, "no layers to check"
-    return {lid: aufs_view(chain) for lid, chain in chains.items()}
-
-
-def assert_chains_match(root, views):
-    tree = os.path.join(root, "overlay2")
-    for lid, expected in views.items():
-        with mounted_chain(tree, lid) as mnt:
-            got = manifest(mnt)
-        assert got == expected, f"layer {lid}: {diff_manifests(expected, got)}"
-
-
-def aufs_side(root):
-    return {"aufs": manifest(os.path.join(root, "aufs")),
-            "image/aufs": manifest(os.path.join(root, "image", "aufs"))}
-
-
-def whole_root(root):
-    return manifest(root, skip={WORKDIR}), link_groups(root, skip={WORKDIR})
 
 
 def migrate_and_check(root, strategy):

@@ -9,19 +9,12 @@ import time
 
 import pytest
 
-from tests.conftest import WORKDIR, cli, needs_root, run_args
-from tests.manifest import diff_manifests, link_groups, manifest
-from tests.signature import tree_signature
+from tests.conftest import cli, needs_root, run_args
+from tests.support.manifest import diff_manifests
+from tests.support.rootstate import whole_root
+from tests.support.signature import tree_signature
 
 pytestmark = needs_root
-
-
-
-def root_state(root):
-    """The whole engine root but the migrator's own work area (its state database and lock), with the hardlink
-    groups among its files (the in-place strategy moves aufs whiteouts that are links of one another)."""
-    return manifest(root, skip={WORKDIR}), link_groups(root, skip={WORKDIR})
-
 
 
 
@@ -62,7 +55,7 @@ def test_rollback_at_every_phase_restores_the_exact_root(template, reference, tm
     assert len(picks) >= 12
     for n in picks:
         root = fresh(template, tmp_path)
-        before = root_state(root)
+        before = whole_root(root)
         kill_at(root, n, reference["strategy"])
         res = cli("rollback", "--root", root, "--engine-pidfile", "/nonexistent", "-q")
         if reference["labels"][n - 1] == "recorded phase completed":
@@ -70,7 +63,7 @@ def test_rollback_at_every_phase_restores_the_exact_root(template, reference, tm
             cli("rollback", "--root", root, "--engine-pidfile", "/nonexistent", "--force", "-q", check=0)
         else:
             assert res.returncode == 0, res.stderr
-        after = root_state(root)
+        after = whole_root(root)
         assert after == before, f"checkpoint {n} ({reference['labels'][n - 1]}): {diff_manifests(before[0], after[0])}"
         recorded = n >= reference["labels"].index("recorded discovery") + 1
         assert cli("status", "--root", root).returncode == (6 if recorded else 0)
@@ -78,13 +71,13 @@ def test_rollback_at_every_phase_restores_the_exact_root(template, reference, tm
 
 def test_rollback_after_completion_needs_force(template, strategy, tmp_path):
     root = fresh(template, tmp_path)
-    before = root_state(root)
+    before = whole_root(root)
     cli(*run_args(root, strategy=strategy), check=0)
     res = cli("rollback", "--root", root, "--engine-pidfile", "/nonexistent")
     assert res.returncode == 3 and "--force" in res.stderr
     assert os.path.isdir(os.path.join(root, "overlay2"))
     cli("rollback", "--root", root, "--engine-pidfile", "/nonexistent", "--force", check=0)
-    assert root_state(root) == before
+    assert whole_root(root) == before
     # After a rollback, run starts over and completes.
     cli(*run_args(root, strategy=strategy), check=0)
     cli("verify", "--root", root, check=0)
@@ -153,8 +146,8 @@ def test_every_checkpoint_resume_and_rollback(template, reference, tmp_path):
         assert tree_signature(root) == reference["signature"], f"resume after checkpoint {n} {labels[n - 1]}"
 
         root = fresh(template, tmp_path, "rollback")
-        before = root_state(root)
+        before = whole_root(root)
         kill_at(root, n, reference["strategy"])
         cli("rollback", "--root", root, "--engine-pidfile", "/nonexistent", "--force", "-q", check=0)
-        after = root_state(root)
+        after = whole_root(root)
         assert after == before, f"rollback after checkpoint {n} {labels[n - 1]}: {diff_manifests(before[0], after[0])}"

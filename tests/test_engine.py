@@ -2,7 +2,7 @@
 
 1. A private dockerd (overlay2) builds images with real RUN steps and makes containers; everything an engine
    can tell about them is recorded; the engine stops.
-2. The root is turned into the root the aufs driver would have written (tests/aufsbuilder.py).
+2. The root is turned into the root the aufs driver would have written (tests/support/aufsbuilder.py).
 3. ``aufs2overlay run`` migrates it; dockerd starts on it with overlay2 and must see the same things.
 4. The engine stops; ``rollback --force`` gives back the aufs root exactly as built in step 2.
 
@@ -11,7 +11,6 @@ The tests in this module run in order and share one engine root.
 
 import hashlib
 import io
-import json
 import os
 import shutil
 import subprocess
@@ -20,10 +19,11 @@ import tempfile
 
 import pytest
 
-from tests import dockerd as dk
-from tests.aufsbuilder import build_aufs_root
 from tests.conftest import STRATEGIES, WORKDIR, cli, unpack_fixture
-from tests.manifest import diff_manifests, link_groups, manifest
+from tests.support import dockerd as dk
+from tests.support.aufsbuilder import build_aufs_root
+from tests.support.dockerd import assert_balena_root_runs, saved_layer_digests
+from tests.support.manifest import diff_manifests, link_groups, manifest
 
 pytestmark = [pytest.mark.engine, pytest.mark.skipif(dk.available() is not None, reason=str(dk.available()))]
 
@@ -63,16 +63,6 @@ def export_listing(data: bytes):
 def image_ids(engine):
     lines = engine.out("image", "ls", "-a", "--no-trunc", "--format", "{{.ID}} {{.Repository}}:{{.Tag}}")
     return sorted(lines.splitlines())
-
-
-def saved_layer_digests(engine, ref):
-    """sha256 of each layer tar of ``docker save``, and the image's rootfs.diff_ids."""
-    data = engine.docker("save", ref).stdout
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        manifest_ = json.load(tar.extractfile("manifest.json"))[0]
-        config = json.load(tar.extractfile(manifest_["Config"]))
-        digests = ["sha256:" + hashlib.sha256(tar.extractfile(p).read()).hexdigest() for p in manifest_["Layers"]]
-    return data, digests, config["rootfs"]["diff_ids"]
 
 
 def make_base_rootfs(dest):
@@ -294,20 +284,3 @@ def test_real_balena_root_runs_on_dockerd(tmp_path, strategy):
         shutil.rmtree(root, ignore_errors=True)
 
 
-def assert_balena_root_runs(root):
-    """A real dockerd on the migrated balena root: both images there, `docker save` gives the layer digests
-    (diff ids), and a container sees the files the Dockerfile left (SPEC.md, "A real aufs root")."""
-    engine = dk.Dockerd(root)
-    try:
-        engine.start()
-        repos = engine.out("image", "ls", "--format", "{{.Repository}}").split()
-        assert "a2o-test" in repos and "busybox" in repos
-        _data, digests, diff_ids = saved_layer_digests(engine, "a2o-test")
-        assert digests == diff_ids
-        out = engine.out("run", "--rm", "a2o-test", "sh", "-c",
-                         "ls /tmp/f1 2>&1; ls -A /tmp/d1; ls /tmp/hlkn /tmp/slkn; readlink /tmp/slkn")
-        lines = out.splitlines()
-        assert "No such file" in lines[0]
-        assert lines[1:] == ["d1f2", "/tmp/hlkn", "/tmp/slkn", "/tmp/d1/d1f2"]
-    finally:
-        engine.cleanup()

@@ -13,23 +13,15 @@ import time
 import pytest
 
 from tests.conftest import WORKDIR, cli, run_args
-from tests.loopfs import LoopFS, can_loop
-from tests.manifest import diff_manifests, link_groups, manifest
-from tests.signature import tree_signature
-from tests.test_power_cut import wait_stopped
+from tests.support.loopfs import LoopFS, can_loop
+from tests.support.manifest import diff_manifests, manifest
+from tests.support.rootstate import aufs_side, wait_stopped, whole_root
+from tests.support.signature import tree_signature
 
 pytestmark = pytest.mark.skipif(can_loop() is not None, reason=str(can_loop()))
 
 
 
-
-
-def aufs_side(root):
-    return (manifest(os.path.join(root, "aufs")), manifest(os.path.join(root, "image", "aufs")))
-
-
-def whole_root(root):
-    return manifest(root, skip={WORKDIR}), link_groups(root, skip={WORKDIR})
 
 
 def untouched_or_undone(root, strategy, before, whole):

@@ -16,9 +16,9 @@ import sys
 
 import pytest
 
-import tests.dockerd as dk
+import tests.support.dockerd as dk
 from tests.conftest import WORKDIR, cli, needs_root, unpack_fixture
-from tests.manifest import manifest
+from tests.support.manifest import manifest
 
 pytestmark = [needs_root, pytest.mark.engine,
               pytest.mark.skipif(dk.available() is not None, reason=str(dk.available()))]

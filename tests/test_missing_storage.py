@@ -15,8 +15,8 @@ import pytest
 
 from migrator import sample
 from tests.conftest import cli, needs_root, run_args, unpack_fixture
-from tests.manifest import manifest
-from tests.test_convert import assert_chains_match, aufs_views, whole_root
+from tests.support.manifest import manifest
+from tests.support.rootstate import assert_chains_match, aufs_views, whole_root
 
 pytestmark = needs_root
 

@@ -12,18 +12,15 @@ import sys
 import pytest
 
 from tests import benchmark
-from tests.conftest import STRATEGIES, WORKDIR, cli, needs_root, run_args
-from tests.errorcatalog import messages
-from tests.loopfs import LoopFS, can_loop
-from tests.manifest import link_groups, manifest
+from tests.conftest import STRATEGIES, cli, needs_root, run_args
+from tests.support.errorcatalog import messages
+from tests.support.loopfs import LoopFS, can_loop
+from tests.support.manifest import manifest
+from tests.support.rootstate import whole_root
 
 pytestmark = needs_root
 DOCS = os.path.join(os.path.dirname(__file__), "..", "docs")
 STAMP = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00 "
-
-
-def whole(root):
-    return manifest(root, skip={WORKDIR}), link_groups(root, skip={WORKDIR})
 
 
 def in_terminal(*args):
@@ -49,7 +46,7 @@ def in_terminal(*args):
 
 
 def test_plan_changes_nothing_and_says_yes(sample_root):
-    before = whole(sample_root)
+    before = whole_root(sample_root)
     res = cli("plan", "--root", sample_root, "--engine-pidfile", "/nonexistent")
     assert res.returncode == 0, res.stderr
     for label in ("engine root:", "strategy:       hardlink", "engine running: no", "images:         2",
@@ -57,7 +54,7 @@ def test_plan_changes_nothing_and_says_yes(sample_root):
                   "overlay probe:  d_type yes, trusted.* xattrs yes, whiteout devices yes, mount yes",
                   "verdict:        yes"):
         assert label in res.stdout, res.stdout
-    assert whole(sample_root) == before  # the probe's directory is gone and the root's times are back
+    assert whole_root(sample_root) == before  # the probe's directory is gone and the root's times are back
     assert not os.path.exists(os.path.join(sample_root, ".aufs2overlay"))
 
 
@@ -95,7 +92,7 @@ def test_plan_says_no_for_too_few_inodes_and_run_refuses(template, tmp_path):
     try:
         root = os.path.join(disk.mountpoint, "docker")
         subprocess.run(["cp", "-a", template, root], check=True)
-        before = whole(root)
+        before = whole_root(root)
         filler = os.path.join(disk.mountpoint, "filler")
         os.mkdir(filler)
         i = 0
@@ -106,7 +103,7 @@ def test_plan_says_no_for_too_few_inodes_and_run_refuses(template, tmp_path):
         assert res.returncode == 3 and "not enough free inodes" in res.stdout and "inplace" in res.stdout
         res = cli(*run_args(root))
         assert res.returncode == 3 and "not enough free inodes" in res.stderr and "'aufs2overlay plan'" in res.stderr
-        assert whole(root) == before
+        assert whole_root(root) == before
         # The in-place strategy fits where the hardlink one does not.
         assert cli("plan", "--root", root, "--engine-pidfile", "/nonexistent", "--strategy", "inplace").returncode == 0
         cli(*run_args(root, strategy="inplace"), check=0)
@@ -256,10 +253,10 @@ def test_set_engine_config_is_switched_and_rolled_back(sample_root, tmp_path):
 def test_unusable_engine_config_is_refused_before_anything(sample_root, tmp_path):
     config = tmp_path / "daemon.json"
     config.write_bytes(b"{not json")
-    before = whole(sample_root)
+    before = whole_root(sample_root)
     res = cli(*run_args(sample_root, "--set-engine-config", str(config)))
     assert res.returncode == 3 and "is not valid JSON" in res.stderr
-    assert whole(sample_root) == before
+    assert whole_root(sample_root) == before
 
 
 # -- docs -------------------------------------------------------------------------------------------------------

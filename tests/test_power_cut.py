@@ -9,14 +9,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from tests.conftest import WORKDIR, run_args
-from tests.loopfs import LoopFS, can_loop
-from tests.manifest import diff_manifests, link_groups, manifest
-from tests.signature import tree_signature
+from tests.support.loopfs import LoopFS, can_loop
+from tests.support.manifest import diff_manifests, link_groups, manifest
+from tests.support.rootstate import wait_stopped
+from tests.support.signature import tree_signature
 
 pytestmark = [pytest.mark.skipif(can_loop() is not None, reason=str(can_loop())), pytest.mark.slow]
 
@@ -45,20 +45,6 @@ def migrator_cmd(bad_writer=False):
 
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "migrator", *args], capture_output=True, text=True)
-
-
-def wait_stopped(proc, timeout=60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"migrator exited ({proc.returncode}) before its stop point")
-        with open(f"/proc/{proc.pid}/stat") as f:
-            if f.read().rsplit(")", 1)[1].split()[0] == "T":
-                return
-        time.sleep(0.01)
-    raise AssertionError("migrator never stopped")
-
-
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 
 from migrator import sample
 from tests.conftest import cli, needs_root, run_args
-from tests.manifest import manifest
+from tests.support.manifest import manifest
 
 pytestmark = needs_root
 

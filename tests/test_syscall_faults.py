@@ -23,9 +23,9 @@ import time
 import pytest
 
 from tests.conftest import WORKDIR, cli, needs_root
-from tests.manifest import diff_manifests, link_groups, manifest
-from tests.signature import tree_signature
-from tests.test_power_cut import wait_stopped
+from tests.support.manifest import diff_manifests
+from tests.support.rootstate import wait_stopped, whole_root
+from tests.support.signature import tree_signature
 
 pytestmark = [needs_root, pytest.mark.slow,
               pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (apt-get install strace)")]
@@ -103,10 +103,6 @@ def counts(template, tmp_path_factory):
 
 def points(n):
     return sorted({1, max(1, (n + 1) // 2), n})
-
-
-def whole_root(root):
-    return manifest(root, skip={WORKDIR}), link_groups(root, skip={WORKDIR})
 
 
 def injected_line(trace):

@@ -24,35 +24,19 @@ from __future__ import annotations
 
 import base64
 import binascii
-import gzip
 import hashlib
-import json
 import os
 import stat
 import zlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, List, Tuple
+from typing import Callable, List, Tuple
 
 import fastcrc
 
-from migrator.formats import aufs
-from migrator.fs import fsio
+from migrator.formats import images, tarsplit
 
-TAR_SPLIT = "tar-split.json.gz"
 CHUNK = 1 << 20
 _ZEROS = bytes(CHUNK)
-_FILE, _SEGMENT = 1, 2
-REMOVING = aufs.REMOVING_SUFFIX  # the layer store renames an entry so before removing it, as the driver does
-
-
-@dataclass
-class ImageLayer:
-    """One entry of the layer store: its chain id, the driver's layer id (``cache-id``) and its ``diff``."""
-
-    chain_id: str
-    cache_id: str
-    diff_id: str
-    tar_split: str  # path of tar-split.json.gz (may not exist)
 
 
 @dataclass
@@ -73,37 +57,6 @@ class LayerProof:
         return {"chain_id": self.chain_id, "cache_id": self.cache_id, "diff_id": self.diff_id,
                 "status": self.status, "bytes": self.bytes, "digest": self.digest, "reason": self.reason,
                 "files": [{"kind": k, "path": p, "detail": d} for k, p, d in self.files]}
-
-
-def _read_small(path: str) -> str:
-    return fsio.read_regular(path, 4096)[0].decode("ascii").strip()
-
-
-def image_layers(image_dir: str) -> List[ImageLayer]:
-    """Every layer of ``image_dir/layerdb/sha256/`` (entries being removed left out), by chain id."""
-    base = os.path.join(image_dir, "layerdb", "sha256")
-    try:
-        names = sorted(os.listdir(base))
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    layers = []
-    for chain in names:
-        if chain.endswith(REMOVING):
-            continue
-        entry = os.path.join(base, chain)
-        try:
-            cache_id, diff_id = _read_small(os.path.join(entry, "cache-id")), _read_small(os.path.join(entry, "diff"))
-        except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
-            cache_id, diff_id = "", ""
-        layers.append(ImageLayer(f"sha256:{chain}", cache_id, diff_id, os.path.join(entry, TAR_SPLIT)))
-    return layers
-
-
-def _entries(path: str) -> Iterator[dict]:
-    with gzip.open(path, "rb") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)
 
 
 class _Opener:
@@ -200,11 +153,11 @@ class _Stream:
         return crc
 
 
-def prove_layer(layer: ImageLayer, diff_dir: str, advance: Callable[[int], None] = lambda n: None) -> LayerProof:
+def prove_layer(layer: images.ImageLayer, diff_dir: str, advance: Callable[[int], None] = lambda n: None) -> LayerProof:
     """Reassemble ``layer``'s tar from its tar-split and ``diff_dir``; check its sha256 against ``diff``."""
     proof = LayerProof(layer.chain_id, layer.cache_id, layer.diff_id)
     if not os.path.lexists(layer.tar_split):
-        proof.status, proof.reason = "unverifiable", f"no {TAR_SPLIT} (the engine cannot save or push it either)"
+        proof.status, proof.reason = "unverifiable", f"no {images.TAR_SPLIT} (the engine cannot save or push it either)"
         return proof
     if not layer.diff_id.startswith("sha256:"):
         proof.status, proof.reason = "failed", f"its diff is {layer.diff_id!r}, not a sha256 digest"
@@ -218,17 +171,17 @@ def prove_layer(layer: ImageLayer, diff_dir: str, advance: Callable[[int], None]
     opener = _Opener(top)
     b64decode = binascii.a2b_base64  # accepts the str json gives, without base64.b64decode's checks
     try:
-        for entry in _entries(layer.tar_split):
+        for entry in tarsplit.entries(layer.tar_split):
             kind = entry.get("type")
-            if kind == _SEGMENT:
+            if kind == tarsplit.SEGMENT:
                 raw = b64decode(entry.get("payload") or b"")
                 stream.sha.update(raw)
                 proof.bytes += len(raw)
                 advance(len(raw))
-            elif kind == _FILE and entry.get("size", 0) > 0:
+            elif kind == tarsplit.FILE and entry.get("size", 0) > 0:
                 _check_file(entry, opener, stream, proof)
     except (OSError, EOFError, ValueError, zlib.error) as exc:
-        proof.status, proof.reason = "failed", f"{TAR_SPLIT} is unreadable ({exc})"
+        proof.status, proof.reason = "failed", f"{images.TAR_SPLIT} is unreadable ({exc})"
         return proof
     finally:
         opener.close()
@@ -238,9 +191,9 @@ def prove_layer(layer: ImageLayer, diff_dir: str, advance: Callable[[int], None]
         proof.status = "failed"
         proof.reason = (f"reassembled to {proof.digest}, not {layer.diff_id}" if proof.files else
                         f"reassembled to {proof.digest}, not {layer.diff_id}, with every file as recorded: the "
-                        f"{TAR_SPLIT} itself is damaged")
+                        f"{images.TAR_SPLIT} itself is damaged")
     elif proof.files:  # the digest holds although a file differs from its CRC: only a damaged tar-split does that
-        proof.status, proof.reason = "failed", f"the digest holds but {TAR_SPLIT}'s checksums do not"
+        proof.status, proof.reason = "failed", f"the digest holds but {images.TAR_SPLIT}'s checksums do not"
     return proof
 
 
@@ -277,96 +230,19 @@ def _shown(name: bytes) -> str:
     return name.decode("utf-8", "backslashreplace")
 
 
-def expected_work(layer: ImageLayer) -> Tuple[int, int]:
+def expected_work(layer: images.ImageLayer) -> Tuple[int, int]:
     """(bytes, a cost estimate) of proving ``layer``, without reading its tar-split: the bytes its layer store
     entry records (``size``: what its files hold), and a cost that also counts its entries (each costs about
     what hashing 36 KiB does; the compressed tar-split holds about 150 bytes an entry). For the order of the
     work, largest first, and the total of a progress bar."""
     try:
-        recorded = int(_read_small(os.path.join(os.path.dirname(layer.tar_split), "size")))
+        recorded = int(images.read_small(os.path.join(os.path.dirname(layer.tar_split), "size")))
     except (OSError, ValueError, UnicodeDecodeError):
         recorded = 0
     if recorded <= 0:
-        recorded = stream_size(layer)
+        recorded = tarsplit.stream_size(layer.tar_split)
     try:
         split = os.path.getsize(layer.tar_split)
     except OSError:
         split = 0
     return recorded, recorded + 250 * split
-
-
-def stream_size(layer: ImageLayer) -> int:
-    """Bytes the layer's tar holds (for a progress bar in bytes): read from its tar-split, 0 if unreadable."""
-    total = 0
-    try:
-        for entry in _entries(layer.tar_split):
-            if entry.get("type") == _SEGMENT:
-                total += len(entry.get("payload") or "") * 3 // 4
-            elif entry.get("type") == _FILE:
-                total += int(entry.get("size") or 0)
-    except (OSError, EOFError, ValueError, zlib.error):
-        return 0
-    return total
-
-
-def _prove_in_worker(layer: ImageLayer, diff_dir: str) -> LayerProof:
-    counter = _shared["counter"]
-    local = [0]
-
-    def flush() -> None:
-        with counter.get_lock():
-            counter.value += local[0]
-        local[0] = 0
-
-    def advance(n: int) -> None:  # the shared counter every 4 MiB, not at every small file
-        local[0] += n
-        if local[0] >= 4 << 20:
-            flush()
-
-    try:
-        return prove_layer(layer, diff_dir, advance)
-    finally:
-        flush()
-
-
-_shared: dict = {}
-
-
-def _worker_start(counter) -> None:
-    _shared["counter"] = counter
-
-
-def prove_layers(work: List[Tuple[ImageLayer, str]], jobs: int, on_bytes: Callable[[int], None],
-                 on_layer: Callable[[LayerProof], None]) -> List[LayerProof]:
-    """``prove_layer`` of each (layer, diff directory), in ``jobs`` forked processes (reading and hashing are
-    a core's work each), in the order given (give the largest first); ``on_bytes(total so far)`` about ten
-    times a second, ``on_layer(proof)`` as each finishes; the proofs in the order given."""
-    import concurrent.futures
-    import multiprocessing
-
-    if jobs <= 1 or len(work) <= 1:
-        done = [0]
-
-        def advance(n: int) -> None:
-            done[0] += n
-            on_bytes(done[0])
-
-        proofs = []
-        for layer, diff_dir in work:
-            proofs.append(prove_layer(layer, diff_dir, advance))
-            on_layer(proofs[-1])
-        return proofs
-    context = multiprocessing.get_context("fork")
-    counter = context.Value("q", 0)  # a Value crosses into workers only by inheritance: the initializer's argument
-    results = {}
-    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_start,
-                                                initargs=(counter,)) as pool:
-        futures = {pool.submit(_prove_in_worker, layer, diff_dir): i for i, (layer, diff_dir) in enumerate(work)}
-        pending = set(futures)
-        while pending:
-            finished, pending = concurrent.futures.wait(pending, timeout=0.1)
-            on_bytes(counter.value)
-            for future in finished:
-                results[futures[future]] = future.result()
-                on_layer(results[futures[future]])
-    return [results[i] for i in range(len(work))]

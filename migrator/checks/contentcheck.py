@@ -3,12 +3,15 @@ side of the root, with a bar in bytes, a line per layer and a summary."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
-from typing import List, Tuple
+from typing import Callable, List, Tuple
 
 from migrator.checks import content
-from migrator.formats import overlay2
+from migrator.errors import EXIT_FAILED, EXIT_OK, Refused
+from migrator.formats import images, overlay2
+from migrator.fs import fsio
 from migrator.paths import Paths
 from migrator.ui.progress import Reporter
 
@@ -21,16 +24,30 @@ SIDES = {  # side: (the image store, where a layer's files are)
 def check(paths: Paths, side: str, jobs: int, progress: Reporter) -> Tuple[List[content.LayerProof], float]:
     """Prove every image layer of ``side``; the proofs, by chain id, and the seconds it took."""
     image_attr, diff_of = SIDES[side]
-    layers = content.image_layers(getattr(paths, image_attr))
+    layers = images.image_layers(getattr(paths, image_attr))
     expected = {layer.chain_id: content.expected_work(layer) for layer in layers}
     work = sorted(((layer, diff_of(paths, layer.cache_id)) for layer in layers),
                   key=lambda item: -expected[item[0].chain_id][1])
     started = time.monotonic()
     progress.start_bytes(sum(size for size, _cost in expected.values()), len(work))
-    proofs = content.prove_layers(work, jobs, progress.advance_bytes,
+    proofs = prove_layers(work, jobs, progress.advance_bytes,
                                   lambda proof: progress.layer_done(line(proof)))
     progress.close()
     return sorted(proofs, key=lambda p: p.chain_id), time.monotonic() - started
+
+
+def verify_overlay2(paths: Paths, as_json: bool, jobs: int, progress: Reporter) -> int:
+    """``verify --content``: print the proof of every image layer on overlay2; exit 1 when one failed."""
+    if not fsio.lexists(paths.image_overlay2):
+        raise Refused(f"{paths.root} has no image/overlay2/: nothing is migrated yet ('aufs2overlay plan --content' "
+                      "checks the layers on aufs)")
+    proofs, seconds = check(paths, "overlay2", jobs, progress)
+    if as_json:
+        print(json.dumps({"root": paths.root, "side": "overlay2", **summary(proofs, seconds)},
+                         indent=2, sort_keys=True))
+    else:
+        print("\n".join(lines(proofs, seconds)))
+    return EXIT_FAILED if any(p.status == "failed" for p in proofs) else EXIT_OK
 
 
 def line(proof: content.LayerProof) -> str:
@@ -64,3 +81,66 @@ def summary(proofs: List[content.LayerProof], seconds: float) -> dict:
             "ok": sum(p.status == "ok" for p in proofs), "failed": sum(p.status == "failed" for p in proofs),
             "unverifiable": sum(p.status == "unverifiable" for p in proofs),
             "bytes": sum(p.bytes for p in proofs), "seconds": round(seconds, 3)}
+
+
+def prove_layers(work: List[Tuple[images.ImageLayer, str]], jobs: int, on_bytes: Callable[[int], None],
+                 on_layer: Callable[[content.LayerProof], None]) -> List[content.LayerProof]:
+    """``prove_layer`` of each (layer, diff directory), in ``jobs`` forked processes (reading and hashing are
+    a core's work each), in the order given (give the largest first); ``on_bytes(total so far)`` about ten
+    times a second, ``on_layer(proof)`` as each finishes; the proofs in the order given."""
+    import concurrent.futures
+    import multiprocessing
+
+    if jobs <= 1 or len(work) <= 1:
+        done = [0]
+
+        def advance(n: int) -> None:
+            done[0] += n
+            on_bytes(done[0])
+
+        proofs = []
+        for layer, diff_dir in work:
+            proofs.append(content.prove_layer(layer, diff_dir, advance))
+            on_layer(proofs[-1])
+        return proofs
+    context = multiprocessing.get_context("fork")
+    counter = context.Value("q", 0)  # a Value crosses into workers only by inheritance: the initializer's argument
+    results = {}
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_start,
+                                                initargs=(counter,)) as pool:
+        futures = {pool.submit(_prove_in_worker, layer, diff_dir): i for i, (layer, diff_dir) in enumerate(work)}
+        pending = set(futures)
+        while pending:
+            finished, pending = concurrent.futures.wait(pending, timeout=0.1)
+            on_bytes(counter.value)
+            for future in finished:
+                results[futures[future]] = future.result()
+                on_layer(results[futures[future]])
+    return [results[i] for i in range(len(work))]
+
+
+def _prove_in_worker(layer: images.ImageLayer, diff_dir: str) -> content.LayerProof:
+    counter = _shared["counter"]
+    local = [0]
+
+    def flush() -> None:
+        with counter.get_lock():
+            counter.value += local[0]
+        local[0] = 0
+
+    def advance(n: int) -> None:  # the shared counter every 4 MiB, not at every small file
+        local[0] += n
+        if local[0] >= 4 << 20:
+            flush()
+
+    try:
+        return content.prove_layer(layer, diff_dir, advance)
+    finally:
+        flush()
+
+
+_shared: dict = {}
+
+
+def _worker_start(counter) -> None:
+    _shared["counter"] = counter

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
-from typing import Iterable, List
+from typing import Iterable, List, Optional, Sequence
+
+from migrator.errors import Refused
 
 DEFAULT_PIDFILES = (
     "/var/run/docker.pid",
@@ -56,3 +58,14 @@ def live_engine_pids(pidfiles: Iterable[str]) -> List[str]:
 def running_engine(root: str, pidfiles: Iterable[str]) -> List[str]:
     """Every sign that an engine runs on ``root``; empty when none."""
     return [f"mounted: {m}" for m in mounts_under(root)] + live_engine_pids(pidfiles)
+
+
+def pidfiles_or_default(pidfiles: Optional[Sequence[str]]) -> Sequence[str]:
+    return pidfiles if pidfiles is not None else DEFAULT_PIDFILES
+
+
+def refuse_if_running(root: str, pidfiles: Optional[Sequence[str]]) -> None:
+    """Refused while an engine uses ``root`` (``pidfiles``: None for the defaults)."""
+    signs = running_engine(root, pidfiles_or_default(pidfiles))
+    if signs:
+        raise Refused(f"an engine is using {root} ({signs[0]}); stop it first")

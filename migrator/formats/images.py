@@ -1,11 +1,20 @@
-"""The image and layer store: ``image/aufs/`` copied to ``image/overlay2/`` (nothing in it names the driver)."""
+"""The image and layer store: ``image/aufs/`` copied to ``image/overlay2/`` (nothing in it names the driver), and
+its layer store entries read.
+
+    image/<driver>/imagedb/                   images, by content address
+    image/<driver>/layerdb/sha256/<chain>/    an image layer: cache-id (the driver's layer id), diff (the sha256
+                                              of its tar), size, parent, tar-split.json.gz
+    image/<driver>/layerdb/mounts/<cid>/      a container's layers: mount-id, init-id, parent
+"""
 
 from __future__ import annotations
 
 import os
 import stat
+from dataclasses import dataclass
 from typing import List
 
+from migrator.formats import aufs
 from migrator.fs import fsio, tree
 
 
@@ -55,3 +64,40 @@ def is_dir(path: str) -> bool:
         return stat.S_ISDIR(os.lstat(path).st_mode)
     except FileNotFoundError:
         return False
+
+
+TAR_SPLIT = "tar-split.json.gz"
+
+
+@dataclass
+class ImageLayer:
+    """One entry of the layer store: its chain id, the driver's layer id (``cache-id``) and its ``diff``."""
+
+    chain_id: str
+    cache_id: str
+    diff_id: str
+    tar_split: str  # path of tar-split.json.gz (may not exist)
+
+
+def read_small(path: str) -> str:
+    return fsio.read_regular(path, 4096)[0].decode("ascii").strip()
+
+
+def image_layers(image_dir: str) -> List[ImageLayer]:
+    """Every layer of ``image_dir/layerdb/sha256/`` (entries being removed left out), by chain id."""
+    base = os.path.join(image_dir, "layerdb", "sha256")
+    try:
+        names = sorted(os.listdir(base))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    layers = []
+    for chain in names:
+        if chain.endswith(aufs.REMOVING_SUFFIX):
+            continue
+        entry = os.path.join(base, chain)
+        try:
+            cache_id, diff_id = read_small(os.path.join(entry, "cache-id")), read_small(os.path.join(entry, "diff"))
+        except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
+            cache_id, diff_id = "", ""
+        layers.append(ImageLayer(f"sha256:{chain}", cache_id, diff_id, os.path.join(entry, TAR_SPLIT)))
+    return layers

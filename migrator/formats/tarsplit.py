@@ -14,19 +14,23 @@ import json
 import os
 import stat
 import tarfile
-from typing import Dict, List, Tuple
+import zlib
+from typing import Dict, Iterator, List, Tuple
 
 import fastcrc
+
+from migrator.formats import aufs
 
 BLOCK = tarfile.BLOCKSIZE
 RECORD = tarfile.RECORDSIZE
 CHUNK = 1 << 20
+FILE, SEGMENT = 1, 2  # entry types: a file's payload, read from the diff; raw bytes (headers, padding)
 
 
 def _kept(name: str) -> bool:
     """aufs's own entries are not layer content: the aufs driver's Diff leaves out ``.wh..wh.*`` but the opaque
     marker (moby ``daemon/graphdriver/aufs``: ``ExcludePatterns: .wh..wh.*, !.wh..wh..opq``)."""
-    return not name.startswith(".wh..wh.") or name == ".wh..wh..opq"
+    return aufs.whiteout_kind(name) != aufs.INTERNAL
 
 
 def _names(top: str) -> List[str]:
@@ -107,3 +111,25 @@ def _stream(path: str, size: int, sha) -> int:
             crc = fastcrc.crc64.go_iso(chunk, crc)
             left -= len(chunk)
     return crc
+
+
+def entries(path: str) -> Iterator[dict]:
+    """The entries of a ``tar-split.json.gz``, one JSON object a line (vbatts/tar-split ``tar/storage``)."""
+    with gzip.open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
+def stream_size(path: str) -> int:
+    """Bytes the layer's tar holds (for a progress bar in bytes): read from its tar-split, 0 if unreadable."""
+    total = 0
+    try:
+        for entry in entries(path):
+            if entry.get("type") == SEGMENT:
+                total += len(entry.get("payload") or "") * 3 // 4
+            elif entry.get("type") == FILE:
+                total += int(entry.get("size") or 0)
+    except (OSError, EOFError, ValueError, zlib.error):
+        return 0
+    return total

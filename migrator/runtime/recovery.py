@@ -13,9 +13,11 @@ import os
 from typing import Callable, List
 
 from migrator.checks import probe
+from migrator.errors import MigratorError
 from migrator.formats import aufs, containers, engineconfig
 from migrator.fs import fsio
 from migrator.paths import Paths
+from migrator.runtime.lock import remove_state_db
 from migrator.strategies import inplace_journal, inplace_moves
 
 
@@ -69,3 +71,18 @@ def leftovers(paths: Paths) -> List[str]:
     """What a lost migration may have left: the trees it builds and renames, and a cut-off probe's directory."""
     trees = [p for p in (paths.temp_tree, paths.tree, paths.image_stage, paths.image_overlay2) if fsio.lexists(p)]
     return trees + probe.leftover_dirs(paths.root)
+
+
+def rollback_without_state(paths: Paths, progress: Callable[[str], None]) -> None:
+    """``rollback --force`` with no usable state database (the caller holds the lock): the database is set
+    aside, then the root is rebuilt from disk."""
+    if fsio.lexists(paths.state_db):
+        unusable = f"{paths.state_db}.unusable"
+        os.replace(paths.state_db, unusable)
+        fsio.fsync_path(os.path.dirname(paths.state_db))
+        progress(f"moved the unusable state database to {unusable}")
+    remove_state_db(paths.state_db)
+    try:
+        rollback_from_disk(paths, progress)
+    except OSError as exc:
+        raise MigratorError(f"{exc}; fix the cause and run 'rollback --force' again") from exc

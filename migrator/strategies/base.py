@@ -99,17 +99,16 @@ class LayerTask:
 class Strategy:
     """How layers become overlay2 layers; ``registry.py`` names each one and picks it."""
 
-    name = ""
+    name = ""  # set by the registry, with ``walks_first``
+    walks_first = False
     pooled_triggers: FrozenSet[str] = frozenset()  # steps heavy enough to hand to worker processes
 
     # -- what the plan counts ---------------------------------------------------------------------------
 
     def walks_in_plan(self) -> bool:
         """Whether the plan must walk every layer (else it may bound the need without walking): when the
-        conversion starts from that walk."""
-        from migrator.strategies import registry
-
-        return registry.walks_first(self.name)
+        conversion starts from that walk (the registry says so, for the CLI to start it early)."""
+        return self.walks_first
 
     def layer_need(self, writable: bool, survey: LayerSurvey, block: int) -> Tuple[int, int]:
         """(inodes, bytes) this strategy adds for a layer beyond overlay2's own files."""

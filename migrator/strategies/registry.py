@@ -43,5 +43,5 @@ def get(name: str) -> "Strategy":
     """The strategy called ``name`` (a name from ``NAMES``)."""
     entry = STRATEGIES[name]
     strategy = getattr(importlib.import_module(entry.module), entry.cls)()
-    strategy.name = name
+    strategy.name, strategy.walks_first = name, entry.walks_first
     return strategy

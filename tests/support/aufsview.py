@@ -14,7 +14,7 @@ import os
 import stat
 from typing import Dict, List
 
-from tests.manifest import Entry, describe
+from tests.support.manifest import Entry, describe
 
 WH = b".wh."
 WH_META = b".wh..wh."

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import stat
 
-from tests.manifest import manifest
+from tests.support.manifest import manifest
 
 
 def _mode(path):

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import os
 import shutil
 import signal
 import subprocess
+import tarfile
 import tempfile
 import time
 from typing import Optional
@@ -112,3 +116,32 @@ class Dockerd:
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+def saved_layer_digests(engine, ref):
+    """sha256 of each layer tar of ``docker save``, and the image's rootfs.diff_ids."""
+    data = engine.docker("save", ref).stdout
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        manifest_ = json.load(tar.extractfile("manifest.json"))[0]
+        config = json.load(tar.extractfile(manifest_["Config"]))
+        digests = ["sha256:" + hashlib.sha256(tar.extractfile(p).read()).hexdigest() for p in manifest_["Layers"]]
+    return data, digests, config["rootfs"]["diff_ids"]
+
+
+def assert_balena_root_runs(root):
+    """A real dockerd on the migrated balena root: both images there, `docker save` gives the layer digests
+    (diff ids), and a container sees the files the Dockerfile left (SPEC.md, "A real aufs root")."""
+    engine = Dockerd(root)
+    try:
+        engine.start()
+        repos = engine.out("image", "ls", "--format", "{{.Repository}}").split()
+        assert "a2o-test" in repos and "busybox" in repos
+        _data, digests, diff_ids = saved_layer_digests(engine, "a2o-test")
+        assert digests == diff_ids
+        out = engine.out("run", "--rm", "a2o-test", "sh", "-c",
+                         "ls /tmp/f1 2>&1; ls -A /tmp/d1; ls /tmp/hlkn /tmp/slkn; readlink /tmp/slkn")
+        lines = out.splitlines()
+        assert "No such file" in lines[0]
+        assert lines[1:] == ["d1f2", "/tmp/hlkn", "/tmp/slkn", "/tmp/d1/d1f2"]
+    finally:
+        engine.cleanup()
