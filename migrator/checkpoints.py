@@ -2,7 +2,7 @@
 
 Every durable step of the migrator (a state recorded, a rename or fsync completed, a directory of a layer
 walked) calls ``reached(label)``.  Environment variables turn them into test hooks; ``arm`` reads them, once,
-when a command starts (nothing happens at import); unarmed, ``reached`` only counts:
+when a command starts, before it forks anything (nothing happens at import); unarmed, ``reached`` only counts:
 
 - ``AUFS2OVERLAY_CHECKPOINT_TRACE=PATH``: append ``N label`` for every checkpoint to PATH (to enumerate them);
 - ``AUFS2OVERLAY_KILL_AT=N``: SIGKILL this process at the N-th checkpoint (1-based), a crash at that instant;
@@ -20,17 +20,16 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 
-@dataclass
 class _Hooks:
-    kill_at: int = 0
-    stop_at: int = 0
-    trace: Optional[str] = None
-    shared: Any = None  # a multiprocessing.Value: the count, shared with the worker processes
-    count: int = 0  # unarmed: this process's own count
+    """What ``arm`` read (a plain class: ``status`` imports this module, and dataclasses cost it 10 ms)."""
+
+    def __init__(self, kill_at: int = 0, stop_at: int = 0, trace: Optional[str] = None) -> None:
+        self.kill_at, self.stop_at, self.trace = kill_at, stop_at, trace
+        self.shared: Any = None  # a multiprocessing.Value: the count, shared with the worker processes
+        self.count = 0  # unarmed: this process's own count
 
 
 _hooks = _Hooks()
@@ -47,6 +46,10 @@ def arm(environ: Mapping[str, str]) -> None:
         if os.getpgrp() != os.getpid():
             os.setpgrp()
     _hooks = hooks
+
+
+def started(environ: Mapping[str, str]) -> None:
+    """The command's code is imported and its work begins: stop here if a test asked to attach first."""
     if environ.get("AUFS2OVERLAY_STOP_AT_START") == "1":
         os.kill(os.getpid(), signal.SIGSTOP)
 

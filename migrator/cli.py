@@ -8,7 +8,7 @@ import sys
 from typing import TYPE_CHECKING, List, Optional
 
 from migrations_state.errors import StateDatabaseError
-from migrator import frozen, procs
+from migrator import checkpoints, frozen, procs
 from migrator.errors import EXIT_FAILED, EXIT_USAGE, MigratorError
 from migrator.fs import fsio
 from migrator.strategies import registry
@@ -122,10 +122,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.command == "status":
             return report.status(args.root, args.state_db, args.json)
-        early = _start_walkers(args) if args.command == "run" else None
-        from migrator import checkpoints, commands  # the machinery; status answers without importing it
-
         checkpoints.arm(os.environ)
+        early = _start_walkers(args) if args.command == "run" else None
+        from migrator import commands  # the machinery; status answers without importing it
+
+        checkpoints.started(os.environ)
 
         if getattr(args, "jobs", 1) < 1:
             raise MigratorError("--jobs must be at least 1", EXIT_USAGE)

@@ -384,8 +384,9 @@ def main() -> int:
             strategy = strategies[name]
             results[name].append(timed(migrate + ["--strategy", strategy], args.workdir))
             reset(root, os.path.join(args.workdir, f"trash-{r}-{strategy}"), strategy)
-        print(f"round {r + 1}: " + ", ".join(f"{name} {rows[-1][0]:.2f}s" for name, rows in results.items()),
-              flush=True)
+        this_ref = results["cp -al"][-1][0]
+        print(f"round {r + 1}: " + ", ".join(f"{name} {rows[-1][0]:.2f}s ({rows[-1][0] / this_ref:.2f}x)"
+                                             for name, rows in results.items()), flush=True)
     ref = statistics.median(t[0] for t in results["cp -al"])
     print(f"\n{'':24} {'median s':>9} {'ratio':>7} {'entries/s':>10} {'+inodes':>9} {'+MiB':>8} {'peak RSS':>9}")
     for name, rows in results.items():

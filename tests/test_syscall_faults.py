@@ -157,11 +157,35 @@ def test_a_failed_call_stops_cleanly_or_is_absorbed_and_resume_and_rollback_are_
     assert not problems, f"{len(problems)} of {len(cases)} injections:\n" + "\n".join(problems)
 
 
+def directory_syncs(template, tmp_path):
+    """Of a run's fdatasync calls (1-based), those of the database's directory right after SQLite created its
+    rollback journal, and those right after it deleted it (the commit point)."""
+    root = str(tmp_path / "count" / "docker")
+    os.makedirs(os.path.dirname(root))
+    subprocess.run(["cp", "-a", template, root], check=True)
+    trace = str(tmp_path / "count" / "trace.txt")
+    code, _out, err = run_traced(root, "hardlink", [], trace)
+    assert code == 0, err
+    created, deleted, n, last = [], [], 0, None
+    with open(trace, errors="replace") as f:
+        for line in f:
+            if "-journal" in line and (line.startswith("unlink") or "O_CREAT" in line):
+                last = "deleted" if line.startswith("unlink") else "created"
+            elif line.startswith("fdatasync("):
+                n += 1
+                if f"/{WORKDIR.decode()}>)" in line and last:
+                    (created if last == "created" else deleted).append(n)
+                    last = None
+    return created, deleted
+
+
 def test_sqlite_ignores_a_failed_sync_of_its_directory_after_creating_its_journal(template, reference, tmp_path):
-    """SQLite's own policy, recorded: the directory sync after it creates its rollback journal (the 2nd
-    fdatasync of a run) may fail unnoticed; the one after it deletes the journal (synchronous=EXTRA) may not."""
+    """SQLite's own policy, recorded: the directory sync after it creates its rollback journal may fail
+    unnoticed; the one after it deletes the journal (synchronous=EXTRA: the commit point) may not."""
+    created, deleted = directory_syncs(template, tmp_path)
+    assert created and deleted, (created, deleted)
     outcomes = {}
-    for n in (2, 70):
+    for n in (created[0], deleted[-1]):
         root = str(tmp_path / f"r{n}" / "docker")
         os.makedirs(os.path.dirname(root))
         subprocess.run(["cp", "-a", template, root], check=True)
@@ -170,6 +194,7 @@ def test_sqlite_ignores_a_failed_sync_of_its_directory_after_creating_its_journa
         hit = injected_line(trace)
         assert hit and f"/{WORKDIR.decode()}>)" in hit, hit  # the database's directory, both times
         outcomes[n] = code, err
-    assert outcomes[2][0] == 0, outcomes[2][1]
-    assert outcomes[70][0] == 1 and "state database" in outcomes[70][1] and "disk I/O error" in outcomes[70][1]
-    assert tree_signature(str(tmp_path / "r2" / "docker")) == reference["signature"]  # both strategies' tree
+    assert outcomes[created[0]][0] == 0, outcomes[created[0]][1]
+    code, err = outcomes[deleted[-1]]
+    assert code == 1 and "state database" in err and "disk I/O error" in err, err
+    assert tree_signature(str(tmp_path / f"r{created[0]}" / "docker")) == reference["signature"]

@@ -1,5 +1,7 @@
 """Pure functions, no root needed."""
 
+import os
+
 import pytest
 
 from migrator.formats import aufs, containers, linkid
@@ -96,3 +98,44 @@ def test_early_walk_finds_what_the_plan_walk_finds(tmp_path, monkeypatch, cold):
         assert (found.entries, found.directories, found.whiteouts, found.opaque, sorted(found.whiteout_dirs)) == \
                (walked.entries, walked.directories, walked.whiteouts, walked.opaque, sorted(walked.whiteout_dirs))
         assert found.whiteouts == int(name[-1]) + 1
+
+
+@pytest.mark.parametrize("split_depth", [1, 2, 3])
+def test_a_layer_linked_in_parts_is_the_layer_linked_whole(tmp_path, split_depth):
+    """The link step cut below its root into parts (several workers on one big layer) builds the same tree,
+    times included, and finds the same entries, whiteout directories and findings as one walk of the layer."""
+    from migrator.formats import overlay2
+    from migrator.strategies import linker
+    from tests.support.manifest import manifest
+
+    src = tmp_path / "aufs" / "diff" / "big"
+    for top in ("usr", "etc", "var"):
+        for sub in ("a", "b", "c\xff".encode().decode("utf-8", "surrogateescape")):
+            leaf = src / top / sub / "deep" / "deeper"
+            leaf.mkdir(parents=True)
+            (leaf / "f").write_text(top + sub)
+            (src / top / sub / "g").write_text("g")
+        (src / top / ".wh.gone").write_text("")
+        (src / top / "a" / ".wh..wh..opq").write_text("")
+    (src / "usr" / "b" / "deep" / ".wh.x").write_text("")
+    (src / "usr" / ".wh..wh.plnk").mkdir()
+    (src / "top-file").write_text("t")
+    for d in sorted(src.rglob("*"), key=lambda p: -len(p.parts)):
+        os.utime(d, ns=(1_000_000_000, 2_000_000_000 + len(str(d))), follow_symlinks=False)
+    built = {}
+    for how in ("whole", "parts"):
+        tree_root = str(tmp_path / how)
+        os.makedirs(os.path.join(tree_root, "l"))
+        if how == "whole":
+            result = linker.build_layer_tree(str(src), tree_root, "big")
+        else:
+            result, parts = linker.start_layer(str(src), tree_root, "big", split_depth=split_depth)
+            assert parts and all(p.count(b"/") == split_depth for p in parts)
+            result = linker.merge(result, [linker.link_part(str(src), tree_root, "big", p) for p in parts])
+        tree = manifest(overlay2.diff_dir(tree_root, "big"))
+        for rel in result.whiteout_dirs:  # their times are the whiteout step's to set
+            key = rel.lstrip(b"/") or b"."
+            tree[key] = tree[key][:4] + (None,) + tree[key][5:]
+        built[how] = (result.entries, sorted(result.whiteout_dirs), sorted(result.findings), tree)
+    assert built["parts"] == built["whole"]
+    assert built["whole"][1] == [b"/etc", b"/etc/a", b"/usr", b"/usr/a", b"/usr/b/deep", b"/var", b"/var/a"]

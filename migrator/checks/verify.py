@@ -10,7 +10,7 @@ import subprocess
 import tempfile
 from typing import Dict, Iterator, List
 
-from migrations_state.machine import FINISHED, SWITCHED
+from migrations_state.machine import CLEANED, FINISHED, SWITCHED
 from migrations_state.store import Store
 from migrator.checks import views
 from migrator.errors import MigratorError
@@ -107,7 +107,7 @@ def verify(paths: Paths, store: Store) -> List[str]:
     run = store.run()
     if run.phase not in FINISHED:
         return [f"the migration is {run.phase}, not completed"]
-    if run.phase == "cleaned":
+    if run.phase == CLEANED:
         return []
     problems: List[str] = []
     records = store.layers()

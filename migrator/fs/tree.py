@@ -27,13 +27,14 @@ Leave = Callable[[int, int, bytes], None]
 
 
 def walk_pair(src_fd: int, dst_fd: Optional[int], visit: Visit, leave: Optional[Leave] = None,
-              label: Optional[str] = None) -> None:
+              label: Optional[str] = None, root_rel: bytes = b"") -> None:
     """Depth-first walk of two directory trees in lockstep (``dst_fd`` None: of the source alone, read-only).
 
     The caller keeps ownership of the root fds.  With a ``label``, each directory done is a checkpoint.
+    ``root_rel`` is the roots' own path below the layer (``rel`` of the first ``visit``).
     """
     frames: List[Tuple[int, int, bytes, Iterator[str], bool]] = []
-    frames.append((src_fd, dst_fd, b"", iter(visit(src_fd, dst_fd, b"")), False))
+    frames.append((src_fd, dst_fd, root_rel, iter(visit(src_fd, dst_fd, root_rel)), False))
     try:
         while frames:
             s_fd, d_fd, rel, pending, owned = frames[-1]

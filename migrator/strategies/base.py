@@ -3,9 +3,10 @@
 A strategy decides what each layer step does to the filesystem (its ``LayerTask`` model's callbacks) and what
 the plan must count for it; the runner decides the order and the durability, the same for every strategy:
 
-- layers go in batches of at most ``WAVE_LAYERS``; in a batch, one *wave* per layer state takes every layer at
-  that state one step on (``trigger``), its work handed to ``jobs`` worker processes when the strategy says
-  the step is heavy (``pooled_triggers``);
+- layers go in batches of 1, 2, 4, … at most ``WAVE_LAYERS`` (``batches``); in a batch, one *wave* per layer
+  state takes every layer at that state one step on (``trigger``); when the strategy says the step is heavy
+  (``pooled_triggers``), its work is done first by ``jobs`` worker processes (``work_in_pool``), and each
+  layer's transition callback takes its own outcome;
 - then one ``syncfs`` makes the whole wave durable, and one transaction records every layer's new state.
 
 A cut anywhere leaves each layer at its last recorded state with the step's work perhaps done in part, and
@@ -16,10 +17,11 @@ one transaction (docs/design.md, "Waves").
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
 from migrations_state.machine import COMMITTED, CONVERT_WHITEOUTS, DISCOVERED, LAYER_NEXT, LINKED, layer_machine
 from migrations_state.schema import LayerRecord
@@ -33,8 +35,9 @@ from migrator.scan.survey import LayerSurvey
 from migrator.ui.progress import Reporter
 
 WAVE_LAYERS = 512  # layers per batch: bounds what a cut loses and what one transaction holds
-CHUNKS_PER_JOB = 8  # a pooled wave goes out in this many chunks per worker (fewer round trips, even load)
+CHUNKS_PER_JOB = 16  # pooled work goes out in this many chunks per worker (few round trips, even load)
 Work = Tuple[Callable[..., Any], tuple]
+Outcome = Tuple[bool, Any]  # (True, the work's result) or (False, the OSError it raised)
 
 
 @dataclass
@@ -53,7 +56,8 @@ class Conversion:
 class LayerTask:
     """Model of one layer's state machine (``migrations_state/machine.py``).  Subclasses do the link and whiteout
     steps; the other two are the same for every strategy.  ``work(trigger)`` names a heavy step's work as a
-    function and its arguments, so the runner can hand it to a worker; the callback then takes its result."""
+    function and its arguments, so the runner can hand it to a worker; the callback then takes its outcome
+    (``prepared``), or does the work itself when there is none."""
 
     def __init__(self, record: LayerRecord, paths: Paths, ancestor_links: List[str]) -> None:
         self.id = record.id
@@ -63,16 +67,18 @@ class LayerTask:
         self.whiteout_dirs: List[bytes] = []  # set by the runner before the whiteout wave
         self.result: Optional[StepResult] = None
         self.steps: List[LayerStep] = []
-        self.handed_out: Optional[concurrent.futures.Future] = None
+        self.prepared: Optional[Outcome] = None
 
     def work(self, trigger: str) -> Optional[Work]:
         return None
 
     def perform(self, trigger: str) -> Any:
-        """The work of ``trigger``: its result from the worker it was handed to, or done here."""
-        if self.handed_out is not None:
-            future, self.handed_out = self.handed_out, None
-            return future.result()
+        """The work of ``trigger``: its outcome from the workers, or done here."""
+        if self.prepared is not None:
+            (ok, value), self.prepared = self.prepared, None
+            if not ok:
+                raise value
+            return value
         fn, args = self.work(trigger)
         return fn(*args)
 
@@ -138,14 +144,27 @@ class Strategy:
         link_ids = {r.id: r.link_id for r in records}
         tfd = fsio.open_dir(conv.paths.temp_tree)
         try:
-            for start in range(0, len(pending), WAVE_LAYERS):
-                batch = pending[start:start + WAVE_LAYERS]
-                tasks = [self.task(r, conv, [link_ids[a] for a in _ancestors(r)]) for r in batch]
-                self._convert_batch(conv, tasks, tfd)
+            with self._pool(conv) as pool:
+                for batch in batches(pending):
+                    tasks = [self.task(r, conv, [link_ids[a] for a in _ancestors(r)]) for r in batch]
+                    self._convert_batch(conv, tasks, tfd, pool)
         finally:
             os.close(tfd)
 
-    def _convert_batch(self, conv: Conversion, tasks: List[LayerTask], tfd: int) -> None:
+    @contextlib.contextmanager
+    def _pool(self, conv: Conversion) -> Iterator[Optional[concurrent.futures.ProcessPoolExecutor]]:
+        """The workers of the whole conversion (none with one job, or nothing to hand them), all forked now,
+        before the store opens a connection again (a child never uses one, but none need cross the fork)."""
+        if conv.jobs <= 1 or not self.pooled_triggers:
+            yield None
+            return
+        conv.store.release_connections()
+        with procs.pool(conv.jobs, [conv.lock_fd] if conv.lock_fd is not None else []) as pool:
+            pool.submit(int).result()  # with fork, the first task starts every worker
+            yield pool
+
+    def _convert_batch(self, conv: Conversion, tasks: List[LayerTask], tfd: int,
+                       pool: Optional[concurrent.futures.ProcessPoolExecutor]) -> None:
         machine = layer_machine()
         for task in tasks:
             machine.add_model(task, initial=task.record.state)
@@ -158,7 +177,9 @@ class Strategy:
                 for task in at:
                     task.whiteout_dirs = listed.get(task.id, [])
             self.before_wave(conv, trigger, at)
-            self._wave(conv, trigger, at)
+            if pool is not None and trigger in self.pooled_triggers:
+                self.work_in_pool(pool, conv.jobs, trigger, at)
+            self._step_each(conv, trigger, at)
             fsio.syncfs(tfd)
             steps = [step for t in at for step in t.steps]
             conv.store.set_layer_states(steps)
@@ -167,15 +188,11 @@ class Strategy:
             for step in steps:
                 conv.progress.step(step.layer_id, step.state, step.entries, step.seconds)
 
-    def _wave(self, conv: Conversion, trigger: str, tasks: List[LayerTask]) -> None:
-        """Take every task one step on; a heavy step's work runs in ``jobs`` workers meanwhile."""
-        if trigger in self.pooled_triggers and conv.jobs > 1 and len(tasks) > 1:
-            conv.store.release_connections()
-            with procs.pool(conv.jobs, [conv.lock_fd] if conv.lock_fd is not None else []) as pool:
-                _hand_out(pool, trigger, tasks, conv.jobs)
-                self._step_each(conv, trigger, tasks)
-        else:
-            self._step_each(conv, trigger, tasks)
+    def work_in_pool(self, pool: concurrent.futures.ProcessPoolExecutor, jobs: int, trigger: str,
+                     tasks: List[LayerTask]) -> None:
+        """Each task's ``work(trigger)``, in the workers; each task gets its outcome."""
+        for task, outcome in zip(tasks, run_in_chunks(pool, jobs, [t.work(trigger) for t in tasks])):
+            task.prepared = outcome
 
     def _step_each(self, conv: Conversion, trigger: str, tasks: List[LayerTask]) -> None:
         for task in tasks:
@@ -198,6 +215,17 @@ class Strategy:
         """Give aufs back what the conversion took from it, durably, before the new trees are removed."""
 
 
+def batches(pending: List[LayerRecord]) -> Iterator[List[LayerRecord]]:
+    """The pending layers in batches of 1, 2, 4, … up to ``WAVE_LAYERS``: a run cut again and again still gets
+    on (each start records its first layer after one layer's work), and thousands of layers still go in
+    batches of ``WAVE_LAYERS``."""
+    size, start = 1, 0
+    while start < len(pending):
+        yield pending[start:start + size]
+        start += size
+        size = min(2 * size, WAVE_LAYERS)
+
+
 def _ancestors(record: LayerRecord) -> List[str]:
     return record.ancestors.split("\n") if record.ancestors else []
 
@@ -209,10 +237,10 @@ def _start_progress(conv: Conversion, records: List[LayerRecord]) -> None:
                         sum(r.state == COMMITTED for r in records), sum(r.entries for r in done))
 
 
-def _run_chunk(work: Sequence[Work]) -> List[Tuple[bool, Any]]:
+def _run_chunk(work: Sequence[Work]) -> List[Outcome]:
     """In a worker: each piece of work, its result or the OSError it raised (so the parent can tell which
     layer failed, and the others of the chunk still count)."""
-    out = []
+    out: List[Outcome] = []
     for fn, args in work:
         try:
             out.append((True, fn(*args)))
@@ -221,26 +249,9 @@ def _run_chunk(work: Sequence[Work]) -> List[Tuple[bool, Any]]:
     return out
 
 
-def _hand_out(pool: concurrent.futures.ProcessPoolExecutor, trigger: str, tasks: List[LayerTask],
-              jobs: int) -> None:
-    """Submit every task's work in chunks, in order, and give each task a future of its own result."""
-    per_chunk = max(1, len(tasks) // (jobs * CHUNKS_PER_JOB))
-    for start in range(0, len(tasks), per_chunk):
-        chunk = tasks[start:start + per_chunk]
-        future = pool.submit(_run_chunk, [t.work(trigger) for t in chunk])
-        for i, task in enumerate(chunk):
-            task.handed_out = _Share(future, i)
-
-
-class _Share(concurrent.futures.Future):
-    """One task's result out of its chunk's future."""
-
-    def __init__(self, chunk: concurrent.futures.Future, index: int) -> None:
-        super().__init__()
-        self.chunk, self.index = chunk, index
-
-    def result(self, timeout: Optional[float] = None) -> Any:
-        ok, value = self.chunk.result(timeout)[self.index]
-        if not ok:
-            raise value
-        return value
+def run_in_chunks(pool: concurrent.futures.ProcessPoolExecutor, jobs: int, work: Sequence[Work]) -> List[Outcome]:
+    """Every piece of ``work`` in the pool, in order, in about ``jobs * CHUNKS_PER_JOB`` chunks; the outcomes,
+    in the same order, once all are done."""
+    per_chunk = max(1, -(-len(work) // (jobs * CHUNKS_PER_JOB)))
+    futures = [pool.submit(_run_chunk, work[i:i + per_chunk]) for i in range(0, len(work), per_chunk)]
+    return [outcome for future in futures for outcome in future.result()]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import xattr
 
@@ -29,7 +29,19 @@ def build_layer_tree(src_dir: str, tree_root: str, layer_id: str, copy: bool = F
     changes).  Every other directory gets its times here, bottom-up.  A partial tree from an earlier, cut-off
     attempt is removed first, which is what makes the step idempotent.
     """
+    return start_layer(src_dir, tree_root, layer_id, copy=copy)[0]
+
+
+def start_layer(src_dir: str, tree_root: str, layer_id: str, copy: bool = False,
+                split_depth: Optional[int] = None) -> Tuple[StepResult, List[bytes]]:
+    """The link step, or with ``split_depth`` its first part: remove a partial tree, make ``<id>/diff``, and link
+    the layer, but (``split_depth``) the subtrees at that depth, which are left to ``link_part`` (each one's
+    directory made, empty), so that several workers link one big layer.  What it found, and the parts left.
+
+    A part touches nothing outside its own directory, so every directory above the parts gets its times here,
+    as in a whole walk; each part sets its own root's."""
     result = StepResult()
+    parts: List[bytes] = []
     tfd = fsio.open_dir(tree_root)
     try:
         fsio.remove_tree(os.path.join(tree_root, layer_id))
@@ -38,25 +50,54 @@ def build_layer_tree(src_dir: str, tree_root: str, layer_id: str, copy: bool = F
         lfd = fsio.open_dir(layer_id, tfd)
         try:
             os.mkdir(overlay2.DIFF, 0o700, dir_fd=lfd)
-            src_fd = fsio.open_dir(src_dir, noatime=True)
-            try:
-                dst_fd = fsio.open_dir(overlay2.DIFF, lfd)
-                try:
-                    carry = _Copier(dst_fd, result) if copy else _link_entry
-                    visit, leave = _linker(result, carry)
-                    tree.walk_pair(src_fd, dst_fd, visit, leave, label=f"link {layer_id}")
-                finally:
-                    os.close(dst_fd)
-            finally:
-                os.close(src_fd)
         finally:
             os.close(lfd)
     finally:
         os.close(tfd)
+    _link_walk(src_dir, tree_root, layer_id, b"", result, copy, split_depth, parts)
+    return result, parts
+
+
+def link_part(src_dir: str, tree_root: str, layer_id: str, rel: bytes) -> StepResult:
+    """Link the subtree ``rel`` that ``start_layer`` left (its directory exists, empty)."""
+    result = StepResult()
+    _link_walk(src_dir, tree_root, layer_id, rel, result, False, None, [])
     return result
 
 
-def _linker(result: StepResult, carry):
+def merge(result: StepResult, part_results: Sequence[StepResult]) -> StepResult:
+    """A layer's result with its parts' added."""
+    for found in part_results:
+        result.entries += found.entries
+        result.findings.extend(found.findings)
+        result.whiteout_dirs.extend(found.whiteout_dirs)
+    return result
+
+
+def _link_walk(src_dir: str, tree_root: str, layer_id: str, rel: bytes, result: StepResult, copy: bool,
+               split_depth: Optional[int], parts: List[bytes]) -> None:
+    src_root = fsio.open_dir(src_dir, noatime=True)
+    try:
+        src_fd = tree.open_path(src_root, rel, noatime=True)
+    finally:
+        os.close(src_root)
+    try:
+        dst_root = fsio.open_dir(overlay2.diff_dir(tree_root, layer_id))
+        try:
+            dst_fd = tree.open_path(dst_root, rel)
+        finally:
+            os.close(dst_root)
+        try:
+            carry = _Copier(dst_fd, result) if copy else _link_entry
+            visit, leave = _linker(result, carry, split_depth, parts)
+            tree.walk_pair(src_fd, dst_fd, visit, leave, label=f"link {layer_id}", root_rel=rel)
+        finally:
+            os.close(dst_fd)
+    finally:
+        os.close(src_fd)
+
+
+def _linker(result: StepResult, carry, split_depth: Optional[int], parts: List[bytes]):
     converting = set()  # directories left for the whiteout step, which sets their times
 
     def visit(s_fd: int, d_fd: int, rel: bytes) -> List[str]:
@@ -85,6 +126,9 @@ def _linker(result: StepResult, carry):
         if has_whiteouts:
             result.whiteout_dirs.append(rel)
             converting.add(rel)
+        if split_depth is not None and rel.count(b"/") + 1 >= split_depth:
+            parts.extend(rel + b"/" + os.fsencode(name) for name in subdirs)
+            return []
         return subdirs
 
     def leave(s_fd: int, d_fd: int, rel: bytes) -> None:

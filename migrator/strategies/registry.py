@@ -1,7 +1,7 @@
 """The strategies, by name: the one place (with the CLI's choices) that names them.
 
 Looking a name up imports nothing heavy; ``get`` imports the strategy's module only when it is needed, so the
-CLI can ask ``walks_first`` before SQLAlchemy is imported (``fs/prescan.py``).
+CLI can ask ``walks_first`` before SQLAlchemy is imported (``scan/prescan.py``).
 """
 
 from __future__ import annotations

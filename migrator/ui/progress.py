@@ -14,6 +14,8 @@ import sys
 import time
 from typing import Optional, TextIO
 
+from migrations_state.machine import COMMITTED, LINKED
+
 BAR_WIDTH = 24
 REDRAW_EVERY = 0.1  # seconds
 MIB = 1 << 20
@@ -90,9 +92,9 @@ class Reporter:
         detail = f"{entries} entries, {seconds:.2f}s" if entries is not None else f"{seconds:.2f}s"
         text = f"layer {layer_id} {state} ({detail})"
         self._log(text)
-        if state == "linked" and entries:
+        if state == LINKED and entries:
             self.done_entries += entries
-        if state == "committed":
+        if state == COMMITTED:
             self.done_layers += 1
         self.current = f"{state} {layer_id[:12]}"
         if self.quiet:

@@ -13,6 +13,15 @@ from typing import Optional
 
 from migrations_state import reader
 from migrations_state.errors import StateDatabaseError
+from migrations_state.machine import (
+    CLEANED,
+    CLEANING,
+    COMPLETED,
+    CONVERTING,
+    ROLLED_BACK,
+    ROLLING_BACK,
+    SWITCHING,
+)
 from migrator.errors import EXIT_IN_PROGRESS, EXIT_OK, EXIT_ROLLED_BACK, MigratorError
 from migrator.fs import fsio
 from migrator.paths import Paths
@@ -20,13 +29,13 @@ from migrator.paths import Paths
 NEXT_STEP = {
     None: "nothing to do",
     "not-started": "run 'aufs2overlay run' to migrate",
-    "converting": "run 'aufs2overlay run' to resume, or 'aufs2overlay rollback' to undo",
-    "switching": "run 'aufs2overlay run' to resume, or 'aufs2overlay rollback' to undo",
-    "completed": "start the engine with storage-driver overlay2; 'aufs2overlay cleanup' once satisfied",
-    "cleaning": "run 'aufs2overlay cleanup' to finish removing the aufs data",
-    "cleaned": "nothing to do",
-    "rolling-back": "run 'aufs2overlay rollback' to finish the rollback",
-    "rolled-back": "the aufs data is as it was; start the engine with aufs, or run again",
+    CONVERTING: "run 'aufs2overlay run' to resume, or 'aufs2overlay rollback' to undo",
+    SWITCHING: "run 'aufs2overlay run' to resume, or 'aufs2overlay rollback' to undo",
+    COMPLETED: "start the engine with storage-driver overlay2; 'aufs2overlay cleanup' once satisfied",
+    CLEANING: "run 'aufs2overlay cleanup' to finish removing the aufs data",
+    CLEANED: "nothing to do",
+    ROLLING_BACK: "run 'aufs2overlay rollback' to finish the rollback",
+    ROLLED_BACK: "the aufs data is as it was; start the engine with aufs, or run again",
 }
 
 
@@ -56,7 +65,7 @@ def status(root: str, state_db: Optional[str] = None, as_json: bool = False) -> 
             "last_error": run_row["last_error"],
             "next": NEXT_STEP[run_row["phase"]],
         }
-        code = {"completed": EXIT_OK, "cleaned": EXIT_OK, "rolled-back": EXIT_ROLLED_BACK}.get(
+        code = {COMPLETED: EXIT_OK, CLEANED: EXIT_OK, ROLLED_BACK: EXIT_ROLLED_BACK}.get(
             doc["phase"], EXIT_IN_PROGRESS)
     if as_json:
         print(json.dumps(doc, indent=2, sort_keys=True))

@@ -8,8 +8,8 @@ import ast
 import os
 from typing import List, Tuple
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = [os.path.join(HERE, "..", pkg) for pkg in ("migrator", "migrations_state")]
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SOURCES = [os.path.join(REPO, pkg) for pkg in ("migrator", "migrations_state")]
 RAISED = {"MigratorError", "Refused", "Locked", "StateDatabaseError"}
 
 
@@ -34,26 +34,24 @@ def _text(node: ast.AST) -> List[str]:
 def messages() -> List[Tuple[str, int, str]]:
     """(file, line, longest fixed piece) of every operator-facing message."""
     found = []
-    for base in SOURCES:
-        for name in sorted(os.listdir(base)):
-            if not name.endswith(".py"):
+    paths = sorted(os.path.join(top, name) for base in SOURCES for top, _dirs, names in os.walk(base)
+                   for name in names if name.endswith(".py"))
+    for path in paths:
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call) or not node.args:
                 continue
-            path = os.path.join(base, name)
-            with open(path) as f:
-                tree = ast.parse(f.read())
-            for node in ast.walk(tree):
-                if not isinstance(node, ast.Call) or not node.args:
-                    continue
-                func = node.func
-                callee = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
-                is_problem = callee == "append" and isinstance(func, ast.Attribute) and \
-                    getattr(func.value, "attr", getattr(func.value, "id", "")) == "problems"
-                if callee not in RAISED and not is_problem:
-                    continue
-                pieces = [p.strip(" ;:,.()") for p in _text(node.args[0])]
-                longest = max(pieces, key=len, default="")
-                if len(longest) >= 8:
-                    found.append((os.path.relpath(path, os.path.join(HERE, "..")), node.lineno, longest))
+            func = node.func
+            callee = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
+            is_problem = callee == "append" and isinstance(func, ast.Attribute) and \
+                getattr(func.value, "attr", getattr(func.value, "id", "")) == "problems"
+            if callee not in RAISED and not is_problem:
+                continue
+            pieces = [p.strip(" ;:,.()") for p in _text(node.args[0])]
+            longest = max(pieces, key=len, default="")
+            if len(longest) >= 8:
+                found.append((os.path.relpath(path, REPO), node.lineno, longest))
     return found
 
 
