@@ -100,8 +100,8 @@ def test_early_walk_finds_what_the_plan_walk_finds(tmp_path, monkeypatch, cold):
         assert found.whiteouts == int(name[-1]) + 1
 
 
-@pytest.mark.parametrize("split_depth", [1, 2, 3])
-def test_a_layer_linked_in_parts_is_the_layer_linked_whole(tmp_path, split_depth):
+@pytest.mark.parametrize("budget", [1, 5, 17])
+def test_a_layer_linked_in_parts_is_the_layer_linked_whole(tmp_path, budget):
     """The link step cut below its root into parts (several workers on one big layer) builds the same tree,
     times included, and finds the same entries, whiteout directories and findings as one walk of the layer."""
     from migrator.formats import overlay2
@@ -129,9 +129,14 @@ def test_a_layer_linked_in_parts_is_the_layer_linked_whole(tmp_path, split_depth
         if how == "whole":
             result = linker.build_layer_tree(str(src), tree_root, "big")
         else:
-            result, parts = linker.start_layer(str(src), tree_root, "big", split_depth=split_depth)
-            assert parts and all(p.count(b"/") == split_depth for p in parts)
-            result = linker.merge(result, [linker.link_part(str(src), tree_root, "big", p) for p in parts])
+            result, parts = linker.start_layer(str(src), tree_root, "big", budget=budget)
+            assert parts
+            found = []
+            while parts:  # as the workers do: each part within the budget, what it leaves goes out again
+                part_result, more = linker.link_part(str(src), tree_root, "big", parts.pop(), budget=budget)
+                found.append(part_result)
+                parts.extend(more)
+            result = linker.merge(result, found)
         tree = manifest(overlay2.diff_dir(tree_root, "big"))
         for rel in result.whiteout_dirs:  # their times are the whiteout step's to set
             key = rel.lstrip(b"/") or b"."
@@ -139,3 +144,44 @@ def test_a_layer_linked_in_parts_is_the_layer_linked_whole(tmp_path, split_depth
         built[how] = (result.entries, sorted(result.whiteout_dirs), sorted(result.findings), tree)
     assert built["parts"] == built["whole"]
     assert built["whole"][1] == [b"/etc", b"/etc/a", b"/usr", b"/usr/a", b"/usr/b/deep", b"/var", b"/var/a"]
+
+
+def test_big_layers_shared_out_to_workers_in_pieces_build_what_one_walk_builds(tmp_path, monkeypatch):
+    """The link wave's share-out (``hardlink.share_out``, 2 workers, pieces of 3 entries): every layer, cut into
+    pieces that come back and go out again, is the tree one walk of it builds, with the same result."""
+    import types
+
+    from migrator import procs
+    from migrator.formats import overlay2
+    from migrator.paths import Paths
+    from migrator.strategies import hardlink, linker
+    from tests.support.manifest import manifest
+
+    monkeypatch.setattr(hardlink, "PART_ENTRIES", 3)
+    root = tmp_path / "docker"
+    for n, lid in enumerate(("one", "two", "three")):
+        for d in range(n + 2):
+            leaf = root / "aufs" / "diff" / lid / f"d{d}" / "e" / "f"
+            leaf.mkdir(parents=True)
+            (leaf / "x").write_text(lid)
+            (leaf.parent / ".wh.gone").write_text("")
+    paths = Paths.for_root(str(root))
+    os.makedirs(os.path.join(paths.temp_tree, "l"))
+    strategy = hardlink.HardlinkStrategy()
+    tasks = [strategy.task(types.SimpleNamespace(id=lid, writable=False), types.SimpleNamespace(paths=paths), [])
+             for lid in ("one", "two", "three")]
+    with procs.pool(2) as pool:
+        outcomes = hardlink.share_out(pool, 2, tasks)
+    whole_root = str(tmp_path / "whole")
+    os.makedirs(os.path.join(whole_root, "l"))
+    for task in tasks:
+        ok, shared = outcomes[task]
+        assert ok, shared
+        whole = linker.build_layer_tree(task.src, whole_root, task.id)
+        assert (shared.entries, sorted(shared.whiteout_dirs), sorted(shared.findings)) == \
+               (whole.entries, sorted(whole.whiteout_dirs), sorted(whole.findings))
+        got, want = (manifest(overlay2.diff_dir(t, task.id)) for t in (paths.temp_tree, whole_root))
+        for rel in whole.whiteout_dirs:  # their times are the whiteout step's to set
+            key = rel.lstrip(b"/") or b"."
+            got[key], want[key] = got[key][:4] + got[key][5:], want[key][:4] + want[key][5:]
+        assert got == want

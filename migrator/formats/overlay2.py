@@ -106,17 +106,17 @@ def lower_value(ancestor_link_ids: Sequence[str]) -> bytes:
 
 def write_layer_files(tree_root: str, layer_id: str, link_id: str, ancestor_link_ids: Sequence[str],
                       sync: bool = True) -> None:
-    """``link``, ``lower``, ``work/`` and ``l/<LINKID>``, each written atomically (temp and rename), then made
-    durable together by one ``syncfs``."""
+    """``link``, ``lower``, ``work/`` and ``l/<LINKID>`` (each made in place when absent, replaced atomically
+    when a cut-off attempt left one: ``fsio.create_file``), then made durable together by one ``syncfs``."""
     lfd = fsio.open_dir(os.path.join(tree_root, layer_id))
     try:
-        fsio.atomic_write(lfd, LINK, link_id.encode("ascii"), 0o644, sync=False)
+        fsio.create_file(lfd, LINK, link_id.encode("ascii"), 0o644)
         if ancestor_link_ids:
-            fsio.atomic_write(lfd, LOWER, lower_value(ancestor_link_ids), 0o644, sync=False)
+            fsio.create_file(lfd, LOWER, lower_value(ancestor_link_ids), 0o644)
             fsio.make_dir(WORK, WORK_MODE, dir_fd=lfd)
         links_fd = fsio.open_dir(os.path.join(tree_root, LINKS_DIR))
         try:
-            fsio.atomic_symlink(links_fd, link_id, f"../{layer_id}/{DIFF}", sync=False)
+            fsio.create_symlink(links_fd, link_id, f"../{layer_id}/{DIFF}")
         finally:
             os.close(links_fd)
         if sync:
@@ -131,7 +131,7 @@ def write_committed_marker(tree_root: str, layer_id: str, has_child: bool, sync:
         return
     lfd = fsio.open_dir(os.path.join(tree_root, layer_id))
     try:
-        fsio.atomic_write(lfd, COMMITTED, b"", 0o600, sync=False)
+        fsio.create_file(lfd, COMMITTED, b"", 0o600)
         if sync:
             fsio.syncfs(lfd)
     finally:

@@ -13,7 +13,7 @@ import os
 import resource
 import shutil
 import stat
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 from migrator import checkpoints
 
@@ -92,8 +92,20 @@ def make_dir(name: str, mode: int, dir_fd: Optional[int] = None) -> bool:
         if not stat.S_ISDIR(st.st_mode):
             raise
         created = False
-    os.chmod(name, mode, dir_fd=dir_fd)
+    if not created or mode != 0o700 or _umask() & 0o700:
+        os.chmod(name, mode, dir_fd=dir_fd)
     return created
+
+
+_umask_cache: List[int] = []
+
+
+def _umask() -> int:
+    """The process's umask (read once: reading it means setting it)."""
+    if not _umask_cache:
+        _umask_cache.append(os.umask(0o022))
+        os.umask(_umask_cache[0])
+    return _umask_cache[0]
 
 
 def temp_name(name: str) -> str:
@@ -147,6 +159,38 @@ def atomic_write(
     if sync:
         os.fsync(dir_fd)
     checkpoints.reached(f"write {name}")
+
+
+def create_file(dir_fd: int, name: str, data: bytes, mode: int) -> None:
+    """Write ``name``, a file of a new layer directory, and leave its durability to the caller's ``syncfs``.
+
+    Created in place when it does not exist (nothing is replaced, so nothing can be lost half-way); when it
+    does (the step is done again after a cut), replaced atomically (``atomic_write``), never truncated."""
+    try:
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode & 0o777,
+                     dir_fd=dir_fd)
+    except FileExistsError:
+        atomic_write(dir_fd, name, data, mode, sync=False)
+        return
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if mode & ~0o777 or _umask() & mode:
+            os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+    checkpoints.reached(f"write {name}")
+
+
+def create_symlink(dir_fd: int, name: str, target: str) -> None:
+    """``create_file`` for a symlink: made in place when absent, else replaced atomically if it differs."""
+    try:
+        os.symlink(target, name, dir_fd=dir_fd)
+    except FileExistsError:
+        atomic_symlink(dir_fd, name, target, sync=False)
+        return
+    checkpoints.reached(f"symlink {name}")
 
 
 def atomic_symlink(dir_fd: int, name: str, target: str, sync: bool = True) -> None:

@@ -9,6 +9,7 @@ the whole tree.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import stat
 from typing import Callable, Iterator, List, Optional, Tuple
@@ -27,11 +28,14 @@ Leave = Callable[[int, int, bytes], None]
 
 
 def walk_pair(src_fd: int, dst_fd: Optional[int], visit: Visit, leave: Optional[Leave] = None,
-              label: Optional[str] = None, root_rel: bytes = b"") -> None:
+              label: Optional[str] = None, root_rel: bytes = b"", cut: Optional[Callable[[], bool]] = None,
+              left: Optional[List[bytes]] = None) -> None:
     """Depth-first walk of two directory trees in lockstep (``dst_fd`` None: of the source alone, read-only).
 
     The caller keeps ownership of the root fds.  With a ``label``, each directory done is a checkpoint.
-    ``root_rel`` is the roots' own path below the layer (``rel`` of the first ``visit``).
+    ``root_rel`` is the roots' own path below the layer (``rel`` of the first ``visit``).  Once ``cut()`` says
+    so, the walk enters no more directories: the paths of those it has not entered go to ``left`` (for
+    another walk to do), and the ones it is in are left as usual, innermost first.
     """
     frames: List[Tuple[int, int, bytes, Iterator[str], bool]] = []
     frames.append((src_fd, dst_fd, root_rel, iter(visit(src_fd, dst_fd, root_rel)), False))
@@ -39,6 +43,9 @@ def walk_pair(src_fd: int, dst_fd: Optional[int], visit: Visit, leave: Optional[
         while frames:
             s_fd, d_fd, rel, pending, owned = frames[-1]
             name = next(pending, None)
+            if name is not None and cut is not None and cut():
+                left.extend(rel + b"/" + os.fsencode(n) for n in itertools.chain((name,), pending))
+                name = None
             if name is None:
                 frames.pop()
                 try:

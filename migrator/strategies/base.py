@@ -23,7 +23,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
-from migrations_state.machine import COMMITTED, CONVERT_WHITEOUTS, DISCOVERED, LAYER_NEXT, LINKED, layer_machine
+from migrations_state.machine import (
+    COMMIT,
+    COMMITTED,
+    CONVERT_WHITEOUTS,
+    DISCOVERED,
+    LAYER_NEXT,
+    LINKED,
+    WRITE_LOWERS,
+    layer_machine,
+)
 from migrations_state.schema import LayerRecord
 from migrations_state.store import LayerStep, Store
 from migrator import procs
@@ -70,6 +79,12 @@ class LayerTask:
         self.prepared: Optional[Outcome] = None
 
     def work(self, trigger: str) -> Optional[Work]:
+        """The work of the two steps every strategy shares: overlay2's files of the layer."""
+        if trigger == WRITE_LOWERS:
+            return overlay2.write_layer_files, (self.paths.temp_tree, self.id, self.record.link_id,
+                                                self.ancestor_links, False)
+        if trigger == COMMIT:
+            return overlay2.write_committed_marker, (self.paths.temp_tree, self.id, self.record.has_child, False)
         return None
 
     def perform(self, trigger: str) -> Any:
@@ -83,12 +98,11 @@ class LayerTask:
         return fn(*args)
 
     def write_lower_files(self) -> None:
-        overlay2.write_layer_files(self.paths.temp_tree, self.id, self.record.link_id, self.ancestor_links,
-                                   sync=False)
+        self.perform(WRITE_LOWERS)
         self.result = None
 
     def write_committed_marker(self) -> None:
-        overlay2.write_committed_marker(self.paths.temp_tree, self.id, self.record.has_child, sync=False)
+        self.perform(COMMIT)
         self.result = None
 
     def record_state(self) -> None:
@@ -107,7 +121,10 @@ class Strategy:
 
     name = ""  # set by the registry, with ``walks_first``
     walks_first = False
-    pooled_triggers: FrozenSet[str] = frozenset()  # steps heavy enough to hand to worker processes
+    # Steps worth handing to worker processes: overlay2's files make new inodes, which costs (about 90 µs
+    # each here), and thousands of layers make thousands of them.
+    pooled_triggers: FrozenSet[str] = frozenset({WRITE_LOWERS, COMMIT})
+    pool_from_layers = 64  # fewer pending layers than this: no workers (forking them would cost more)
 
     # -- what the plan counts ---------------------------------------------------------------------------
 
@@ -144,7 +161,7 @@ class Strategy:
         link_ids = {r.id: r.link_id for r in records}
         tfd = fsio.open_dir(conv.paths.temp_tree)
         try:
-            with self._pool(conv) as pool:
+            with self._pool(conv, pending) as pool:
                 for batch in batches(pending):
                     tasks = [self.task(r, conv, [link_ids[a] for a in _ancestors(r)]) for r in batch]
                     self._convert_batch(conv, tasks, tfd, pool)
@@ -152,10 +169,11 @@ class Strategy:
             os.close(tfd)
 
     @contextlib.contextmanager
-    def _pool(self, conv: Conversion) -> Iterator[Optional[concurrent.futures.ProcessPoolExecutor]]:
-        """The workers of the whole conversion (none with one job, or nothing to hand them), all forked now,
+    def _pool(self, conv: Conversion, pending: List[LayerRecord]
+              ) -> Iterator[Optional[concurrent.futures.ProcessPoolExecutor]]:
+        """The workers of the whole conversion (none with one job, or too few layers), all forked now,
         before the store opens a connection again (a child never uses one, but none need cross the fork)."""
-        if conv.jobs <= 1 or not self.pooled_triggers:
+        if conv.jobs <= 1 or not self.pooled_triggers or len(pending) < self.pool_from_layers:
             yield None
             return
         conv.store.release_connections()
@@ -237,7 +255,7 @@ def _start_progress(conv: Conversion, records: List[LayerRecord]) -> None:
                         sum(r.state == COMMITTED for r in records), sum(r.entries for r in done))
 
 
-def _run_chunk(work: Sequence[Work]) -> List[Outcome]:
+def run_chunk(work: Sequence[Work]) -> List[Outcome]:
     """In a worker: each piece of work, its result or the OSError it raised (so the parent can tell which
     layer failed, and the others of the chunk still count)."""
     out: List[Outcome] = []
@@ -253,5 +271,5 @@ def run_in_chunks(pool: concurrent.futures.ProcessPoolExecutor, jobs: int, work:
     """Every piece of ``work`` in the pool, in order, in about ``jobs * CHUNKS_PER_JOB`` chunks; the outcomes,
     in the same order, once all are done."""
     per_chunk = max(1, -(-len(work) // (jobs * CHUNKS_PER_JOB)))
-    futures = [pool.submit(_run_chunk, work[i:i + per_chunk]) for i in range(0, len(work), per_chunk)]
+    futures = [pool.submit(run_chunk, work[i:i + per_chunk]) for i in range(0, len(work), per_chunk)]
     return [outcome for future in futures for outcome in future.result()]

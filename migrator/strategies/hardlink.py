@@ -2,10 +2,11 @@
 
 Every entry is hardlinked (a container's writable layer is copied: overlay2 writes into it in place), so
 aufs/ stays exactly as it was until cleanup, and a rollback only removes what was built.  The link and whiteout
-steps walk the layers; the runner hands them to worker processes.  A wave's link work goes out in two rounds,
-so that one big layer keeps every worker busy: first each layer down to ``SPLIT_DEPTH``, then every subtree
-below that depth, of all the layers, spread over the workers (``linker.start_layer``, ``linker.link_part``).
-A layer is ``linked`` only once all of its parts are done and the wave's ``syncfs`` has made them durable.
+steps walk the layers; the runner hands them to worker processes.  A wave's link work goes out in pieces of
+about ``PART_ENTRIES`` entries, so that one big layer keeps every worker busy (``share_out``): a worker links
+a layer until it has done that many, and hands back the subtrees it did not enter, which go out again
+(``linker.start_layer``, ``linker.link_part``).  A layer is ``linked`` only once all of its pieces are done
+and the wave's ``syncfs`` has made them durable.
 """
 
 from __future__ import annotations
@@ -14,14 +15,13 @@ import concurrent.futures
 import os
 from typing import Dict, List, Optional, Tuple
 
-from migrations_state.machine import CONVERT_WHITEOUTS, LINK
+from migrations_state.machine import COMMIT, CONVERT_WHITEOUTS, LINK, WRITE_LOWERS
 from migrations_state.schema import LayerRecord
-from migrator.scan.findings import StepResult
 from migrator.scan.survey import LayerSurvey
 from migrator.strategies import linker
-from migrator.strategies.base import Conversion, LayerTask, Strategy, Work, run_in_chunks
+from migrator.strategies.base import Conversion, LayerTask, Outcome, Strategy, Work, run_chunk
 
-SPLIT_DEPTH = 2  # a layer's subtrees at this depth (``usr/lib``, ``usr/share``, …) are linked as parts
+PART_ENTRIES = 4000  # a worker links about this many entries of a layer, then hands the rest back as parts
 
 
 class HardlinkTask(LayerTask):
@@ -34,7 +34,7 @@ class HardlinkTask(LayerTask):
             return linker.build_layer_tree, (self.src, self.paths.temp_tree, self.id, self.record.writable)
         if trigger == CONVERT_WHITEOUTS:
             return linker.convert_whiteouts, (self.src, self.paths.temp_tree, self.id, self.whiteout_dirs)
-        return None
+        return super().work(trigger)
 
     def build_tree(self) -> None:
         self.result = self.perform(LINK)
@@ -44,7 +44,8 @@ class HardlinkTask(LayerTask):
 
 
 class HardlinkStrategy(Strategy):
-    pooled_triggers = frozenset({LINK, CONVERT_WHITEOUTS})
+    pooled_triggers = frozenset({LINK, CONVERT_WHITEOUTS, WRITE_LOWERS, COMMIT})
+    pool_from_layers = 1
 
     def layer_need(self, writable: bool, survey: LayerSurvey, block: int) -> Tuple[int, int]:
         """Every directory is made anew; a writable layer's files are copies."""
@@ -56,23 +57,39 @@ class HardlinkStrategy(Strategy):
 
     def work_in_pool(self, pool: concurrent.futures.ProcessPoolExecutor, jobs: int, trigger: str,
                      tasks: List[LayerTask]) -> None:
-        """The link wave in two rounds (the module's docstring); other waves as every strategy's."""
+        """The link wave shared out as the module's docstring says; other waves as every strategy's."""
         if trigger != LINK:
             super().work_in_pool(pool, jobs, trigger, tasks)
             return
-        starts = run_in_chunks(pool, jobs, [
-            (linker.start_layer, (t.src, t.paths.temp_tree, t.id, t.record.writable,
-                                  None if t.record.writable else SPLIT_DEPTH)) for t in tasks])
-        parts = [(t, rel) for t, (ok, value) in zip(tasks, starts) if ok for rel in value[1]]
-        done = run_in_chunks(pool, jobs, [(linker.link_part, (t.src, t.paths.temp_tree, t.id, rel))
-                                          for t, rel in parts])
-        by_layer: Dict[str, List[Tuple[bool, StepResult]]] = {}
-        for (t, _rel), outcome in zip(parts, done):
-            by_layer.setdefault(t.id, []).append(outcome)
-        for task, (ok, value) in zip(tasks, starts):
-            outcomes = by_layer.get(task.id, [])
-            failed = next((v for good, v in outcomes if not good), None) if ok else value
-            if failed is not None:
-                task.prepared = (False, failed)
-            else:
-                task.prepared = (True, linker.merge(value[0], [v for _good, v in outcomes]))
+        for task, outcome in share_out(pool, jobs, tasks).items():
+            task.prepared = outcome
+
+
+def share_out(pool: concurrent.futures.ProcessPoolExecutor, jobs: int, tasks: List[LayerTask]
+              ) -> Dict[LayerTask, Outcome]:
+    """Link every task's layer in the workers, ``PART_ENTRIES`` entries at a time: a walk that reaches its budget
+    leaves the subtrees it did not enter as new pieces of work, handed out as soon as they come back, so the
+    workers stay busy until the last piece (no round waits for another).  Small layers go several to a
+    chunk.  Each task's outcome: its merged result, or the first error of any of its pieces."""
+    found: Dict[LayerTask, List[Outcome]] = {t: [] for t in tasks}
+    queue = [(t, (linker.start_layer, (t.src, t.paths.temp_tree, t.id, t.record.writable, PART_ENTRIES)))
+             for t in tasks]
+    running: Dict[concurrent.futures.Future, list] = {}
+    while queue or running:
+        while queue and len(running) < 2 * jobs:
+            size = max(1, min(len(queue) // (2 * jobs), 64))
+            chunk, queue = queue[:size], queue[size:]
+            running[pool.submit(run_chunk, [work for _t, work in chunk])] = chunk
+        done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+        for future in done:
+            for (task, _work), (ok, value) in zip(running.pop(future), future.result()):
+                found[task].append((ok, value[0] if ok else value))
+                if ok:
+                    queue.extend((task, (linker.link_part, (task.src, task.paths.temp_tree, task.id, rel,
+                                                            PART_ENTRIES))) for rel in value[1])
+    outcomes: Dict[LayerTask, Outcome] = {}
+    for task, pieces in found.items():
+        failed = next((value for ok, value in pieces if not ok), None)
+        outcomes[task] = (False, failed) if failed is not None else \
+            (True, linker.merge(pieces[0][1], [value for _ok, value in pieces[1:]]))
+    return outcomes

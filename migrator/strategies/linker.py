@@ -33,15 +33,14 @@ def build_layer_tree(src_dir: str, tree_root: str, layer_id: str, copy: bool = F
 
 
 def start_layer(src_dir: str, tree_root: str, layer_id: str, copy: bool = False,
-                split_depth: Optional[int] = None) -> Tuple[StepResult, List[bytes]]:
-    """The link step, or with ``split_depth`` its first part: remove a partial tree, make ``<id>/diff``, and link
-    the layer, but (``split_depth``) the subtrees at that depth, which are left to ``link_part`` (each one's
-    directory made, empty), so that several workers link one big layer.  What it found, and the parts left.
+                budget: Optional[int] = None) -> Tuple[StepResult, List[bytes]]:
+    """The link step, or with a ``budget`` of entries its first part: remove a partial tree, make
+    ``<id>/diff``, and link the layer until about ``budget`` entries are done; the subtrees it did not enter
+    are left to ``link_part`` (each one's directory made, empty), so that several workers share a big layer.
+    What it found, and the parts left.
 
-    A part touches nothing outside its own directory, so every directory above the parts gets its times here,
-    as in a whole walk; each part sets its own root's."""
-    result = StepResult()
-    parts: List[bytes] = []
+    A part touches nothing outside its own directory, so every directory this walk entered gets its times
+    here, as in a whole walk; each part sets its own root's."""
     tfd = fsio.open_dir(tree_root)
     try:
         fsio.remove_tree(os.path.join(tree_root, layer_id))
@@ -54,15 +53,13 @@ def start_layer(src_dir: str, tree_root: str, layer_id: str, copy: bool = False,
             os.close(lfd)
     finally:
         os.close(tfd)
-    _link_walk(src_dir, tree_root, layer_id, b"", result, copy, split_depth, parts)
-    return result, parts
+    return _link_walk(src_dir, tree_root, layer_id, b"", copy, budget)
 
 
-def link_part(src_dir: str, tree_root: str, layer_id: str, rel: bytes) -> StepResult:
-    """Link the subtree ``rel`` that ``start_layer`` left (its directory exists, empty)."""
-    result = StepResult()
-    _link_walk(src_dir, tree_root, layer_id, rel, result, False, None, [])
-    return result
+def link_part(src_dir: str, tree_root: str, layer_id: str, rel: bytes,
+              budget: Optional[int] = None) -> Tuple[StepResult, List[bytes]]:
+    """Link the subtree ``rel`` that an earlier walk left (its directory exists, empty), within ``budget``."""
+    return _link_walk(src_dir, tree_root, layer_id, rel, False, budget)
 
 
 def merge(result: StepResult, part_results: Sequence[StepResult]) -> StepResult:
@@ -74,8 +71,10 @@ def merge(result: StepResult, part_results: Sequence[StepResult]) -> StepResult:
     return result
 
 
-def _link_walk(src_dir: str, tree_root: str, layer_id: str, rel: bytes, result: StepResult, copy: bool,
-               split_depth: Optional[int], parts: List[bytes]) -> None:
+def _link_walk(src_dir: str, tree_root: str, layer_id: str, rel: bytes, copy: bool,
+               budget: Optional[int]) -> Tuple[StepResult, List[bytes]]:
+    result = StepResult()
+    parts: List[bytes] = []
     src_root = fsio.open_dir(src_dir, noatime=True)
     try:
         src_fd = tree.open_path(src_root, rel, noatime=True)
@@ -89,15 +88,18 @@ def _link_walk(src_dir: str, tree_root: str, layer_id: str, rel: bytes, result: 
             os.close(dst_root)
         try:
             carry = _Copier(dst_fd, result) if copy else _link_entry
-            visit, leave = _linker(result, carry, split_depth, parts)
-            tree.walk_pair(src_fd, dst_fd, visit, leave, label=f"link {layer_id}", root_rel=rel)
+            visit, leave = _linker(result, carry)
+            cut = (lambda: result.entries >= budget) if budget is not None and not copy else None
+            tree.walk_pair(src_fd, dst_fd, visit, leave, label=f"link {layer_id}", root_rel=rel, cut=cut,
+                           left=parts)
         finally:
             os.close(dst_fd)
     finally:
         os.close(src_fd)
+    return result, parts
 
 
-def _linker(result: StepResult, carry, split_depth: Optional[int], parts: List[bytes]):
+def _linker(result: StepResult, carry):
     converting = set()  # directories left for the whiteout step, which sets their times
 
     def visit(s_fd: int, d_fd: int, rel: bytes) -> List[str]:
@@ -126,9 +128,6 @@ def _linker(result: StepResult, carry, split_depth: Optional[int], parts: List[b
         if has_whiteouts:
             result.whiteout_dirs.append(rel)
             converting.add(rel)
-        if split_depth is not None and rel.count(b"/") + 1 >= split_depth:
-            parts.extend(rel + b"/" + os.fsencode(name) for name in subdirs)
-            return []
         return subdirs
 
     def leave(s_fd: int, d_fd: int, rel: bytes) -> None:
