@@ -92,7 +92,7 @@ def make_dir(name: str, mode: int, dir_fd: Optional[int] = None) -> bool:
         if not stat.S_ISDIR(st.st_mode):
             raise
         created = False
-    if not created or mode != 0o700 or _umask() & 0o700:
+    if not created or mode != 0o700 or process_umask() & 0o700:
         os.chmod(name, mode, dir_fd=dir_fd)
     return created
 
@@ -100,7 +100,7 @@ def make_dir(name: str, mode: int, dir_fd: Optional[int] = None) -> bool:
 _umask_cache: List[int] = []
 
 
-def _umask() -> int:
+def process_umask() -> int:
     """The process's umask (read once: reading it means setting it)."""
     if not _umask_cache:
         _umask_cache.append(os.umask(0o022))
@@ -176,7 +176,7 @@ def create_file(dir_fd: int, name: str, data: bytes, mode: int) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-        if mode & ~0o777 or _umask() & mode:
+        if mode & ~0o777 or process_umask() & mode:
             os.fchmod(fd, mode)
     finally:
         os.close(fd)

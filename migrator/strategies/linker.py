@@ -88,7 +88,7 @@ def _link_walk(src_dir: str, tree_root: str, layer_id: str, rel: bytes, copy: bo
             os.close(dst_root)
         try:
             carry = _Copier(dst_fd, result) if copy else _link_entry
-            visit, leave = _linker(result, carry)
+            visit, leave = _linker(result, carry, rel)
             cut = (lambda: result.entries >= budget) if budget is not None and not copy else None
             tree.walk_pair(src_fd, dst_fd, visit, leave, label=f"link {layer_id}", root_rel=rel, cut=cut,
                            left=parts)
@@ -99,11 +99,27 @@ def _link_walk(src_dir: str, tree_root: str, layer_id: str, rel: bytes, copy: bo
     return result, parts
 
 
-def _linker(result: StepResult, carry):
+def _linker(result: StepResult, carry, root_rel: bytes):
+    """The link walk's two callbacks.  A directory is made with mode 0755 and owned by the migrator (root),
+    so its owner and mode are set only where the source's differ (most are root's and 0755): the source's
+    own ``fstat``, taken once on the way in, also gives its times on the way out."""
     converting = set()  # directories left for the whiteout step, which sets their times
+    made = {}  # rel: (uid, gid, mode) a new subdirectory of it gets
+    times = {}  # rel: the source's times, for ``leave``
+    made_mode = 0o755 & ~fsio.process_umask()
 
     def visit(s_fd: int, d_fd: int, rel: bytes) -> List[str]:
-        for dropped in tree.copy_dir_meta(s_fd, d_fd):
+        st = os.fstat(s_fd)
+        mode = stat.S_IMODE(st.st_mode)
+        expected = made.get(rel.rpartition(b"/")[0]) if rel != root_rel else None
+        if expected is None or (st.st_uid, st.st_gid) != expected[:2]:
+            os.fchown(d_fd, st.st_uid, st.st_gid)
+        if expected is None or mode != expected[2] or (st.st_uid, st.st_gid) != expected[:2]:
+            os.fchmod(d_fd, mode)  # after fchown, which clears setuid and setgid bits
+        setgid = bool(mode & stat.S_ISGID)  # a new subdirectory inherits the group and the bit
+        made[rel] = (os.geteuid(), st.st_gid if setgid else os.getegid(), made_mode | (stat.S_ISGID if setgid else 0))
+        times[rel] = (st.st_atime_ns, st.st_mtime_ns)
+        for dropped in tree.copy_xattrs(s_fd, d_fd):
             result.note("dropped-overlay-xattr", rel, dropped.decode("ascii", "replace"))
         subdirs = []
         has_whiteouts = False
@@ -124,15 +140,17 @@ def _linker(result: StepResult, carry):
                 result.note_zero_device(entry, rel)
                 carry(s_fd, d_fd, name, rel, result)
         for name in subdirs:
-            os.mkdir(name, 0o700, dir_fd=d_fd)
+            os.mkdir(name, 0o755, dir_fd=d_fd)
         if has_whiteouts:
             result.whiteout_dirs.append(rel)
             converting.add(rel)
         return subdirs
 
     def leave(s_fd: int, d_fd: int, rel: bytes) -> None:
+        made.pop(rel, None)
+        dir_times = times.pop(rel)
         if rel not in converting:
-            tree.copy_dir_times(s_fd, d_fd)
+            os.utime(d_fd, ns=dir_times)
 
     return visit, leave
 

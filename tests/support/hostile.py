@@ -269,8 +269,14 @@ def c_odd_containers(tmp_path):
 
 
 def c_empty_layer_and_modes(tmp_path):
+    # Below a setgid directory a new one inherits its group and the bit: "plain" must lose both, "inherits"
+    # has them already; "owned" is another user's 0755 directory, "sub" one below an unreadable one.
     entries = [(b"sticky", "dir", {"mode": 0o1777}), (b"setgid", "dir", {"mode": 0o2750, "gid": 50}),
-               (b"noperm", "dir", {"mode": 0o000}), (b"noperm-file", "file", {"data": b"x", "mode": 0o000}),
+               (b"setgid/plain", "dir", {"mode": 0o755}), (b"setgid/inherits", "dir", {"mode": 0o2755, "gid": 50}),
+               (b"setgid/inherits/deeper", "dir", {"mode": 0o755, "gid": 50}),
+               (b"owned", "dir", {"mode": 0o755, "uid": 1000, "gid": 1000}), (b"owned/in", "dir", {"mode": 0o755}),
+               (b"noperm", "dir", {"mode": 0o000}), (b"noperm/sub", "dir", {"mode": 0o755}),
+               (b"noperm-file", "file", {"data": b"x", "mode": 0o000}),
                (b"suid", "file", {"data": b"x", "mode": 0o4755, "uid": 1234})]
     return base_root(tmp_path, base_entries=entries, container_entries=entries)
 
