@@ -7,10 +7,12 @@ the plan must count for it; the runner decides the order and the durability, the
   state takes every layer at that state one step on (``trigger``); when the strategy says the step is heavy
   (``pooled_triggers``), its work is done first by ``jobs`` worker processes (``work_in_pool``), and each
   layer's transition callback takes its own outcome;
-- then one ``syncfs`` makes the whole wave durable, and one transaction records every layer's new state.
+- once every wave of the batch is done, one ``syncfs`` makes all of their effects durable, and one
+  transaction records every layer's last state (a strategy may sync and record more in between: the
+  in-place strategy records its journals before its whiteout wave changes anything).
 
-A cut anywhere leaves each layer at its last recorded state with the step's work perhaps done in part, and
-every step converges when it is done again.  Costs per layer are a few system calls; per wave, one sync and
+A cut anywhere leaves each layer at its last recorded state with its steps' work perhaps done in part, and
+every step converges when it is done again.  Costs per layer are a few system calls; per batch, one sync and
 one transaction (docs/design.md, "Waves").
 """
 
@@ -183,6 +185,9 @@ class Strategy:
 
     def _convert_batch(self, conv: Conversion, tasks: List[LayerTask], tfd: int,
                        pool: Optional[concurrent.futures.ProcessPoolExecutor]) -> None:
+        """Every wave of the batch, then one ``syncfs``, then one transaction: each layer's last state, with
+        what its steps found.  A state in between needs no record: a cut before the one record finds each
+        layer at its last recorded state, and every step converges when it is done again."""
         machine = layer_machine()
         for task in tasks:
             machine.add_model(task, initial=task.record.state)
@@ -191,19 +196,17 @@ class Strategy:
             if not at:
                 continue
             if trigger == CONVERT_WHITEOUTS:
-                listed = conv.store.all_whiteout_dirs()
+                listed = conv.store.all_whiteout_dirs()  # layers linked by an earlier run
                 for task in at:
-                    task.whiteout_dirs = listed.get(task.id, [])
+                    task.whiteout_dirs = task.steps[0].whiteout_dirs if task.steps else listed.get(task.id, [])
             self.before_wave(conv, trigger, at)
             if pool is not None and trigger in self.pooled_triggers:
                 self.work_in_pool(pool, conv.jobs, trigger, at)
             self._step_each(conv, trigger, at)
-            fsio.syncfs(tfd)
-            steps = [step for t in at for step in t.steps]
-            conv.store.set_layer_states(steps)
-            for task in at:
-                task.steps.clear()
-            for step in steps:
+        fsio.syncfs(tfd)
+        conv.store.set_layer_states([_summed(t.steps) for t in tasks if t.steps])
+        for task in tasks:
+            for step in task.steps:
                 conv.progress.step(step.layer_id, step.state, step.entries, step.seconds)
 
     def work_in_pool(self, pool: concurrent.futures.ProcessPoolExecutor, jobs: int, trigger: str,
@@ -231,6 +234,14 @@ class Strategy:
 
     def undo_layers(self, paths: Paths, store: Store, progress: Reporter) -> None:
         """Give aufs back what the conversion took from it, durably, before the new trees are removed."""
+
+
+def _summed(steps: List[LayerStep]) -> LayerStep:
+    """A layer's steps of one batch as one record: the last state, the link step's count and list of
+    directories to convert, every step's findings."""
+    linked = next((step for step in steps if step.state == LINKED), None)
+    return LayerStep(steps[-1].layer_id, steps[-1].state, linked.entries if linked else None,
+                     [f for step in steps for f in step.findings], linked.whiteout_dirs if linked else [])
 
 
 def batches(pending: List[LayerRecord]) -> Iterator[List[LayerRecord]]:
