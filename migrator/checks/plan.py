@@ -20,7 +20,7 @@ from migrator.paths import Paths
 from migrator.scan import survey
 from migrator.scan.prescan import EarlyWalk
 from migrator.scan.survey import LayerSurvey
-from migrator.strategies import inplace_moves, registry
+from migrator.strategies import registry
 from migrator.strategies.base import Strategy
 
 # Free space a run must keep beyond its estimate: SQLite's journal during a commit, rounding.
@@ -168,10 +168,12 @@ def make_plan(paths: Paths, strategy: str, pidfiles: Sequence[str], jobs: int = 
 
 def _read_root(paths: Paths, plan: Plan) -> None:
     """Discovery and every refusal of a new run, before anything is written."""
-    moved = inplace_moves.moved_layers(paths)
-    if moved:
-        raise Refused(f"layer {moved[0][0]} was moved out of aufs/diff by an in-place migration whose state "
-                      f"database is gone ({moved[0][1]}); 'aufs2overlay rollback --force' moves it back")
+    for strategy in registry.every():
+        moved = strategy.taken_from_aufs(paths)
+        if moved:
+            raise Refused(f"layer {moved[0][0]} was moved out of aufs/diff by a --strategy {strategy.name} migration "
+                          f"whose state database is gone ({moved[0][1]}); 'aufs2overlay rollback --force' moves it "
+                          "back")
     plan.found, plan.container_findings = containers.find_containers(
         paths.root, lambda c: containers.kept_original(paths.originals, c))
     plan.storage = consistency.check(paths, [c.id for c in plan.found if c.state == PENDING])

@@ -18,7 +18,7 @@ from migrator.formats import aufs, containers, engineconfig
 from migrator.fs import fsio
 from migrator.paths import Paths
 from migrator.runtime.lock import remove_state_db
-from migrator.strategies import inplace_journal, inplace_moves
+from migrator.strategies import registry
 
 
 def rollback_from_disk(paths: Paths, progress: Callable[[str], None]) -> None:
@@ -46,11 +46,8 @@ def rollback_from_disk(paths: Paths, progress: Callable[[str], None]) -> None:
     config = engineconfig.restore(paths)
     if config:
         progress(f"engine config {config} restored")
-    for layer_id, diff in inplace_moves.moved_layers(paths):
-        journal = inplace_journal.read_journal_copy(os.path.join(paths.stash, layer_id)) or ([], [])
-        inplace_moves.undo_layer(paths.aufs_diff, diff, os.path.join(paths.stash, layer_id), layer_id, *journal, None,
-                           progress)
-    inplace_moves.sync_moved_back(paths)
+    for strategy in registry.every():
+        strategy.undo_from_disk(paths, progress)
     remove_new_trees(paths, progress, final=True)
 
 

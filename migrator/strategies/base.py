@@ -235,6 +235,14 @@ class Strategy:
     def undo_layers(self, paths: Paths, store: Store, progress: Reporter) -> None:
         """Give aufs back what the conversion took from it, durably, before the new trees are removed."""
 
+    def taken_from_aufs(self, paths: Paths) -> List[Tuple[str, str]]:
+        """``(layer id, where it is)`` of every layer this strategy took out of ``aufs/diff``, found on disk
+        alone (for a root whose state database is gone)."""
+        return []
+
+    def undo_from_disk(self, paths: Paths, progress: Reporter) -> None:
+        """``undo_layers`` without the state database (``rollback --force``), from what is on disk."""
+
 
 def _summed(steps: List[LayerStep]) -> LayerStep:
     """A layer's steps of one batch as one record: the last state, the link step's count and list of

@@ -119,3 +119,14 @@ class InPlaceStrategy(Strategy):
             inplace_moves.undo_layer(paths.aufs_diff, diff, os.path.join(paths.stash, record.id), record.id,
                                      changes, times, (record.atime_ns, record.mtime_ns), progress)
         inplace_moves.sync_moved_back(paths)
+
+    def taken_from_aufs(self, paths: Paths) -> List[Tuple[str, str]]:
+        return inplace_moves.moved_layers(paths)
+
+    def undo_from_disk(self, paths: Paths, progress: Reporter) -> None:
+        """Each moved layer's journal copy undone, the layer renamed back, then synced."""
+        for layer_id, diff in inplace_moves.moved_layers(paths):
+            stash = os.path.join(paths.stash, layer_id)
+            changes, times = inplace_journal.read_journal_copy(stash) or ([], [])
+            inplace_moves.undo_layer(paths.aufs_diff, diff, stash, layer_id, changes, times, None, progress)
+        inplace_moves.sync_moved_back(paths)

@@ -39,6 +39,11 @@ def frugal_alternative(name: str) -> "str | None":
     return next((n for n, entry in STRATEGIES.items() if entry.frugal), None)
 
 
+def every() -> "list[Strategy]":
+    """Every strategy (for what must be asked of each: what they may have left on disk)."""
+    return [get(name) for name in NAMES]
+
+
 def get(name: str) -> "Strategy":
     """The strategy called ``name`` (a name from ``NAMES``)."""
     entry = STRATEGIES[name]
