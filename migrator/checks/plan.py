@@ -125,7 +125,7 @@ def make_plan(paths: Paths, strategy: str, pidfiles: Sequence[str], jobs: int = 
     ``walk=False`` (what ``run`` asks for) leaves out the walk of every layer when the filesystem has more room
     free than it uses in all: nothing a migration makes can then exceed it (every directory, file and block it
     could copy is part of what is used), and the walk would cost a tenth of the run.  A strategy whose
-    conversion starts from the walk (``walks_in_plan``) is always walked for; ``early`` is the walk the CLI
+    conversion starts from the walk (``walks_first``) is always walked for; ``early`` is the walk the CLI
     started before the heavy imports, whose results are taken first.
 
     ``accept_missing_storage``: layers and image metadata that the root names but does not hold (a filesystem
@@ -145,7 +145,7 @@ def make_plan(paths: Paths, strategy: str, pidfiles: Sequence[str], jobs: int = 
     vfs = os.statvfs(paths.root)
     plan.free_inodes, plan.free_bytes = vfs.f_ffree, vfs.f_bfree * vfs.f_frsize
     bound = _upper_bound(vfs, plan)
-    plan.walked = (walk or chosen.walks_in_plan() or not plan.discovery.layers or bound[0] > plan.free_inodes
+    plan.walked = (walk or chosen.walks_first or not plan.discovery.layers or bound[0] > plan.free_inodes
                    or bound[1] > plan.free_bytes)
     if plan.walked:
         plan.surveys = survey_layers(paths, plan.discovery.layers, jobs, early)

@@ -14,8 +14,8 @@ The layout::
         work/                     mode 0700 (only with a parent)
         committed                 empty (every layer that has a child)
 
-Each write is idempotent (re-running it after a cut-off converges to the same result).  ``sync=False`` leaves
-the durability to the caller, which syncs the filesystem once for a wave of layers before it records them.
+Each write is idempotent (re-running it after a cut-off converges to the same result).  A layer's files leave
+the durability to the caller, which syncs the filesystem once for a batch of layers before it records them.
 """
 
 from __future__ import annotations
@@ -104,10 +104,10 @@ def lower_value(ancestor_link_ids: Sequence[str]) -> bytes:
     return ":".join(f"{LINKS_DIR}/{link}" for link in ancestor_link_ids).encode("ascii")
 
 
-def write_layer_files(tree_root: str, layer_id: str, link_id: str, ancestor_link_ids: Sequence[str],
-                      sync: bool = True) -> None:
+def write_layer_files(tree_root: str, layer_id: str, link_id: str, ancestor_link_ids: Sequence[str]) -> None:
     """``link``, ``lower``, ``work/`` and ``l/<LINKID>`` (each made in place when absent, replaced atomically
-    when a cut-off attempt left one: ``fsio.create_file``), then made durable together by one ``syncfs``."""
+    when a cut-off attempt left one: ``fsio.create_file``); the caller's one ``syncfs`` for the batch makes them
+    durable."""
     lfd = fsio.open_dir(os.path.join(tree_root, layer_id))
     try:
         fsio.create_file(lfd, LINK, link_id.encode("ascii"), 0o644)
@@ -119,20 +119,16 @@ def write_layer_files(tree_root: str, layer_id: str, link_id: str, ancestor_link
             fsio.create_symlink(links_fd, link_id, f"../{layer_id}/{DIFF}")
         finally:
             os.close(links_fd)
-        if sync:
-            fsio.syncfs(lfd)
     finally:
         os.close(lfd)
 
 
-def write_committed_marker(tree_root: str, layer_id: str, has_child: bool, sync: bool = True) -> None:
+def write_committed_marker(tree_root: str, layer_id: str, has_child: bool) -> None:
     """dockerd 20.10 marks every layer that has a child ``committed``."""
     if not has_child:
         return
     lfd = fsio.open_dir(os.path.join(tree_root, layer_id))
     try:
         fsio.create_file(lfd, COMMITTED, b"", 0o600)
-        if sync:
-            fsio.syncfs(lfd)
     finally:
         os.close(lfd)

@@ -84,9 +84,9 @@ class LayerTask:
         """The work of the two steps every strategy shares: overlay2's files of the layer."""
         if trigger == WRITE_LOWERS:
             return overlay2.write_layer_files, (self.paths.temp_tree, self.id, self.record.link_id,
-                                                self.ancestor_links, False)
+                                                self.ancestor_links)
         if trigger == COMMIT:
-            return overlay2.write_committed_marker, (self.paths.temp_tree, self.id, self.record.has_child, False)
+            return overlay2.write_committed_marker, (self.paths.temp_tree, self.id, self.record.has_child)
         return None
 
     def perform(self, trigger: str) -> Any:
@@ -122,18 +122,13 @@ class Strategy:
     """How layers become overlay2 layers; ``registry.py`` names each one and picks it."""
 
     name = ""  # set by the registry, with ``walks_first``
-    walks_first = False
+    walks_first = False  # its conversion starts from a walk of every layer: the plan always walks for it
     # Steps worth handing to worker processes: overlay2's files make new inodes, which costs (about 90 µs
     # each here), and thousands of layers make thousands of them.
     pooled_triggers: FrozenSet[str] = frozenset({WRITE_LOWERS, COMMIT})
     pool_from_layers = 64  # fewer pending layers than this: no workers (forking them would cost more)
 
     # -- what the plan counts ---------------------------------------------------------------------------
-
-    def walks_in_plan(self) -> bool:
-        """Whether the plan must walk every layer (else it may bound the need without walking): when the
-        conversion starts from that walk (the registry says so, for the CLI to start it early)."""
-        return self.walks_first
 
     def layer_need(self, writable: bool, survey: LayerSurvey, block: int) -> Tuple[int, int]:
         """(inodes, bytes) this strategy adds for a layer beyond overlay2's own files."""
