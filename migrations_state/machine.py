@@ -41,6 +41,8 @@ LAYER_TRANSITIONS = [
 
 # The one trigger that leads out of each non-final layer state, in the order of the states.
 LAYER_NEXT: Dict[str, str] = {t["source"]: t["trigger"] for t in LAYER_TRANSITIONS}
+# Every method the transitions call on a layer's model: each strategy's task must have them all.
+LAYER_CALLBACKS = tuple(dict.fromkeys(t[k] for t in LAYER_TRANSITIONS for k in ("before", "after")))
 
 # Run phases.
 CONVERTING = "converting"

@@ -11,13 +11,13 @@ from migrations_state.errors import StateDatabaseError
 from migrator import checkpoints, frozen, procs
 from migrator.errors import EXIT_FAILED, EXIT_USAGE, MigratorError
 from migrator.fs import fsio
+from migrator.options import DEFAULT_ROOT, Options
 from migrator.strategies import registry
 from migrator.ui import report
 
 if TYPE_CHECKING:
     from migrator.scan.prescan import EarlyWalk
 
-DEFAULT_ROOT = "/var/lib/docker"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--state-db", default=None,
                        help="state database (default ROOT/.aufs2overlay/state.db)")
         if engine_check:
-            p.add_argument("--engine-pidfile", action="append", default=None, metavar="PATH",
+            p.add_argument("--engine-pidfile", action="append", default=None, metavar="PATH", dest="engine_pidfiles",
                            help="engine pidfile to check for a running engine (repeatable; replaces the "
                                 "defaults /var/run/docker.pid, /var/run/balena-engine.pid, ...)")
         if engine_check and progress:
@@ -64,15 +64,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--content", action="store_true",
                    help="also check every image layer on aufs against its digest (a damaged one makes the verdict "
                         "no)")
-    p.add_argument("--json", action="store_true", help="one JSON object (schema in docs/operations.md)")
+    p.add_argument("--json", action="store_true", dest="as_json",
+                   help="one JSON object (schema in docs/operations.md)")
     p = add("run", "start or resume the migration (exit 0 only when completed)")
     add_strategy(p)
     add_accept_missing(p)
-    p.add_argument("--set-engine-config", metavar="PATH", default=None,
+    p.add_argument("--set-engine-config", metavar="PATH", default=None, dest="engine_config",
                    help="also set \"storage-driver\": \"overlay2\" in this daemon.json when the migration "
                         "completes (atomically; rollback puts the file back as it was)")
     p = add("status", "show the phase, the layers by state, and what to do next", engine_check=False)
-    p.add_argument("--json", action="store_true", help="one JSON object (schema in docs/operations.md)")
+    p.add_argument("--json", action="store_true", dest="as_json",
+                   help="one JSON object (schema in docs/operations.md)")
     p = add("rollback", "undo the migration and return the aufs root to its exact starting state")
     p.add_argument("--force", action="store_true", help="roll back even after completion")
     add("cleanup", "after completion, remove aufs/ and image/aufs/ (no rollback afterwards)")
@@ -80,7 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--content", action="store_true",
                    help="instead, check every image layer's bytes against its digest, reassembled from its "
                         "tar-split and overlay2/ (no engine, no state database needed; works after cleanup)")
-    p.add_argument("--json", action="store_true", help="with --content: one JSON object (docs/operations.md)")
+    p.add_argument("--json", action="store_true", dest="as_json",
+                   help="with --content: one JSON object (docs/operations.md)")
     p.add_argument("-j", "--jobs", type=int, default=procs.DEFAULT_JOBS, metavar="N",
                    help=f"with --content: layers read at once (default {procs.DEFAULT_JOBS})")
     p = sub.add_parser("demo", help="migrate a built-in sample root in a temporary folder")
@@ -92,16 +95,16 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:500] + "; fix the cause and run the same command again"
 
 
-def _start_walkers(args: argparse.Namespace) -> "EarlyWalk | None":
+def _start_walkers(opts: Options) -> "EarlyWalk | None":
     """A new run of a strategy that starts from a walk of every layer: walk them while SQLAlchemy is imported
     (``migrator/scan/prescan.py``)."""
     from migrator.paths import Paths
     from migrator.scan import prescan
 
-    paths = Paths.for_root(args.root, args.state_db)
-    if registry.walks_first(args.strategy) and args.jobs >= 1 and not os.path.exists(paths.state_db) \
+    paths = Paths.for_root(opts.root, opts.state_db)
+    if registry.walks_first(opts.strategy) and opts.jobs >= 1 and not os.path.exists(paths.state_db) \
             and os.path.isdir(paths.aufs_diff):
-        return prescan.start(paths.aufs_diff, args.jobs)
+        return prescan.start(paths.aufs_diff, opts.jobs)
     return None
 
 
@@ -118,32 +121,22 @@ def entry() -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    opts = Options.from_args(args)
     fsio.raise_fd_limit()  # walks hold two descriptors per level of a layer's depth
     try:
         if args.command == "status":
-            return report.status(args.root, args.state_db, args.json)
+            return report.status(opts.root, opts.state_db, opts.as_json)
         checkpoints.arm(os.environ)
-        early = _start_walkers(args) if args.command == "run" else None
+        early = _start_walkers(opts) if args.command == "run" else None
         from migrator import commands  # the machinery; status answers without importing it
 
         checkpoints.started(os.environ)
 
-        if getattr(args, "jobs", 1) < 1:
+        if opts.jobs < 1:
             raise MigratorError("--jobs must be at least 1", EXIT_USAGE)
-        if args.command == "plan":
-            return commands.plan(args.root, args.state_db, args.strategy, args.engine_pidfile, args.json, args.jobs,
-                                 args.accept_missing_storage, args.content)
         if args.command == "run":
-            return commands.run(args.root, args.state_db, args.engine_pidfile, args.quiet, args.jobs, args.strategy,
-                                args.log_file, args.set_engine_config, args.accept_missing_storage, early)
-        if args.command == "rollback":
-            return commands.rollback(args.root, args.state_db, args.force, args.engine_pidfile, args.quiet,
-                                     args.log_file)
-        if args.command == "cleanup":
-            return commands.cleanup(args.root, args.state_db, args.engine_pidfile, args.quiet, args.log_file)
-        if args.command == "verify":
-            return commands.verify(args.root, args.state_db, args.content, args.json, args.jobs)
-        return commands.demo(args.keep)
+            return commands.run(opts, early)
+        return getattr(commands, args.command)(opts)
     except MigratorError as exc:
         print(f"aufs2overlay: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -7,12 +7,13 @@ decides what it does.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import sys
 import tempfile
-from typing import Optional, Sequence
+from typing import Dict, Iterator, Optional
 
 from migrations_state.machine import (
     CLEANED,
@@ -28,18 +29,19 @@ from migrations_state.machine import (
 from migrations_state.schema import RunRecord
 from migrations_state.store import Store
 from migrator import sample
-from migrator.checks import consistency, contentcheck, engine
+from migrator.checks import contentcheck, engine
 from migrator.checks import plan as planner
 from migrator.checks import verify as verifier
 from migrator.errors import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, MigratorError, Refused
-from migrator.formats import engineconfig
+from migrator.formats import engineconfig, snapshot
 from migrator.fs import fsio
+from migrator.options import Options
 from migrator.paths import Paths
-from migrator.procs import DEFAULT_JOBS
 from migrator.runtime import lock, recovery, start
 from migrator.runtime.lock import Held
 from migrator.runtime.migration import Migration
 from migrator.scan.prescan import EarlyWalk
+from migrator.scan.survey import LayerSurvey
 from migrator.strategies import registry
 from migrator.strategies.base import Conversion
 from migrator.ui import report
@@ -55,65 +57,65 @@ def _fresh(run: Optional[RunRecord]) -> bool:
     return run is None or run.phase == ROLLED_BACK
 
 
-def plan(root: str, state_db: Optional[str] = None, strategy: Optional[str] = None,
-         engine_pidfiles: Optional[Sequence[str]] = None, as_json: bool = False, jobs: int = DEFAULT_JOBS,
-         accept_missing_storage: bool = False, content_check: bool = False) -> int:
+def _paths(opts: Options) -> Paths:
+    return Paths.checked(opts.root, opts.state_db)
+
+
+def plan(opts: Options) -> int:
     """Say what run would do and whether it can: exit 0 for yes, 3 for no; nothing is changed."""
-    paths = Paths.checked(root, state_db)
+    paths = _paths(opts)
     recorded = lock.peek_run(paths)
     if not _fresh(recorded):
         _say(f"a migration of {paths.root} is already {recorded.phase} (strategy {recorded.strategy}); "
              "see 'aufs2overlay status'")
         return EXIT_OK
-    if consistency.nothing_to_migrate(paths):
+    snap = snapshot.read_root(paths.root)
+    if snap.nothing_to_migrate():
         _say(f"nothing to migrate: {paths.root} has no aufs/")
         return EXIT_OK
-    result = planner.make_plan(paths, strategy or registry.DEFAULT, engine.pidfiles_or_default(engine_pidfiles), jobs,
-                               accept_missing_storage=accept_missing_storage)
-    if content_check and result.discovery is not None:
-        proofs, seconds = contentcheck.check(paths, "aufs", jobs, _terminal_progress())
+    result = planner.make_plan(paths, opts, snap=snap)
+    if opts.content and result.discovery is not None:
+        proofs, seconds = contentcheck.check(paths, "aufs", opts.jobs, _terminal_progress())
         result.add_content(proofs, contentcheck.summary(proofs, seconds), contentcheck.lines(proofs, seconds))
-    if as_json:
+    if opts.as_json:
         print(json.dumps(result.summary(), indent=2, sort_keys=True))
     else:
         _say(planner.render(result))
     return EXIT_OK if result.verdict else EXIT_REFUSED
 
 
-def run(root: str, state_db: Optional[str] = None, engine_pidfiles: Optional[Sequence[str]] = None,
-        quiet: bool = False, jobs: int = DEFAULT_JOBS, strategy: Optional[str] = None,
-        log_file: Optional[str] = None, engine_config: Optional[str] = None,
-        accept_missing_storage: bool = False, early: Optional[EarlyWalk] = None) -> int:
+def run(opts: Options, early: Optional[EarlyWalk] = None) -> int:
     """Start or resume the migration; exit 0 only once it has completed."""
-    paths = Paths.checked(root, state_db)
-    if strategy is not None and strategy not in registry.NAMES:
-        raise MigratorError(f"unknown strategy {strategy!r}; choose one of {', '.join(registry.NAMES)}", EXIT_USAGE)
-    with Reporter(quiet, log_file) as progress:
+    paths = _paths(opts)
+    if opts.strategy is not None and opts.strategy not in registry.NAMES:
+        raise MigratorError(f"unknown strategy {opts.strategy!r}; choose one of {', '.join(registry.NAMES)}",
+                            EXIT_USAGE)
+    with Reporter(opts.quiet, opts.log_file) as progress:
         recorded = lock.peek_run(paths)
-        if recorded is None and consistency.nothing_to_migrate(paths):
+        snap = snapshot.read_root(paths.root) if recorded is None else None
+        if snap is not None and snap.nothing_to_migrate():
             _say(f"nothing to migrate: {paths.root} has no aufs/")
             return EXIT_OK
-        _refuse_mixed_strategy(recorded, strategy)
-        engine.refuse_if_running(paths.root, engine_pidfiles)
+        _refuse_mixed_strategy(recorded, opts.strategy)
+        engine.refuse_if_running(paths.root, opts.engine_pidfiles)
 
-        def checked_plan() -> planner.Plan:
-            return start.checked_plan(paths, strategy or registry.DEFAULT, engine.pidfiles_or_default(engine_pidfiles),
-                                      jobs, progress, engine_config, accept_missing_storage, early)
+        def checked_plan(snap: Optional[snapshot.RootSnapshot] = None) -> planner.Plan:
+            return start.checked_plan(paths, opts, progress, early, snap)
 
-        new_plan = checked_plan() if _fresh(recorded) else None  # before the lock: a refusal writes nothing
+        new_plan = checked_plan(snap) if _fresh(recorded) else None  # before the lock: a refusal writes nothing
         with lock.locked_store(paths) as held:
             recorded = held.store.run() if held.store is not None else None
-            _refuse_mixed_strategy(recorded, strategy)
-            surveys = {}
+            _refuse_mixed_strategy(recorded, opts.strategy)
+            surveys: Dict[str, LayerSurvey] = {}
             if _fresh(recorded):
                 new_plan = new_plan or checked_plan()  # rolled back by another command meanwhile
                 if held.store is not None:
                     held.store.close()
-                held.store = start.begin(paths, new_plan, progress, engine_config)
+                held.store = start.begin(paths, new_plan, progress, opts.engine_config)
                 surveys = new_plan.surveys
             else:
-                _refuse_other_engine_config(paths, engine_config)
-            return _drive_run(paths, held, progress, jobs, surveys)
+                _refuse_other_engine_config(paths, opts.engine_config)
+            return _drive_run(paths, held, progress, opts.jobs, surveys)
 
 
 def _refuse_mixed_strategy(recorded: Optional[RunRecord], strategy: Optional[str]) -> None:
@@ -131,57 +133,63 @@ def _refuse_other_engine_config(paths: Paths, engine_config: Optional[str]) -> N
                       "with the same (or no) --set-engine-config, or roll it back first")
 
 
-def _drive_run(paths: Paths, held: Held, progress: Reporter, jobs: int, surveys: dict) -> int:
-    store = held.store
-    phase = store.run().phase
+@contextlib.contextmanager
+def _migration(paths: Paths, held: Held, progress: Reporter, resume: str, jobs: int = 1,
+               surveys: Optional[Dict[str, LayerSurvey]] = None) -> Iterator[Migration]:
+    """The migration under the lock, for ``run``, ``rollback`` and ``cleanup`` alike: an error of the
+    filesystem is recorded as the run's last error (what ``status`` shows), then reported as one line that
+    ends with ``resume``, how to go on."""
+    store = _held_store(held, paths)
+    try:
+        yield Migration(Conversion(paths, store, progress, jobs, held.lock_fd, surveys or {}))
+    except OSError as exc:
+        store.set_error(str(exc))
+        raise MigratorError(f"{exc}; {resume}") from exc
+
+
+def _drive_run(paths: Paths, held: Held, progress: Reporter, jobs: int, surveys: Dict[str, LayerSurvey]) -> int:
+    phase = _held_store(held, paths).run().phase
     if phase in FINISHED:
         _say(f"migration of {paths.root} already {phase}")
         return EXIT_OK
     if phase == ROLLING_BACK:
         raise Refused("a rollback is in progress on this root; finish it with 'aufs2overlay rollback'")
-    migration = Migration(Conversion(paths, store, progress, jobs, held.lock_fd, surveys))
-    try:
+    with _migration(paths, held, progress, "fix the cause and run again: the migration resumes where it stopped",
+                    jobs, surveys) as migration:
         if migration.state == CONVERTING:
             migration.convert_layers()
             if not migration.start_switching():
                 raise MigratorError("not every layer reached 'committed'; see 'aufs2overlay status'")
         if migration.state == SWITCHING:
             migration.finish_switching()
-    except OSError as exc:
-        store.set_error(str(exc))
-        raise MigratorError(f"{exc}; fix the cause and run again: the migration resumes where it stopped") from exc
-    layers = store.layers()
+    layers = held.store.layers()
     progress(f"done in {progress.elapsed():.1f}s: {len(layers)} layers, {sum(r.entries for r in layers)} entries")
     _say(f"migration of {paths.root} completed: {len(layers)} layers now in overlay2/")
     return EXIT_OK
 
 
-def rollback(root: str, state_db: Optional[str] = None, force: bool = False,
-             engine_pidfiles: Optional[Sequence[str]] = None, quiet: bool = False,
-             log_file: Optional[str] = None) -> int:
+def rollback(opts: Options) -> int:
     """Undo the migration: the aufs root as it was, every container config byte for byte."""
-    paths = Paths.checked(root, state_db)
-    with Reporter(quiet, log_file) as progress:
+    paths = _paths(opts)
+    with Reporter(opts.quiet, opts.log_file) as progress:
         try:
             recorded = lock.peek_run(paths)
         except MigratorError as exc:
-            return _rollback_without_state(paths, force, engine_pidfiles, progress, str(exc))
+            return _rollback_without_state(paths, opts, progress, str(exc))
         if recorded is None:
-            return _rollback_without_state(paths, force, engine_pidfiles, progress, None)
-        engine.refuse_if_running(paths.root, engine_pidfiles)
+            return _rollback_without_state(paths, opts, progress, None)
+        engine.refuse_if_running(paths.root, opts.engine_pidfiles)
         with lock.locked_store(paths) as held:
-            store = _held_store(held, paths)
-            phase = store.run().phase
+            phase = _held_store(held, paths).run().phase
             if phase == ROLLED_BACK:
                 _say(f"migration of {paths.root} already rolled back")
                 return EXIT_OK
             if phase in (CLEANING, CLEANED):
                 raise Refused("the aufs data has been removed by cleanup; there is nothing to roll back to")
-            if phase in ROLLBACK_FORCED and not force:
+            if phase in ROLLBACK_FORCED and not opts.force:
                 raise Refused("the migration completed; rolling back loses everything the engine did on overlay2 "
                               "since. Use --force to roll back anyway")
-            migration = Migration(Conversion(paths, store, progress, lock_fd=held.lock_fd))
-            try:
+            with _migration(paths, held, progress, "fix the cause and run rollback again: it resumes") as migration:
                 missing = migration.missing_layers()
                 if missing:
                     raise Refused(f"{len(missing)} layer(s) moved in place are gone (e.g. {missing[0]}: removed by "
@@ -189,15 +197,11 @@ def rollback(root: str, state_db: Optional[str] = None, force: bool = False,
                 if migration.may_start_rollback():
                     migration.start_rollback()
                 migration.finish_rollback()
-            except OSError as exc:
-                store.set_error(str(exc))
-                raise MigratorError(f"{exc}; fix the cause and run rollback again: it resumes") from exc
     _say(f"rolled back: {paths.root} is on aufs as before the migration")
     return EXIT_OK
 
 
-def _rollback_without_state(paths: Paths, force: bool, engine_pidfiles: Optional[Sequence[str]],
-                            progress: Reporter, problem: Optional[str]) -> int:
+def _rollback_without_state(paths: Paths, opts: Options, progress: Reporter, problem: Optional[str]) -> int:
     """No usable state database: with --force, rebuild the aufs root from what is on disk."""
     if not fsio.lexists(paths.aufs):
         _say(f"nothing to roll back: {paths.root} has no aufs/")
@@ -205,10 +209,10 @@ def _rollback_without_state(paths: Paths, force: bool, engine_pidfiles: Optional
     if problem is None and not recovery.leftovers(paths):
         _say(f"nothing to roll back: no migration state at {paths.state_db} and no overlay2 tree")
         return EXIT_OK
-    if not force:
+    if not opts.force:
         raise Refused(f"{problem or 'no state database at ' + paths.state_db}; "
                       "'aufs2overlay rollback --force' rebuilds the aufs root from what is on disk")
-    engine.refuse_if_running(paths.root, engine_pidfiles)
+    engine.refuse_if_running(paths.root, opts.engine_pidfiles)
     with lock.root_lock(paths):
         recovery.rollback_without_state(paths, progress)
     _say(f"rolled back from disk: {paths.root} is on aufs (directory times could not be restored without the "
@@ -222,26 +226,22 @@ def _held_store(held: Held, paths: Paths) -> Store:
     return held.store
 
 
-def cleanup(root: str, state_db: Optional[str] = None, engine_pidfiles: Optional[Sequence[str]] = None,
-            quiet: bool = False, log_file: Optional[str] = None) -> int:
+def cleanup(opts: Options) -> int:
     """After completion: remove aufs/ and image/aufs/, then the migrator's own state."""
-    paths = Paths.checked(root, state_db)
-    with Reporter(quiet, log_file) as progress:
+    paths = _paths(opts)
+    with Reporter(opts.quiet, opts.log_file) as progress:
         recorded = lock.peek_run(paths)
         if recorded is None:
             raise Refused(f"no migration state at {paths.state_db}; cleanup only follows a completed run")
         if recorded.phase not in FINISHED:
             raise Refused(f"the migration is {recorded.phase}, not completed; cleanup would destroy the only copy")
-        engine.refuse_if_running(paths.root, engine_pidfiles)
+        engine.refuse_if_running(paths.root, opts.engine_pidfiles)
         with lock.locked_store(paths) as held:
-            migration = Migration(Conversion(paths, _held_store(held, paths), progress, lock_fd=held.lock_fd))
-            try:
+            with _migration(paths, held, progress, "run cleanup again: it resumes") as migration:
                 if migration.state == COMPLETED:
                     migration.start_cleanup()
                 if migration.may_finish_cleanup():
                     migration.finish_cleanup()
-            except OSError as exc:
-                raise MigratorError(f"{exc}; run cleanup again: it resumes") from exc
             held.store.close()
             held.store = None
             lock.remove_state_db(paths.state_db)
@@ -255,14 +255,13 @@ def _terminal_progress() -> Reporter:
     return Reporter(quiet=not sys.stderr.isatty())
 
 
-def verify(root: str, state_db: Optional[str] = None, content_check: bool = False, as_json: bool = False,
-           jobs: int = DEFAULT_JOBS) -> int:
+def verify(opts: Options) -> int:
     """Check the migrated tree: structure of every layer, no aufs residue, and each chain mounts; or, with
-    ``content_check``, every image layer's bytes against its digest (no state database needed)."""
-    paths = Paths.checked(root, state_db)
-    if content_check:
-        return contentcheck.verify_overlay2(paths, as_json, jobs, _terminal_progress())
-    if as_json:
+    ``--content``, every image layer's bytes against its digest (no state database needed)."""
+    paths = _paths(opts)
+    if opts.content:
+        return contentcheck.verify_overlay2(paths, opts.as_json, opts.jobs, _terminal_progress())
+    if opts.as_json:
         raise MigratorError("--json goes with --content", EXIT_USAGE)
     store = lock.open_store(paths)
     if store is None:
@@ -280,7 +279,7 @@ def verify(root: str, state_db: Optional[str] = None, content_check: bool = Fals
     return EXIT_OK
 
 
-def demo(keep: bool = False) -> int:
+def demo(opts: Options) -> int:
     """Build a sample aufs root in a temporary folder, migrate it, verify it and show its status."""
     if os.geteuid() != 0:
         raise MigratorError("demo needs root (it creates device nodes, trusted.* xattrs and mounts)", EXIT_USAGE)
@@ -289,13 +288,13 @@ def demo(keep: bool = False) -> int:
     try:
         sample.build_sample_root(root)
         _say(f"demo: sample aufs root built at {root}")
-        code = run(root, engine_pidfiles=[])
+        code = run(Options(root=root, engine_pidfiles=[]))
         if code == EXIT_OK:
-            code = verify(root)
+            code = verify(Options(root=root))
         report.status(root)
         return code
     finally:
-        if keep:
+        if opts.keep:
             _say(f"demo: kept {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -12,11 +12,12 @@ IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root: mknod, chown, trusted.* xattrs and overlay mounts")
 
 
-def cli(*args, env=None, check=None):
-    """Run the migrator as operators do, in its own process."""
+def cli(*args, env=None, check=None, timeout=None):
+    """Run the migrator as operators do, in its own process (killed after ``timeout`` seconds, if given)."""
     full_env = dict(os.environ)
     full_env.update(env or {})
-    res = subprocess.run([sys.executable, "-m", "migrator", *args], capture_output=True, text=True, env=full_env)
+    res = subprocess.run([sys.executable, "-m", "migrator", *args], capture_output=True, text=True, env=full_env,
+                         timeout=timeout)
     if check is not None:
         assert res.returncode == check, f"exit {res.returncode}\nstdout:\n{res.stdout}\nstderr:\n{res.stderr}"
     return res

@@ -7,10 +7,11 @@ import os
 
 import pytest
 
-from tests.conftest import cli, needs_root
+from tests.conftest import cli, needs_root, run_args
 from tests.support import hostile as h
 from tests.support.manifest import diff_manifests, manifest
 from tests.support.rootstate import assert_chains_match, aufs_views, whole_root
+from tests.support.smallroot import NOT_SMALL_FILES
 
 pytestmark = needs_root
 
@@ -99,3 +100,42 @@ def test_the_docs_table_lists_every_case():
         doc = f.read()
     missing = [name for name, _b, _e in CASES if f"| {name} |" not in doc]
     assert not missing, missing
+
+
+SMALL_FILE_PLACES = {
+    "aufs/layers/<id>": lambda root: os.path.join(root, "aufs", "layers", h.TOP),
+    "config.v2.json": lambda root: os.path.join(root, "containers", h.CID, "config.v2.json"),
+    "cache-id": lambda root: _store_file(root, "sha256", "cache-id"),
+    "diff": lambda root: _store_file(root, "sha256", "diff"),
+    "parent": lambda root: _store_file(root, "sha256", "parent"),
+    "mount-id": lambda root: os.path.join(root, "image", "aufs", "layerdb", "mounts", h.CID, "mount-id"),
+    "init-id": lambda root: os.path.join(root, "image", "aufs", "layerdb", "mounts", h.CID, "init-id"),
+}
+
+
+def _store_file(root, sub, name):
+    """``name`` of the first layer store entry that has one."""
+    base = os.path.join(root, "image", "aufs", "layerdb", sub)
+    return next(os.path.join(base, e, name) for e in sorted(os.listdir(base))
+                if os.path.exists(os.path.join(base, e, name)))
+
+
+@pytest.mark.parametrize("kind", sorted(NOT_SMALL_FILES))
+@pytest.mark.parametrize("place", sorted(SMALL_FILE_PLACES))
+def test_a_small_file_that_is_not_one(tmp_path, place, kind):
+    """A FIFO, socket, directory, symlink or 1 GiB sparse file where the engine keeps a small file: ``plan`` and
+    ``run`` answer at once (a FIFO once hung them) with one line naming the file, exit 3, nothing changed."""
+    root, _outside = h.base_root(tmp_path)
+    path = SMALL_FILE_PLACES[place](root)
+    os.unlink(path)
+    NOT_SMALL_FILES[kind](path)
+    rel = os.path.relpath(path, root)
+    before = manifest(root)
+    for args in (["plan", "--root", root, "--engine-pidfile", "/nonexistent"], run_args(root)):
+        res = cli(*args, timeout=20)
+        assert res.returncode == 3, res.stdout + res.stderr
+        assert "Traceback" not in res.stderr
+        said = [line for line in (res.stderr if args[0] == "run" else res.stdout).splitlines()
+                if "error:" in line or "problem:" in line]
+        assert len(said) == 1 and rel in said[0] and "unreadable" in said[0], res.stdout + res.stderr
+        assert manifest(root) == before

@@ -291,6 +291,7 @@ def test_troubleshooting_quotes_every_message():
 
 def test_the_systemd_unit_is_the_documented_one_and_its_command_parses():
     from migrator.cli import _parser
+    from migrator.options import Options
 
     with open(os.path.join(DOCS, "aufs2overlay.service")) as f:
         unit = f.read()
@@ -300,6 +301,7 @@ def test_the_systemd_unit_is_the_documented_one_and_its_command_parses():
     argv = shlex.split(exec_start)
     assert os.path.basename(argv[0]) == "aufs2overlay"
     args = _parser().parse_args(argv[1:])
-    assert args.command == "run" and args.log_file and args.set_engine_config
+    opts = Options.from_args(args)
+    assert args.command == "run" and opts.log_file and opts.engine_config
     assert re.search(r"^Before=.*docker\.service", unit, re.M) and "RequiredBy=docker.service" in unit
 

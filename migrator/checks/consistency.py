@@ -24,16 +24,11 @@ Nothing here writes.
 
 from __future__ import annotations
 
-import json
-import os
-import stat
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, List, Optional, Tuple
 
-from migrator.formats import aufs, containers
-from migrator.paths import Paths
-
-REMOVING = aufs.REMOVING_SUFFIX
+from migrator.formats import aufs
+from migrator.formats.snapshot import RootSnapshot
 
 
 @dataclass
@@ -91,125 +86,83 @@ def _source(named_by: str) -> str:
     return named_by
 
 
-def _is_dir(path: str) -> Optional[bool]:
-    """True for a directory, False for anything else (a symlink included), None when nothing is there."""
-    try:
-        return stat.S_ISDIR(os.lstat(path).st_mode)
-    except FileNotFoundError:
-        return None
-
-
-def _listdir(path: str) -> Optional[List[str]]:
-    return sorted(os.listdir(path)) if _is_dir(path) else None
-
-
-def _read_id(path: str) -> Optional[str]:
-    try:
-        return aufs.read_small(path, 4096).decode("ascii").strip() or None
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-
-
-def _container_gone_or_dying(root: str, cid: str) -> bool:
-    """A container whose config is gone, or marked dead or being removed: its removal was cut off."""
-    try:
-        data, _st = containers.read_config(os.path.join(root, "containers", cid, containers.CONFIG))
-    except FileNotFoundError:
-        return True
-    except (OSError, ValueError):
-        return False
-    try:
-        doc = json.loads(data)
-    except ValueError:
-        return False
-    state = doc.get("State") if isinstance(doc, dict) else None
-    return isinstance(state, dict) and bool(state.get("Dead") or state.get("RemovalInProgress"))
-
-
-def check(paths: Paths, containers_on_aufs: List[str]) -> StorageCheck:
+def check(snap: RootSnapshot, containers_on_aufs: List[str]) -> StorageCheck:
     """Compare every reference to a layer with ``aufs/diff/``; ``containers_on_aufs`` are the containers whose
     ``config.v2.json`` says aufs (``containers.find_containers``)."""
     result = StorageCheck()
-    kind = _is_dir(paths.aufs_diff)
-    diff_names = _listdir(paths.aufs_diff) or []
-    present: Set[str] = {n for n in diff_names if not n.endswith(REMOVING)}
-    if kind is None:
-        result.diff_state = "missing"
-    elif not kind:
-        result.diff_state = "not a directory"
+    present = snap.present
+    if snap.diff_state != "present":
+        result.diff_state = snap.diff_state
     elif not present:
         result.diff_state = "empty"
-    being_removed = {n[:-len(REMOVING)] for n in diff_names if n.endswith(REMOVING)}
-    named: Dict[str, List[str]] = {}
-
-    def expect(lid: Optional[str], by: str) -> None:
-        if lid and lid not in present:
-            named.setdefault(lid, []).append(by)
-
-    layers_dir = os.path.join(paths.aufs, "layers")
-    layer_files = _listdir(layers_dir) or []
-    for name in layer_files:
-        if name.endswith(REMOVING):
-            continue
-        expect(name, f"aufs/layers/{name}")
-        try:
-            ancestors = aufs.parse_layers_file(aufs.read_small(os.path.join(layers_dir, name),
-                                                               aufs.LAYERS_FILE_MAX))
-        except (OSError, ValueError, UnicodeDecodeError):
-            continue  # discovery refuses a garbled layers file with its own message
-        for ancestor in ancestors:
-            expect(ancestor, f"aufs/layers/{name}")
-
-    layerdb = os.path.join(paths.image_aufs, "layerdb")
-    for chain in _listdir(os.path.join(layerdb, "sha256")) or []:
-        if chain.endswith(REMOVING):
-            result.debris.append(("skipped-removing-layer-store-entry", f"image/aufs/layerdb/sha256/{chain}"))
-            continue
-        expect(_read_id(os.path.join(layerdb, "sha256", chain, "cache-id")), f"image/aufs/layerdb/sha256/{chain}")
-
-    mounts = set(_listdir(os.path.join(layerdb, "mounts")) or [])
-    for cid in sorted(mounts):
-        ids = [_read_id(os.path.join(layerdb, "mounts", cid, f)) for f in ("mount-id", "init-id")]
-        gone = [lid for lid in ids if lid and lid not in present]
-        if gone and _container_gone_or_dying(paths.root, cid):
-            result.debris.append(("removed-container-layers", f"image/aufs/layerdb/mounts/{cid} names "
-                                  f"{', '.join(gone)}; the container's removal was cut off"))
-            continue
-        for lid in ids:
-            expect(lid, f"image/aufs/layerdb/mounts/{cid}")
-
+    named = _named_layers(snap, result)
     for lid in sorted(named):
-        if lid in being_removed:
-            result.debris.append(("layer-being-removed", f"aufs/diff/{lid}{REMOVING} (named by "
+        if lid in present:
+            continue
+        if lid in snap.being_removed:
+            result.debris.append(("layer-being-removed", f"aufs/diff/{lid}{aufs.REMOVING_SUFFIX} (named by "
                                   f"{_some(named[lid])})"))
         elif named[lid] == [f"aufs/layers/{lid}"] and result.diff_state == "present":
             result.debris.append(("skipped-orphan-layers-file", f"aufs/layers/{lid} (no aufs/diff/{lid}, and "
                                   "nothing else names the layer)"))
         else:
             result.missing_layers[lid] = named[lid]
-
-    has_layers = bool(present) or any(not n.endswith(REMOVING) for n in layer_files)
-    if has_layers or containers_on_aufs:
-        on_aufs = (f"{len(present)} layer(s) in aufs/diff/, {len(layer_files)} in aufs/layers/ and "
-                   f"{len(containers_on_aufs)} container(s) on aufs")
-        for sub in ("layerdb", "imagedb"):
-            if _listdir(os.path.join(paths.image_aufs, sub)) is None:
-                result.missing_metadata.append(f"image/aufs/{sub}/ is gone while {on_aufs}")
-    if _listdir(layerdb) is not None:
-        for cid in containers_on_aufs:
-            if cid in mounts:
-                continue
-            if _container_gone_or_dying(paths.root, cid):
-                result.debris.append(("removed-container-layers", f"containers/{cid} is dead and its "
-                                      "image/aufs/layerdb/mounts/ entry is gone; the container's removal was cut off"))
-            else:
-                result.missing_metadata.append(f"image/aufs/layerdb/mounts/{cid}/ is gone while container {cid} "
-                                               "is on aufs")
+    _check_metadata(snap, containers_on_aufs, result)
     return result
 
 
-def nothing_to_migrate(paths: Paths) -> bool:
-    """No aufs/, no image/aufs/ and no container on aufs: a root that never used aufs, or one cleaned up.
-    ``aufs/`` alone gone while the rest still names aufs is missing storage, which the check refuses."""
-    return (not os.path.lexists(paths.aufs) and not os.path.lexists(paths.image_aufs)
-            and not containers.any_on_aufs(paths.root))
+def _named_layers(snap: RootSnapshot, result: StorageCheck) -> Dict[str, List[str]]:
+    """Every layer id something names, with what names it; the layer store's debris goes to ``result``."""
+    named: Dict[str, List[str]] = {}
+
+    def expect(lid: Optional[str], by: str) -> None:
+        if lid:
+            named.setdefault(lid, []).append(by)
+
+    for name, layers_file in snap.layers.items():
+        expect(name, f"aufs/layers/{name}")
+        for ancestor in layers_file.ancestors or ():  # discovery refuses a garbled one with its own message
+            expect(ancestor, f"aufs/layers/{name}")
+    for chain in snap.store.removing:
+        result.debris.append(("skipped-removing-layer-store-entry", f"image/aufs/layerdb/sha256/{chain}"))
+    for chain, layer in snap.store.layers.items():
+        expect(layer.cache_id, f"image/aufs/layerdb/sha256/{chain}")
+    for cid, mount in snap.store.mounts.items():
+        ids = [lid for lid in (mount.mount_id, mount.init_id) if lid]
+        gone = [lid for lid in ids if lid not in snap.present]
+        if gone and _gone_or_dying(snap, cid):
+            result.debris.append(("removed-container-layers", f"image/aufs/layerdb/mounts/{cid} names "
+                                  f"{', '.join(gone)}; the container's removal was cut off"))
+            continue
+        for lid in ids:
+            expect(lid, f"image/aufs/layerdb/mounts/{cid}")
+    return named
+
+
+def _check_metadata(snap: RootSnapshot, containers_on_aufs: List[str], result: StorageCheck) -> None:
+    """The layer store and image store must be there while anything is on aufs, and each container on aufs
+    needs its ``mounts/`` entry."""
+    present = snap.present
+    if present or snap.layers or containers_on_aufs:
+        on_aufs = (f"{len(present)} layer(s) in aufs/diff/, {len(snap.layers)} in aufs/layers/ and "
+                   f"{len(containers_on_aufs)} container(s) on aufs")
+        for sub, there in (("layerdb", snap.store.layerdb), ("imagedb", snap.store.imagedb)):
+            if not there:
+                result.missing_metadata.append(f"image/aufs/{sub}/ is gone while {on_aufs}")
+    if not snap.store.layerdb:
+        return
+    for cid in containers_on_aufs:
+        if cid in snap.store.mounts:
+            continue
+        if _gone_or_dying(snap, cid):
+            result.debris.append(("removed-container-layers", f"containers/{cid} is dead and its "
+                                  "image/aufs/layerdb/mounts/ entry is gone; the container's removal was cut off"))
+        else:
+            result.missing_metadata.append(f"image/aufs/layerdb/mounts/{cid}/ is gone while container {cid} "
+                                           "is on aufs")
+
+
+def _gone_or_dying(snap: RootSnapshot, cid: str) -> bool:
+    """A container whose config is gone, or marked dead or being removed: its removal was cut off."""
+    facts = snap.containers.get(cid)
+    return facts is None or (facts.is_dir and facts.config is None and not facts.problem) or facts.dead

@@ -235,10 +235,7 @@ def expected_work(layer: images.ImageLayer) -> Tuple[int, int]:
     entry records (``size``: what its files hold), and a cost that also counts its entries (each costs about
     what hashing 36 KiB does; the compressed tar-split holds about 150 bytes an entry). For the order of the
     work, largest first, and the total of a progress bar."""
-    try:
-        recorded = int(images.read_small(os.path.join(os.path.dirname(layer.tar_split), "size")))
-    except (OSError, ValueError, UnicodeDecodeError):
-        recorded = 0
+    recorded = layer.size
     if recorded <= 0:
         recorded = tarsplit.stream_size(layer.tar_split)
     try:

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from migrations_state.machine import PENDING
-from migrator.checks import consistency, engine, probe
+from migrator.checks import consistency, discovery, engine, probe
 from migrator.errors import Refused
-from migrator.formats import aufs, containers, overlay2
+from migrator.formats import aufs, containers, overlay2, snapshot
+from migrator.formats.snapshot import RootSnapshot
 from migrator.fs import fsio
+from migrator.options import Options
 from migrator.paths import Paths
 from migrator.scan import survey
 from migrator.scan.prescan import EarlyWalk
@@ -58,6 +60,7 @@ class Plan:
     problems: List[str] = field(default_factory=list)
     findings: List[Tuple[str, str]] = field(default_factory=list)
     # What run takes over from the plan (not shown):
+    snapshot: Optional[RootSnapshot] = None
     discovery: Optional[aufs.Discovery] = None
     found: List[containers.FoundContainer] = field(default_factory=list)
     container_findings: List[Tuple[str, str]] = field(default_factory=list)
@@ -117,8 +120,8 @@ def engine_kind(root: str) -> Tuple[str, str]:
     return "docker", "the root is not named after balena-engine and no balena-engine pidfile exists"
 
 
-def make_plan(paths: Paths, strategy: str, pidfiles: Sequence[str], jobs: int = 1, walk: bool = True,
-              accept_missing_storage: bool = False, early: Optional[EarlyWalk] = None) -> Plan:
+def make_plan(paths: Paths, opts: Options, walk: bool = True, early: Optional[EarlyWalk] = None,
+              snap: Optional[RootSnapshot] = None) -> Plan:
     """Read everything ``run`` needs and say whether it can go ahead; writes nothing (the probe's temporary
     directory is removed and the root's times put back).
 
@@ -128,17 +131,20 @@ def make_plan(paths: Paths, strategy: str, pidfiles: Sequence[str], jobs: int = 
     conversion starts from the walk (``walks_first``) is always walked for; ``early`` is the walk the CLI
     started before the heavy imports, whose results are taken first.
 
-    ``accept_missing_storage``: layers and image metadata that the root names but does not hold (a filesystem
+    ``opts.accept_missing_storage``: layers and image metadata that the root names but does not hold (a filesystem
     that did not mount, a partial restore: ``consistency.py``) are reported instead of refused.
+
+    ``snap``: the root as the caller read it already (``snapshot.read_root``); read here when not given.
     """
+    strategy = opts.strategy or registry.DEFAULT
     chosen = registry.get(strategy)
-    plan = Plan(root=paths.root, strategy=strategy, accept_missing_storage=accept_missing_storage)
+    plan = Plan(root=paths.root, strategy=strategy, accept_missing_storage=opts.accept_missing_storage)
     plan.engine, plan.engine_reason = engine_kind(paths.root)
-    plan.engine_running = engine.running_engine(paths.root, pidfiles)
+    plan.engine_running = engine.running_engine(paths.root, engine.pidfiles_or_default(opts.engine_pidfiles))
     if plan.engine_running:
         plan.problems.append(f"an engine is using {paths.root} ({plan.engine_running[0]}); stop it first")
     try:
-        _read_root(paths, plan)
+        check_root(paths, plan, snap or snapshot.read_root(paths.root))
     except Refused as exc:
         plan.problems.append(str(exc))
         return plan
@@ -148,7 +154,7 @@ def make_plan(paths: Paths, strategy: str, pidfiles: Sequence[str], jobs: int = 
     plan.walked = (walk or chosen.walks_first or not plan.discovery.layers or bound[0] > plan.free_inodes
                    or bound[1] > plan.free_bytes)
     if plan.walked:
-        plan.surveys = survey_layers(paths, plan.discovery.layers, jobs, early)
+        plan.surveys = survey_layers(paths, plan.discovery.layers, opts.jobs, early)
     _count(paths, plan, chosen)
     if not plan.walked:
         plan.need_inodes, plan.need_bytes = bound
@@ -166,21 +172,25 @@ def make_plan(paths: Paths, strategy: str, pidfiles: Sequence[str], jobs: int = 
     return plan
 
 
-def _read_root(paths: Paths, plan: Plan) -> None:
-    """Discovery and every refusal of a new run, before anything is written."""
+def check_root(paths: Paths, plan: Plan, snap: RootSnapshot) -> None:
+    """Discovery and every refusal of a new run, before anything is written: all from one snapshot."""
+    plan.snapshot = snap
     for strategy in registry.every():
         moved = strategy.taken_from_aufs(paths)
         if moved:
             raise Refused(f"layer {moved[0][0]} was moved out of aufs/diff by a --strategy {strategy.name} migration "
                           f"whose state database is gone ({moved[0][1]}); 'aufs2overlay rollback --force' moves it "
                           "back")
+    refusal = snap.unreadable_refusal()
+    if refusal:
+        raise Refused(refusal)
     plan.found, plan.container_findings = containers.find_containers(
-        paths.root, lambda c: containers.kept_original(paths.originals, c))
-    plan.storage = consistency.check(paths, [c.id for c in plan.found if c.state == PENDING])
+        snap.containers, lambda c: containers.kept_original(paths.originals, c))
+    plan.storage = consistency.check(snap, [c.id for c in plan.found if c.state == PENDING])
     plan.findings = plan.storage.findings()
     if not plan.storage.complete and not plan.accept_missing_storage:
         raise Refused(plan.storage.refusal())
-    plan.discovery = aufs.discover(paths.root, skip_broken_chains=plan.accept_missing_storage)
+    plan.discovery = discovery.discover(snap, skip_broken_chains=plan.accept_missing_storage)
     for path, what in ((paths.tree, "overlay2/"), (paths.image_overlay2, "image/overlay2/")):
         if fsio.lexists(path):
             raise Refused(f"{what} already exists in {paths.root} and is not this migration's (an engine ran "
@@ -216,7 +226,7 @@ def _count(paths: Paths, plan: Plan, chosen: Strategy) -> None:
     plan.layers = len(layers)
     plan.containers = len(pending)
     plan.deepest_chain = max((len(layer.ancestors) + 1 for layer in layers), default=0)
-    plan.images = _count_images(paths)
+    plan.images = plan.snapshot.store.images
     block = os.statvfs(paths.root).f_bsize
     inodes, used = 2, 2 * block  # overlay2.temp/ and l/
     for layer in layers:
@@ -247,13 +257,6 @@ def _count(paths: Paths, plan: Plan, chosen: Strategy) -> None:
     db += sum(len(c.original or b"") for c in plan.found) + 64 * plan.opaque + 96 * plan.whiteouts
     used += block + _blocks(db, 4096) + originals + area_bytes
     plan.need_inodes, plan.need_bytes = inodes, used
-
-
-def _count_images(paths: Paths) -> int:
-    try:
-        return len(os.listdir(os.path.join(paths.image_aufs, "imagedb", "content", "sha256")))
-    except (FileNotFoundError, NotADirectoryError):
-        return 0
 
 
 def _blocks(n: int, block: int) -> int:

@@ -15,15 +15,19 @@ from migrations_state.store import Store
 from migrator.checks import views
 from migrator.errors import MigratorError
 from migrator.formats import aufs, containers, overlay2
+from migrator.fs import fsio
 from migrator.paths import Paths
 
 
 def _read(path: str) -> "bytes | None":
+    """A layer file of the new tree (``link``, ``lower``, ``committed``) or a container config; None when it is
+    missing, and what makes it unfit (a FIFO, a directory, a huge file) when it is not a small regular file."""
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        return fsio.read_small(path, containers.CONFIG_MAX)[0]
     except FileNotFoundError:
         return None
+    except fsio.NotSmallFile as exc:
+        return f"<{exc}>".encode()
 
 
 def aufs_residue(diff_dir: str) -> List[str]:

@@ -14,14 +14,14 @@ The layout, as moby's aufs driver leaves it (``daemon/graphdriver/aufs``)::
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
 from dataclasses import dataclass, field
-from typing import Dict, List, Set, Tuple
+from typing import Dict, List, Mapping, Set, Tuple
 
-from migrator.errors import Refused
-from migrator.formats.overlay2 import MAX_LOWERS
+from migrator.fs import fsio
 
 WH_PREFIX = ".wh."
 WH_META_PREFIX = ".wh..wh."
@@ -49,11 +49,104 @@ def whiteout_target(name: "str | bytes") -> "str | bytes":
     return name[len(WH_PREFIX):]
 
 
+# What each aufs entry of a directory becomes in overlay2 (``whiteout_actions``): the one decision both
+# strategies apply (the hardlink linker makes it in the new tree, the in-place journal records it, then makes
+# it) and the survey counts.
+MAKE_WHITEOUT = "make-whiteout"  # .wh.<name>, <name> absent here: a 0/0 character device named <name>
+SET_OPAQUE = "set-opaque"  # .wh..wh..opq: trusted.overlay.opaque=y on the directory itself
+OPAQUE_CHILD = "opaque-child"  # .wh.<name> beside its own directory <name>: that directory becomes opaque
+KEEP_ENTRY = "keep-entry"  # .wh.<name> beside its own non-directory <name>: the entry stays, nothing is made
+DROP_BAD = "drop-bad"  # .wh. of "", "." or "..": whites out nothing
+DROP_INTERNAL = "drop-internal"  # .wh..wh.<other>: aufs's own bookkeeping, not carried over
+
+# The finding each action is reported as (None: none).
+FINDING = {MAKE_WHITEOUT: None, SET_OPAQUE: None, OPAQUE_CHILD: "whiteout-beside-entry",
+           KEEP_ENTRY: "whiteout-beside-entry", DROP_BAD: "ignored-bad-whiteout",
+           DROP_INTERNAL: "dropped-aufs-internal"}
+_BAD_TARGETS = {str: ("", ".", ".."), bytes: (b"", b".", b"..")}
+
+
+@dataclass(frozen=True)
+class WhiteoutAction:
+    """What the aufs entry ``name`` of a directory becomes: ``action``, on ``target`` (a name in the same
+    directory; None for the directory itself or nothing)."""
+
+    name: "str | bytes"
+    action: str
+    target: "str | bytes | None"
+
+    @property
+    def finding(self) -> "str | None":
+        return FINDING[self.action]
+
+
+def whiteout_actions(entries: Mapping) -> List[WhiteoutAction]:
+    """The actions for the aufs entries of one directory, from ``entries``: every name in it (str or bytes)
+    and whether it is a directory.  Pure: it reads nothing, so every caller decides alike."""
+    actions = []
+    for name in entries:
+        kind = whiteout_kind(name)
+        if kind is None:
+            continue
+        target = None
+        if kind == OPAQUE:
+            action = SET_OPAQUE
+        elif kind == INTERNAL:
+            action = DROP_INTERNAL
+        else:
+            target = whiteout_target(name)
+            if target in _BAD_TARGETS[type(name)]:
+                action, target = DROP_BAD, None
+            elif target in entries:
+                action = OPAQUE_CHILD if entries[target] else KEEP_ENTRY
+            else:
+                action = MAKE_WHITEOUT
+        actions.append(WhiteoutAction(name, action, target))
+    return actions
+
+
 LAYERS_FILE_MAX = 1 << 20
 REMOVING_SUFFIX = "-removing"
 # Ids are directory names the engine generated: hex cache-ids, "<id>-init", BuildKit's own ids.  Anything
 # with bytes outside this set is not an engine's layer and is refused rather than guessed at.
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
+
+
+def is_removing(name: str) -> bool:
+    """The ``-removing`` rule, for every name of the root: a removal the engine began and did not finish.  The
+    aufs driver renames ``diff/<id>`` to ``<id>-removing`` before deleting it; the layer store renames
+    ``sha256/<chain>`` to ``<chain>-<random>-removing``.  Such a name is debris, never a layer or a user of one."""
+    return name.endswith(REMOVING_SUFFIX)
+
+
+def removed_id(name: str) -> str:
+    """The layer id ``aufs/diff/<id>-removing`` was."""
+    return name[:-len(REMOVING_SUFFIX)]
+
+
+@dataclass(frozen=True)
+class DiffEntry:
+    """An entry of ``aufs/diff/`` as ``lstat`` saw it.  Two readings compare equal while the entry is the same
+    inode and nothing changed its metadata or names (its ctime); the access time is kept but not compared."""
+
+    name: str
+    kind: str  # DIR, SYMLINK or OTHER
+    dev: int
+    ino: int
+    ctime_ns: int
+    mtime_ns: int
+    atime_ns: int = field(compare=False)
+
+
+DIR, SYMLINK, OTHER = "dir", "symlink", "other"
+
+
+@dataclass(frozen=True)
+class LayersFile:
+    """``aufs/layers/<id>``: the ancestors, nearest first; None with the ``problem`` when it is garbled."""
+
+    ancestors: "Tuple[str, ...] | None"
+    problem: str = ""
 
 
 @dataclass
@@ -82,55 +175,6 @@ def valid_id(name: str) -> bool:
     return bool(_ID_RE.match(name)) and not name.endswith(".") and ".." not in name
 
 
-def _lstat(path: str) -> "os.stat_result | None":
-    try:
-        return os.lstat(path)
-    except FileNotFoundError:
-        return None
-
-
-def read_small(path: str, limit: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        data = os.read(fd, limit + 1)
-    finally:
-        os.close(fd)
-    if len(data) > limit:
-        raise ValueError(f"larger than {limit} bytes")
-    return data
-
-
-def layer_store_references(root: str, files: Tuple[str, ...] = ("cache-id", "mount-id", "init-id")) -> Set[str]:
-    """Layer ids the image layer store names in ``files`` (``cache-id`` of image layers, ``mount-id`` of
-    containers' writable layers, ``init-id`` of their init layers)."""
-    refs: Set[str] = set()
-    layerdb = os.path.join(root, "image", "aufs", "layerdb")
-    for sub, all_names in (("sha256", ("cache-id",)), ("mounts", ("mount-id", "init-id"))):
-        names = [n for n in all_names if n in files]
-        base = os.path.join(layerdb, sub)
-        try:
-            entries = os.listdir(base)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        for entry in entries:
-            if entry.endswith(REMOVING_SUFFIX):
-                continue  # the layer store renames an entry so before it removes the layer
-            for name in names:
-                try:
-                    refs.add(read_small(os.path.join(base, entry, name), 4096).decode("ascii").strip())
-                except (OSError, ValueError, UnicodeDecodeError):
-                    continue
-    return refs
-
-
-def layer_store_container_ids(root: str) -> Set[str]:
-    """Containers the aufs layer store knows (``image/aufs/layerdb/mounts/<id>``)."""
-    try:
-        return set(os.listdir(os.path.join(root, "image", "aufs", "layerdb", "mounts")))
-    except (FileNotFoundError, NotADirectoryError):
-        return set()
-
-
 def parse_layers_file(data: bytes) -> List[str]:
     """``aufs/layers/<id>``: one ancestor id a line, nearest parent first; empty for a base layer."""
     text = data.decode("ascii")
@@ -143,91 +187,58 @@ def parse_layers_file(data: bytes) -> List[str]:
     return lines
 
 
-def discover(root: str, skip_broken_chains: bool = False) -> Discovery:
-    """Read ``aufs/diff`` and ``aufs/layers``, validate the whole graph, and return the layers parents-first.
+def read_diff_dir(root: str) -> Tuple[str, Dict[str, DiffEntry]]:
+    """``aufs/diff/``: whether it is ``present``, ``missing`` or ``not a directory``, and its entries by name."""
+    try:
+        fd = fsio.open_dir(os.path.join(root, "aufs", "diff"), noatime=True)
+    except FileNotFoundError:
+        return "missing", {}
+    except OSError as exc:
+        if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+            return "not a directory", {}
+        raise
+    entries = {}
+    try:
+        with os.scandir(fd) as it:
+            for entry in it:
+                st = entry.stat(follow_symlinks=False)
+                kind = DIR if stat.S_ISDIR(st.st_mode) else SYMLINK if stat.S_ISLNK(st.st_mode) else OTHER
+                entries[entry.name] = DiffEntry(entry.name, kind, st.st_dev, st.st_ino, st.st_ctime_ns,
+                                                st.st_mtime_ns, st.st_atime_ns)
+    finally:
+        os.close(fd)
+    return "present", dict(sorted(entries.items()))
 
-    ``skip_broken_chains`` (the operator accepted missing storage): a layer whose ancestor has no diff is left
-    out and reported, instead of refusing the migration; nothing could mount it on either driver.
-    """
-    diff_dir = os.path.join(root, "aufs", "diff")
-    layers_dir = os.path.join(root, "aufs", "layers")
-    result = Discovery()
-    st = _lstat(diff_dir)
-    if st is None:
-        return result
-    if not stat.S_ISDIR(st.st_mode):
-        raise Refused(f"{diff_dir} is not a directory")
-    root_dev = os.lstat(root).st_dev
 
-    candidates: Dict[str, List[str]] = {}
-    times: Dict[str, Tuple[int, int]] = {}
-    missing_layers_file: List[str] = []
-    for name in sorted(os.listdir(diff_dir)):
-        path = os.path.join(diff_dir, name)
-        est = os.lstat(path)
-        if stat.S_ISLNK(est.st_mode):
-            raise Refused(f"aufs/diff/{name} is a symlink; refusing to follow it out of the layer store")
-        if not stat.S_ISDIR(est.st_mode):
-            result.findings.append(("skipped-unexpected-file", f"aufs/diff/{name}"))
-            continue
-        if name.endswith(REMOVING_SUFFIX):
-            result.findings.append(("skipped-removing-layer", f"aufs/diff/{name}"))
-            continue
-        if not valid_id(name):
-            raise Refused(f"aufs/diff/{name!r} is not a layer id this tool recognises; move it out of aufs/diff")
-        if est.st_dev != root_dev:
-            raise Refused(f"aufs/diff/{name} is on another filesystem than {root}; hardlinks cannot cross it")
-        times[name] = (est.st_atime_ns, est.st_mtime_ns)
-        lpath = os.path.join(layers_dir, name)
-        lst = _lstat(lpath)
-        if lst is None:
-            missing_layers_file.append(name)
-            continue
-        if not stat.S_ISREG(lst.st_mode):
-            raise Refused(f"aufs/layers/{name} is not a regular file")
-        try:
-            candidates[name] = parse_layers_file(read_small(lpath, LAYERS_FILE_MAX))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise Refused(f"aufs/layers/{name} is garbled ({exc})") from None
-
-    if missing_layers_file:
-        refs = layer_store_references(root)
-        for name in missing_layers_file:
-            if name in refs:
-                raise Refused(f"layer {name} has no aufs/layers/{name} but the layer store uses it; "
-                              "its ancestry is unknown")
-            result.findings.append(("skipped-layer-without-layers-file", f"aufs/diff/{name}"))
-
-    for name in candidates:
-        seen, current = {name}, candidates[name]
-        while current:
-            parent = current[0]
-            if parent in seen:
-                raise Refused(f"layer {name} has a cycle in its ancestry (through {parent})")
-            seen.add(parent)
-            current = candidates.get(parent, [])
-
-    if skip_broken_chains:
-        for name in sorted(candidates):
-            gone = [a for a in candidates[name] if a not in candidates]
-            if gone:
-                result.findings.append(("skipped-layer-missing-ancestor", f"aufs/diff/{name} (its ancestor "
-                                                                           f"{gone[0]} has no aufs/diff/{gone[0]})"))
-        candidates = {name: a for name, a in candidates.items() if all(x in candidates for x in a)}
-
-    for name, ancestors in candidates.items():
-        if len(ancestors) > MAX_LOWERS:
-            raise Refused(f"layer {name} has {len(ancestors)} ancestors; overlay2 allows at most {MAX_LOWERS}")
-        if name in ancestors or len(set(ancestors)) != len(ancestors):
-            raise Refused(f"layer {name} has a cycle in its ancestry (aufs/layers/{name})")
-        for ancestor in ancestors:
-            if ancestor not in candidates:
-                raise Refused(f"layer {name} names ancestor {ancestor}, which has no usable aufs/diff/{ancestor}")
-        if ancestors and candidates[ancestors[0]] != ancestors[1:]:
-            raise Refused(f"aufs/layers/{name} disagrees with aufs/layers/{ancestors[0]} about the ancestry")
-
-    ordered = sorted(candidates.items(), key=lambda item: (len(item[1]), item[0]))
-    writable = layer_store_references(root, ("mount-id",))
-    result.layers = [AufsLayer(id=name, ancestors=ancestors, writable=name in writable, times=times[name])
-                     for name, ancestors in ordered]
-    return result
+def read_layers_files(root: str, unreadable: List[Tuple[str, str]]) -> Dict[str, LayersFile]:
+    """Every ``aufs/layers/<id>`` (those being removed left out), parsed; a file that is not a small regular
+    file is added to ``unreadable`` (its path, why)."""
+    try:
+        fd = fsio.open_dir(os.path.join(root, "aufs", "layers"), noatime=True)
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return {}
+        raise
+    found = {}
+    try:
+        with os.scandir(fd) as it:
+            regular = {entry.name: entry.is_file(follow_symlinks=False) for entry in it}
+        for name in sorted(regular):
+            if is_removing(name):
+                continue
+            try:
+                data = fsio.read_small(name, LAYERS_FILE_MAX, dir_fd=fd, regular=regular[name])[0]
+            except FileNotFoundError:
+                continue
+            except fsio.NotSmallFile as exc:
+                unreadable.append((f"aufs/layers/{name}", str(exc)))
+                continue
+            try:
+                found[name] = LayersFile(tuple(parse_layers_file(data)))
+            except ValueError as exc:  # UnicodeDecodeError is one
+                found[name] = LayersFile(None, str(exc))
+    finally:
+        os.close(fd)
+    return found

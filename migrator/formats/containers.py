@@ -6,13 +6,14 @@ number spelling, escapes) stays, unlike a round trip through a JSON library.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import stat
 from dataclasses import dataclass
 from json.decoder import scanstring
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 from migrations_state.machine import PENDING, SKIPPED
 from migrator.errors import Refused
@@ -77,64 +78,104 @@ def with_driver(data: bytes, driver: str) -> bytes:
     return (text[:start] + json.dumps(driver) + text[end:]).encode("utf-8")
 
 
-def read_config(path: str) -> Tuple[bytes, os.stat_result]:
-    return fsio.read_regular(path, CONFIG_MAX)
+def read_config(path: str, dir_fd: Optional[int] = None) -> Tuple[bytes, os.stat_result]:
+    return fsio.read_small(path, CONFIG_MAX, dir_fd=dir_fd)
 
 
-def any_on_aufs(root: str) -> bool:
-    """Whether any readable ``config.v2.json`` says aufs (a quick look that never refuses: used to tell a root
-    with nothing to migrate from one whose storage is missing)."""
+@dataclass(frozen=True)
+class ContainerFacts:
+    """``containers/<id>/`` as read once (``read_containers``)."""
+
+    id: str
+    is_dir: bool
+    config: Optional[bytes] = None  # None: no config.v2.json (or not a directory)
+    st: Optional[os.stat_result] = None
+    driver: Optional[str] = None  # the top-level Driver; None when there is no readable config
+    problem: str = ""  # why the config is unreadable
+    dead: bool = False  # marked dead or being removed: its removal had begun
+
+    @property
+    def on_aufs(self) -> bool:
+        return self.driver in AUFS_DRIVER_VALUES
+
+
+def read_containers(root: str, unreadable: List[Tuple[str, str]]) -> Dict[str, ContainerFacts]:
+    """Every ``containers/<id>/``, its config read through ``fsio.read_small``; a config that is not a small
+    regular file is also added to ``unreadable`` (its path, why)."""
     base = os.path.join(root, "containers")
     try:
-        names = os.listdir(base)
-    except (FileNotFoundError, NotADirectoryError):
-        return False
+        names = sorted(os.listdir(base)) if stat.S_ISDIR(os.lstat(base).st_mode) else []
+    except FileNotFoundError:
+        names = []
+    found = {}
     for cid in names:
         try:
-            data, _st = read_config(os.path.join(base, cid, CONFIG))
-            if locate_driver(data.decode("utf-8"))[0] in AUFS_DRIVER_VALUES:
-                return True
-        except (OSError, ValueError, UnicodeDecodeError):
+            fd = fsio.open_dir(os.path.join(base, cid), noatime=True)
+        except FileNotFoundError:
             continue
-    return False
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+                raise
+            found[cid] = ContainerFacts(cid, False)
+            continue
+        try:
+            found[cid] = _read_container(cid, fd, unreadable)
+        finally:
+            os.close(fd)
+    return found
 
 
-def find_containers(root: str, kept_original: Callable[[str], Optional[Tuple[bytes, os.stat_result]]] = lambda c: None
+def _read_container(cid: str, fd: int, unreadable: List[Tuple[str, str]]) -> ContainerFacts:
+    try:
+        data, st = read_config(CONFIG, fd)
+    except FileNotFoundError:
+        return ContainerFacts(cid, True)
+    except fsio.NotSmallFile as exc:
+        unreadable.append((f"containers/{cid}/{CONFIG}", str(exc)))
+        return ContainerFacts(cid, True, problem=str(exc))
+    try:
+        driver = locate_driver(data.decode("utf-8"))[0]
+    except ValueError as exc:  # UnicodeDecodeError is one
+        return ContainerFacts(cid, True, data, st, problem=str(exc))
+    return ContainerFacts(cid, True, data, st, driver, dead=_dead(data))
+
+
+def _dead(data: bytes) -> bool:
+    """Marked dead (``State.Dead``) or being removed (``State.RemovalInProgress``)."""
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return False
+    state = doc.get("State") if isinstance(doc, dict) else None
+    return isinstance(state, dict) and bool(state.get("Dead") or state.get("RemovalInProgress"))
+
+
+def find_containers(facts: Mapping[str, ContainerFacts],
+                    kept_original: Callable[[str], Optional[Tuple[bytes, os.stat_result]]] = lambda c: None
                     ) -> Tuple[List[FoundContainer], List[Tuple[str, str]]]:
-    """Every ``containers/<id>/``; an unreadable config of an aufs container refuses the migration.
+    """What a migration does with each container; an unreadable config refuses the migration.
 
     ``kept_original(cid)`` gives the original config an earlier attempt kept before switching it (when that
     attempt's state database was lost): such a container is still pending, with that original.
     """
-    base = os.path.join(root, "containers")
     found: List[FoundContainer] = []
     findings: List[Tuple[str, str]] = []
-    try:
-        names = sorted(os.listdir(base))
-    except FileNotFoundError:
-        return found, findings
-    for cid in names:
-        cdir = os.path.join(base, cid)
-        if not stat.S_ISDIR(os.lstat(cdir).st_mode):
+    for cid, c in facts.items():
+        if not c.is_dir:
             findings.append(("skipped-unexpected-file", f"containers/{cid}"))
-            continue
-        path = os.path.join(cdir, CONFIG)
-        if not fsio.lexists(path):
+        elif c.problem:
+            raise Refused(f"containers/{cid}/{CONFIG} is unreadable ({c.problem}); fix or remove that container")
+        elif c.config is None:
             findings.append(("container-without-config", f"containers/{cid}"))
             found.append(FoundContainer(cid, None, None, SKIPPED, "no config.v2.json"))
-            continue
-        try:
-            data, st = read_config(path)
-            driver, _s, _e = locate_driver(data.decode("utf-8"))
-        except (OSError, ValueError, UnicodeDecodeError) as exc:
-            raise Refused(f"containers/{cid}/{CONFIG} is unreadable ({exc}); fix or remove that container") from None
-        kept = kept_original(cid) if driver == "overlay2" else None
-        if kept is not None:
-            found.append(FoundContainer(cid, kept[0], kept[1], PENDING, "switched by an earlier attempt"))
-        elif driver in AUFS_DRIVER_VALUES:
-            found.append(FoundContainer(cid, data, st, PENDING))
         else:
-            found.append(FoundContainer(cid, data, st, SKIPPED, f"Driver is {driver!r}"))
+            kept = kept_original(cid) if c.driver == "overlay2" else None
+            if kept is not None:
+                found.append(FoundContainer(cid, kept[0], kept[1], PENDING, "switched by an earlier attempt"))
+            elif c.on_aufs:
+                found.append(FoundContainer(cid, c.config, c.st, PENDING))
+            else:
+                found.append(FoundContainer(cid, c.config, c.st, SKIPPED, f"Driver is {c.driver!r}"))
     return found, findings
 
 

@@ -30,7 +30,7 @@ def _kept_path(paths: Paths) -> str:
 
 def _read(path: str) -> Optional[tuple]:
     try:
-        return fsio.read_regular(path, CONFIG_MAX)
+        return fsio.read_small(path, CONFIG_MAX)
     except FileNotFoundError:
         return None
     except ValueError as exc:

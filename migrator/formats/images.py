@@ -9,10 +9,12 @@ its layer store entries read.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
-from dataclasses import dataclass
-from typing import List
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Dict, Iterator, List, Mapping, Optional, Set, Tuple
 
 from migrator.formats import aufs
 from migrator.fs import fsio, tree
@@ -67,37 +69,151 @@ def is_dir(path: str) -> bool:
 
 
 TAR_SPLIT = "tar-split.json.gz"
+ID_MAX = 4096  # cache-id, diff, size, parent, mount-id, init-id: one id or number each
+
+
+@dataclass(frozen=True)
+class StoreLayer:
+    """``layerdb/sha256/<chain>/``: the driver's layer id (``cache-id``), and, when asked for (the content proof
+    does), the digest of its tar (``diff``) and the bytes its files hold (``size``); None where a file is
+    missing, not asked for, or not ASCII."""
+
+    chain: str
+    cache_id: Optional[str]
+    diff_id: Optional[str] = None
+    size: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class StoreMount:
+    """``layerdb/mounts/<cid>/``: a container's writable layer (``mount-id``) and its init layer."""
+
+    cid: str
+    mount_id: Optional[str]
+    init_id: Optional[str]
+
+
+@dataclass(frozen=True)
+class LayerStore:
+    """What the layer store of one driver (``image/<driver>/``) holds, read once (``read_layer_store``)."""
+
+    layerdb: bool = False  # layerdb/ is a directory
+    imagedb: bool = False  # imagedb/ is a directory
+    images: int = 0  # entries of imagedb/content/sha256/
+    layers: Mapping[str, StoreLayer] = field(default_factory=dict)  # by chain (entries being removed left out)
+    removing: Tuple[str, ...] = ()  # sha256/ entries being removed
+    mounts: Mapping[str, StoreMount] = field(default_factory=dict)  # by container id
+
+    def cache_ids(self) -> Set[str]:
+        return {layer.cache_id for layer in self.layers.values() if layer.cache_id}
+
+    def mount_ids(self) -> Set[str]:
+        """Containers' writable layers."""
+        return {m.mount_id for m in self.mounts.values() if m.mount_id}
+
+    def references(self) -> Set[str]:
+        """Every layer id the store names: image layers, containers' writable and init layers."""
+        return self.cache_ids() | self.mount_ids() | {m.init_id for m in self.mounts.values() if m.init_id}
+
+
+LAYER_FILES = ("cache-id", "diff", "size", "parent")  # the small files of a layerdb/sha256/ entry
+MOUNT_FILES = ("mount-id", "init-id", "parent")  # and of a layerdb/mounts/ entry
+
+
+def read_layer_store(image_dir: str, rel: str, unreadable: List[Tuple[str, str]],
+                     contents: Tuple[str, ...] = ("cache-id",)) -> LayerStore:
+    """The layer store under ``image_dir`` (shown as ``rel`` in messages).  Every small file of every entry is
+    checked (its type and size, from the entry's listing); those in ``contents`` (and a container's
+    ``mount-id`` and ``init-id``) are read, through ``fsio.read_small``.  One that is not a small regular file
+    is added to ``unreadable`` (its path, why)."""
+    layerdb = os.path.join(image_dir, "layerdb")
+    layers: Dict[str, StoreLayer] = {}
+    removing: List[str] = []
+    for chain, ids in _entries(os.path.join(layerdb, "sha256"), f"{rel}/layerdb/sha256", LAYER_FILES, contents,
+                               unreadable, removing):
+        layers[chain] = StoreLayer(chain, ids["cache-id"], ids["diff"], ids["size"])
+    mounts = {cid: StoreMount(cid, ids["mount-id"], ids["init-id"]) for cid, ids in _entries(
+        os.path.join(layerdb, "mounts"), f"{rel}/layerdb/mounts", MOUNT_FILES, ("mount-id", "init-id"),
+        unreadable)}
+    try:
+        images = len(os.listdir(os.path.join(image_dir, "imagedb", "content", "sha256")))
+    except (FileNotFoundError, NotADirectoryError):
+        images = 0
+    return LayerStore(is_dir(layerdb), is_dir(os.path.join(image_dir, "imagedb")), images,
+                      MappingProxyType(layers), tuple(removing), MappingProxyType(mounts))
+
+
+def _entries(base: str, rel: str, files: Tuple[str, ...], contents: Tuple[str, ...],
+             unreadable: List[Tuple[str, str]], removing: "List[str] | None" = None
+             ) -> Iterator[Tuple[str, Dict[str, Optional[str]]]]:
+    """Each directory entry of ``base`` with its ``files`` checked and its ``contents`` read; entries being
+    removed go to ``removing``."""
+    try:
+        names = sorted(os.listdir(base)) if is_dir(base) else []
+    except FileNotFoundError:
+        names = []
+    for name in names:
+        if aufs.is_removing(name):
+            if removing is not None:
+                removing.append(name)
+            continue
+        try:
+            fd = fsio.open_dir(os.path.join(base, name), noatime=True)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                continue
+            raise
+        try:
+            yield name, _read_entry(fd, f"{rel}/{name}", files, contents, unreadable)
+        finally:
+            os.close(fd)
+
+
+def _read_entry(fd: int, rel: str, files: Tuple[str, ...], contents: Tuple[str, ...],
+                unreadable: List[Tuple[str, str]]) -> Dict[str, Optional[str]]:
+    with os.scandir(fd) as it:
+        listed = {e.name: e for e in it if e.name in files}
+    ids: Dict[str, Optional[str]] = dict.fromkeys(files)
+    for name, entry in listed.items():
+        try:
+            if name in contents:
+                data = fsio.read_small(name, ID_MAX, dir_fd=fd, regular=entry.is_file(follow_symlinks=False))[0]
+                ids[name] = data.decode("ascii").strip() or None
+            else:
+                fsio.check_small(entry.stat(follow_symlinks=False), ID_MAX)
+        except FileNotFoundError:
+            continue
+        except fsio.NotSmallFile as exc:
+            unreadable.append((f"{rel}/{name}", str(exc)))
+        except UnicodeDecodeError:
+            continue
+    return ids
 
 
 @dataclass
 class ImageLayer:
-    """One entry of the layer store: its chain id, the driver's layer id (``cache-id``) and its ``diff``."""
+    """One entry of the layer store, as the content proof takes it: its chain id, the driver's layer id
+    (``cache-id``), its ``diff``, the bytes its ``size`` file records (0: unknown) and its tar-split's path."""
 
     chain_id: str
     cache_id: str
     diff_id: str
     tar_split: str  # path of tar-split.json.gz (may not exist)
-
-
-def read_small(path: str) -> str:
-    return fsio.read_regular(path, 4096)[0].decode("ascii").strip()
+    size: int = 0
 
 
 def image_layers(image_dir: str) -> List[ImageLayer]:
     """Every layer of ``image_dir/layerdb/sha256/`` (entries being removed left out), by chain id."""
-    base = os.path.join(image_dir, "layerdb", "sha256")
+    store = read_layer_store(image_dir, os.path.basename(image_dir), [], contents=("cache-id", "diff", "size"))
+    return [ImageLayer(f"sha256:{chain}", layer.cache_id or "", layer.diff_id or "",
+                       os.path.join(image_dir, "layerdb", "sha256", chain, TAR_SPLIT), _number(layer.size))
+            for chain, layer in store.layers.items()]
+
+
+def _number(text: Optional[str]) -> int:
     try:
-        names = sorted(os.listdir(base))
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    layers = []
-    for chain in names:
-        if chain.endswith(aufs.REMOVING_SUFFIX):
-            continue
-        entry = os.path.join(base, chain)
-        try:
-            cache_id, diff_id = read_small(os.path.join(entry, "cache-id")), read_small(os.path.join(entry, "diff"))
-        except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
-            cache_id, diff_id = "", ""
-        layers.append(ImageLayer(f"sha256:{chain}", cache_id, diff_id, os.path.join(entry, TAR_SPLIT)))
-    return layers
+        return int(text or 0)
+    except ValueError:
+        return 0

@@ -9,6 +9,7 @@ symlink planted in layer data can never redirect a write.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import resource
 import shutil
@@ -42,25 +43,62 @@ def open_dir(name: str, dir_fd: Optional[int] = None, noatime: bool = False) -> 
         return os.open(name, DIR_FLAGS, dir_fd=dir_fd)  # O_NOATIME needs ownership or CAP_FOWNER
 
 
-def read_regular(path: str, limit: int) -> Tuple[bytes, os.stat_result]:
-    """A small regular file's bytes and stat, without following a symlink; ValueError if it is not a regular
-    file or is larger than ``limit``."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+class NotSmallFile(ValueError):
+    """A file that should be a small regular file and is not: its type, or its size, says why."""
+
+
+_TYPE_NAMES = ((stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symlink"), (stat.S_ISFIFO, "a FIFO"),
+               (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+_SMALL_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def file_type_name(mode: int) -> str:
+    return next((name for test, name in _TYPE_NAMES if test(mode)), "not a regular file")
+
+
+def read_small(path: str, limit: int, dir_fd: Optional[int] = None,
+               regular: bool = False) -> Tuple[bytes, os.stat_result]:
+    """A small regular file's bytes and stat: the one reader of the small files of a root (layers files, layer
+    store ids, container and engine configs) and of the tool's own.
+
+    Nothing it is given can make it hang, follow a link or read without bound: unless the caller has seen from
+    a directory listing that the name is a regular file (``regular``: its ``d_type``), the name is ``lstat``-ed
+    first, so a device, FIFO or socket is never opened; the open adds ``O_NOFOLLOW`` and ``O_NONBLOCK`` (a FIFO
+    swapped in meanwhile opens without waiting for a writer) and ``O_NOATIME``; the opened file is ``fstat``-ed
+    and its size checked against ``limit`` before a byte is read.  FileNotFoundError when there is nothing;
+    ``NotSmallFile`` (a ValueError) naming the type or the size otherwise."""
+    if not regular:
+        check_small(os.stat(path, dir_fd=dir_fd, follow_symlinks=False), limit, size=False)
+    try:
+        fd = os.open(path, _SMALL_FLAGS | getattr(os, "O_NOATIME", 0), dir_fd=dir_fd)
+    except PermissionError:
+        fd = os.open(path, _SMALL_FLAGS, dir_fd=dir_fd)  # O_NOATIME needs ownership or CAP_FOWNER
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO):  # a symlink or a socket swapped in
+            raise NotSmallFile("it is not a regular file") from None
+        raise
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError("not a regular file")
-        chunks = []
-        while True:
-            chunk = os.read(fd, 1 << 20)
-            if not chunk:
+        check_small(st, limit)
+        data = os.read(fd, st.st_size + 1)  # one read, unless the file grew since the fstat
+        while len(data) > st.st_size:
+            if len(data) > limit:
+                raise NotSmallFile(f"it is larger than {limit} bytes")
+            more = os.read(fd, 1 << 16)
+            if not more:
                 break
-            chunks.append(chunk)
-            if sum(map(len, chunks)) > limit:
-                raise ValueError("too large")
+            data += more
     finally:
         os.close(fd)
-    return b"".join(chunks), st
+    return data, st
+
+
+def check_small(st: os.stat_result, limit: int, size: bool = True) -> None:
+    """NotSmallFile unless ``st`` is a regular file (of at most ``limit`` bytes, with ``size``)."""
+    if not stat.S_ISREG(st.st_mode):
+        raise NotSmallFile(f"it is {file_type_name(st.st_mode)}, not a regular file")
+    if size and st.st_size > limit:
+        raise NotSmallFile(f"it is larger than {limit} bytes")
 
 
 def syncfs(fd: int) -> None:

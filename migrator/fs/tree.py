@@ -12,7 +12,7 @@ import errno
 import itertools
 import os
 import stat
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import xattr
 
@@ -93,6 +93,15 @@ def open_path(root_fd: int, rel: bytes, noatime: bool = False) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def entry_kinds(fd: int, as_bytes: bool = False) -> Dict:
+    """Every name in the directory ``fd`` (str, or bytes with ``as_bytes``) and whether it is a directory, by
+    ``d_type`` (what ``aufs.whiteout_actions`` decides from)."""
+    with os.scandir(fd) as it:
+        if as_bytes:
+            return {os.fsencode(e.name): e.is_dir(follow_symlinks=False) for e in it}
+        return {e.name: e.is_dir(follow_symlinks=False) for e in it}
 
 
 def list_xattrs(fd: int) -> List[bytes]:

@@ -29,6 +29,7 @@ from migrator.fs import fsio
 from migrator.runtime import recovery
 from migrator.strategies import registry
 from migrator.strategies.base import Conversion
+from migrator.strategies.runner import WaveRunner
 
 
 class Migration:
@@ -47,7 +48,7 @@ class Migration:
 
     def convert_layers(self) -> None:
         """Drive every layer to ``committed``, resuming each from its recorded state."""
-        self.strategy.convert(self.conv)
+        WaveRunner(self.strategy, self.conv).run()
 
     def all_layers_committed(self) -> bool:
         return set(self.store.layer_states()) <= {COMMITTED}

@@ -14,7 +14,7 @@ from typing import Callable, List
 
 from migrator.checks import probe
 from migrator.errors import MigratorError
-from migrator.formats import aufs, containers, engineconfig
+from migrator.formats import containers, engineconfig, snapshot
 from migrator.fs import fsio
 from migrator.paths import Paths
 from migrator.runtime.lock import remove_state_db
@@ -23,25 +23,14 @@ from migrator.strategies import registry
 
 def rollback_from_disk(paths: Paths, progress: Callable[[str], None]) -> None:
     """Remove every overlay2 artefact and give aufs containers their configs back; idempotent."""
-    aufs_containers = aufs.layer_store_container_ids(paths.root)
-    base = os.path.join(paths.root, "containers")
-    for cid in sorted(os.listdir(base)) if os.path.isdir(base) else []:
-        cfg = os.path.join(base, cid, containers.CONFIG)
-        try:
-            data, _st = containers.read_config(cfg)
-            driver = containers.locate_driver(data.decode("utf-8"))[0]
-        except (OSError, ValueError, UnicodeDecodeError):
-            continue
-        if driver != "overlay2" or cid not in aufs_containers:
+    snap = snapshot.read_root(paths.root)
+    for cid, facts in snap.containers.items():
+        if facts.driver != "overlay2" or cid not in snap.store.mounts:
             continue  # not switched, or created on overlay2 after the migration: an aufs engine ignores it
         kept = containers.kept_original(paths.originals, cid)
-        if kept is not None:
-            data, st = kept
-            containers.restore(paths.root, cid, data, st.st_mode & 0o7777, st.st_uid, st.st_gid,
-                               (st.st_atime_ns, st.st_mtime_ns))
-        else:
-            containers.restore(paths.root, cid, containers.with_driver(data, "aufs"), _st.st_mode & 0o7777,
-                               _st.st_uid, _st.st_gid, (_st.st_atime_ns, _st.st_mtime_ns))
+        data, st = kept if kept is not None else (containers.with_driver(facts.config, "aufs"), facts.st)
+        containers.restore(paths.root, cid, data, st.st_mode & 0o7777, st.st_uid, st.st_gid,
+                           (st.st_atime_ns, st.st_mtime_ns))
         progress(f"container {cid} back on aufs")
     config = engineconfig.restore(paths)
     if config:

@@ -8,7 +8,7 @@ removed, the kept container configs and engine config written, and the state dat
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 from migrations_state.machine import DISCOVERED, PENDING
 from migrations_state.schema import ContainerRecord, FindingRecord, LayerRecord, SavedTimeRecord
@@ -18,22 +18,23 @@ from migrator.checks import plan as planner
 from migrator.errors import Refused
 from migrator.formats import aufs, containers, engineconfig
 from migrator.formats.linkid import new_link_ids
+from migrator.formats.snapshot import RootSnapshot
 from migrator.fs import fsio
+from migrator.options import Options
 from migrator.paths import Paths
 from migrator.runtime import lock
 from migrator.scan.prescan import EarlyWalk
 from migrator.ui.progress import Reporter
 
 
-def checked_plan(paths: Paths, strategy: str, pidfiles: Sequence[str], jobs: int, progress: Reporter,
-                 engine_config: Optional[str], accept_missing_storage: bool,
-                 early: Optional[EarlyWalk] = None) -> planner.Plan:
-    """The plan of a new run; refused (before anything is written) when its verdict is no."""
-    if engine_config:
-        engineconfig.check(engine_config)
+def checked_plan(paths: Paths, opts: Options, progress: Reporter, early: Optional[EarlyWalk] = None,
+                 snap: Optional[RootSnapshot] = None) -> planner.Plan:
+    """The plan of a new run (of ``snap``, the root as already read, when given); refused (before anything is
+    written) when its verdict is no."""
+    if opts.engine_config:
+        engineconfig.check(opts.engine_config)
     progress(f"planning: reading {paths.aufs_diff}")
-    plan = planner.make_plan(paths, strategy, pidfiles, jobs, walk=False,
-                             accept_missing_storage=accept_missing_storage, early=early)
+    plan = planner.make_plan(paths, opts, walk=False, early=early, snap=snap)
     if not plan.verdict:
         more = f" (and {len(plan.problems) - 1} more)" if len(plan.problems) > 1 else ""
         raise Refused(f"{plan.problems[0]}{more}; 'aufs2overlay plan' shows every check")

@@ -25,8 +25,8 @@ class LayerSurvey(StepResult):
 
     directories: int = 0
     directory_bytes: int = 0  # blocks the layer's directories take (a rebuilt directory takes about as many)
-    whiteouts: int = 0  # .wh.<name> entries (each becomes a 0/0 device)
-    opaque: int = 0  # .wh..wh..opq markers
+    whiteouts: int = 0  # whiteout devices the conversion makes (``aufs.MAKE_WHITEOUT``)
+    opaque: int = 0  # directories it makes opaque (``aufs.SET_OPAQUE``, ``aufs.OPAQUE_CHILD``)
     copy_inodes: int = 0  # writable layer: non-directory inodes a copy makes (hardlink groups once)
     copy_bytes: int = 0
     seen: Set[Tuple[int, int]] = field(default_factory=set, repr=False)
@@ -46,23 +46,22 @@ def scan_layer(diff_dir: str, writable: bool = False) -> LayerSurvey:
         result.directory_bytes += st.st_blocks * 512
         subdirs = []
         marked = any(n.startswith(tree.OVERLAY_XATTR_PREFIX) for n in tree.list_xattrs(fd))
+        whiteouts = False
         with os.scandir(fd) as it:
             for entry in it:
                 name = entry.name
                 result.entries += 1
-                kind = aufs.whiteout_kind(name)
-                if kind is not None:
-                    marked = True
-                    if kind == aufs.OPAQUE:
-                        result.opaque += 1
-                    elif kind == aufs.WHITEOUT:
-                        result.whiteouts += 1
+                if aufs.whiteout_kind(name) is not None:
+                    whiteouts = True
                 elif entry.is_dir(follow_symlinks=False):
                     subdirs.append(name)
                 else:
                     result.note_zero_device(entry, rel)
                     if writable:
                         _count_copy(entry, result)
+        if whiteouts:  # few directories: these are listed once more, for the conversion's own decision
+            marked = True
+            _count_actions(aufs.whiteout_actions(tree.entry_kinds(fd)), result)
         if marked:
             result.whiteout_dirs.append(rel)
         return subdirs
@@ -74,6 +73,14 @@ def scan_layer(diff_dir: str, writable: bool = False) -> LayerSurvey:
         os.close(fd)
     result.seen = set()
     return result
+
+
+def _count_actions(actions: List[aufs.WhiteoutAction], result: LayerSurvey) -> None:
+    for found in actions:
+        if found.action == aufs.MAKE_WHITEOUT:
+            result.whiteouts += 1
+        elif found.action in (aufs.SET_OPAQUE, aufs.OPAQUE_CHILD):
+            result.opaque += 1
 
 
 def scan_layers(where: Sequence[str], writable: Sequence[bool], jobs: int,

@@ -1,51 +1,31 @@
-"""The seam between the run and a strategy: one interface, and the wave runner both strategies convert with.
+"""The seam between the run and a strategy: one interface (``Strategy``) and the layer machine's model
+(``LayerTask``).
 
-A strategy decides what each layer step does to the filesystem (its ``LayerTask`` model's callbacks) and what
-the plan must count for it; the runner decides the order and the durability, the same for every strategy:
-
-- layers go in batches of 1, 2, 4, … at most ``WAVE_LAYERS`` (``batches``); in a batch, one *wave* per layer
-  state takes every layer at that state one step on (``trigger``); when the strategy says the step is heavy
-  (``pooled_triggers``), its work is done first by ``jobs`` worker processes (``work_in_pool``), and each
-  layer's transition callback takes its own outcome;
-- once every wave of the batch is done, one ``syncfs`` makes all of their effects durable, and one
-  transaction records every layer's last state (a strategy may sync and record more in between: the
-  in-place strategy records its journals before its whiteout wave changes anything).
-
-A cut anywhere leaves each layer at its last recorded state with its steps' work perhaps done in part, and
-every step converges when it is done again.  Costs per layer are a few system calls; per batch, one sync and
-one transaction (docs/design.md, "Waves").
+A strategy decides what each layer step does to the filesystem (its task's callbacks), what happens around the
+waves (``prepare``, ``before_wave``, ``pooled_outcomes``) and what the plan must count for it; the order of the
+waves, the sync and the records are the runner's, the same for every strategy (``runner.py``).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import os
-import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 from migrations_state.machine import (
     COMMIT,
-    COMMITTED,
-    CONVERT_WHITEOUTS,
-    DISCOVERED,
-    LAYER_NEXT,
+    LAYER_CALLBACKS,
     LINKED,
     WRITE_LOWERS,
-    layer_machine,
 )
 from migrations_state.schema import LayerRecord
 from migrations_state.store import LayerStep, Store
-from migrator import procs
 from migrator.formats import overlay2
-from migrator.fs import fsio
 from migrator.paths import Paths
 from migrator.scan.findings import StepResult
 from migrator.scan.survey import LayerSurvey
 from migrator.ui.progress import Reporter
 
-WAVE_LAYERS = 512  # layers per batch: bounds what a cut loses and what one transaction holds
 CHUNKS_PER_JOB = 16  # pooled work goes out in this many chunks per worker (few round trips, even load)
 Work = Tuple[Callable[..., Any], tuple]
 Outcome = Tuple[bool, Any]  # (True, the work's result) or (False, the OSError it raised)
@@ -65,10 +45,13 @@ class Conversion:
 
 
 class LayerTask:
-    """Model of one layer's state machine (``migrations_state/machine.py``).  Subclasses do the link and whiteout
-    steps; the other two are the same for every strategy.  ``work(trigger)`` names a heavy step's work as a
-    function and its arguments, so the runner can hand it to a worker; the callback then takes its outcome
-    (``prepared``), or does the work itself when there is none."""
+    """Model of one layer's state machine (``migrations_state/machine.py``).  Each strategy's task defines the
+    link and whiteout steps (``STRATEGY_STEPS``: ``registry.get`` refuses a strategy whose task does not); the
+    other two are the same for every strategy.  ``work(trigger)`` names a heavy step's work as a function and
+    its arguments, so the runner can hand it to a worker; the callback then takes its outcome (``prepared``), or
+    does the work itself when there is none."""
+
+    STRATEGY_STEPS = ("build_tree", "convert_whiteouts_in_tree")
 
     def __init__(self, record: LayerRecord, paths: Paths, ancestor_links: List[str]) -> None:
         self.id = record.id
@@ -99,6 +82,16 @@ class LayerTask:
         fn, args = self.work(trigger)
         return fn(*args)
 
+    def build_tree(self) -> None:
+        """Step ``discovered → linked``: the layer's content in the new tree.  Sets ``result`` to what it found,
+        whose ``whiteout_dirs`` (the directories holding aufs entries) the runner records with the state and
+        hands to the whiteout step (``whiteout_dirs``), in this run or the next."""
+        raise NotImplementedError
+
+    def convert_whiteouts_in_tree(self) -> None:
+        """Step ``linked → whiteouts-converted``: ``aufs.whiteout_actions`` of each of ``whiteout_dirs`` made."""
+        raise NotImplementedError
+
     def write_lower_files(self) -> None:
         self.perform(WRITE_LOWERS)
         self.result = None
@@ -118,9 +111,19 @@ class LayerTask:
         self.steps.append(step)
 
 
-class Strategy:
-    """How layers become overlay2 layers; ``registry.py`` names each one and picks it."""
+def undeclared_steps(task_class: type) -> List[str]:
+    """The callbacks of the layer machine that ``task_class`` lacks, or inherits undefined from ``LayerTask``."""
+    missing = [name for name in LAYER_CALLBACKS if not callable(getattr(task_class, name, None))]
+    return missing + [name for name in LayerTask.STRATEGY_STEPS
+                      if getattr(task_class, name, None) is getattr(LayerTask, name)]
 
+
+class Strategy:
+    """How layers become overlay2 layers; ``registry.py`` names each one and picks it.  A strategy says what
+    each step does (its ``task_class``) and what happens around the waves (``prepare``, ``before_wave``,
+    ``pooled_outcomes``); the order of the waves, the sync and the records are the runner's (``runner.py``)."""
+
+    task_class: type = LayerTask
     name = ""  # set by the registry, with ``walks_first``
     walks_first = False  # its conversion starts from a walk of every layer: the plan always walks for it
     # Steps worth handing to worker processes: overlay2's files make new inodes, which costs (about 90 µs
@@ -148,78 +151,11 @@ class Strategy:
     def before_wave(self, conv: Conversion, trigger: str, tasks: List[LayerTask]) -> None:
         """Before ``trigger``'s wave changes anything (the in-place strategy records its journals here)."""
 
-    def convert(self, conv: Conversion) -> None:
-        """Drive every layer to ``committed``, resuming each from its recorded state."""
-        overlay2.prepare_tree(conv.paths.temp_tree)
-        records = conv.store.layers()
-        pending = [r for r in records if r.state != COMMITTED]
-        self.prepare(conv, pending)
-        _start_progress(conv, records)
-        link_ids = {r.id: r.link_id for r in records}
-        tfd = fsio.open_dir(conv.paths.temp_tree)
-        try:
-            with self._pool(conv, pending) as pool:
-                for batch in batches(pending):
-                    tasks = [self.task(r, conv, [link_ids[a] for a in _ancestors(r)]) for r in batch]
-                    self._convert_batch(conv, tasks, tfd, pool)
-        finally:
-            os.close(tfd)
-
-    @contextlib.contextmanager
-    def _pool(self, conv: Conversion, pending: List[LayerRecord]
-              ) -> Iterator[Optional[concurrent.futures.ProcessPoolExecutor]]:
-        """The workers of the whole conversion (none with one job, or too few layers), all forked now,
-        before the store opens a connection again (a child never uses one, but none need cross the fork)."""
-        if conv.jobs <= 1 or not self.pooled_triggers or len(pending) < self.pool_from_layers:
-            yield None
-            return
-        conv.store.release_connections()
-        with procs.pool(conv.jobs, [conv.lock_fd] if conv.lock_fd is not None else []) as pool:
-            pool.submit(int).result()  # with fork, the first task starts every worker
-            yield pool
-
-    def _convert_batch(self, conv: Conversion, tasks: List[LayerTask], tfd: int,
-                       pool: Optional[concurrent.futures.ProcessPoolExecutor]) -> None:
-        """Every wave of the batch, then one ``syncfs``, then one transaction: each layer's last state, with
-        what its steps found.  A state in between needs no record: a cut before the one record finds each
-        layer at its last recorded state, and every step converges when it is done again."""
-        machine = layer_machine()
-        for task in tasks:
-            machine.add_model(task, initial=task.record.state)
-        for source, trigger in LAYER_NEXT.items():
-            at = [t for t in tasks if t.state == source]
-            if not at:
-                continue
-            if trigger == CONVERT_WHITEOUTS:
-                listed = conv.store.all_whiteout_dirs()  # layers linked by an earlier run
-                for task in at:
-                    task.whiteout_dirs = task.steps[0].whiteout_dirs if task.steps else listed.get(task.id, [])
-            self.before_wave(conv, trigger, at)
-            if pool is not None and trigger in self.pooled_triggers:
-                self.work_in_pool(pool, conv.jobs, trigger, at)
-            self._step_each(conv, trigger, at)
-        fsio.syncfs(tfd)
-        conv.store.set_layer_states([_summed(t.steps) for t in tasks if t.steps])
-        for task in tasks:
-            for step in task.steps:
-                conv.progress.step(step.layer_id, step.state, step.entries, step.seconds)
-
-    def work_in_pool(self, pool: concurrent.futures.ProcessPoolExecutor, jobs: int, trigger: str,
-                     tasks: List[LayerTask]) -> None:
-        """Each task's ``work(trigger)``, in the workers; each task gets its outcome."""
-        for task, outcome in zip(tasks, run_in_chunks(pool, jobs, [t.work(trigger) for t in tasks])):
-            task.prepared = outcome
-
-    def _step_each(self, conv: Conversion, trigger: str, tasks: List[LayerTask]) -> None:
-        for task in tasks:
-            started = time.monotonic()
-            try:
-                task.trigger(trigger)
-            except OSError as exc:
-                conv.store.set_layer_error(task.id, f"{task.state}: {exc}")
-                raise
-            for step in task.steps:
-                step.seconds = time.monotonic() - started
+    def pooled_outcomes(self, pool: concurrent.futures.ProcessPoolExecutor, jobs: int, trigger: str,
+                        tasks: List[LayerTask]) -> List[Outcome]:
+        """The outcome of each task's ``work(trigger)``, done in the workers, in the order of ``tasks`` (the
+        hardlink strategy shares big layers out in pieces; every other wave goes in chunks)."""
+        return run_in_chunks(pool, jobs, [t.work(trigger) for t in tasks])
 
     # -- rollback ---------------------------------------------------------------------------------------
 
@@ -237,36 +173,6 @@ class Strategy:
 
     def undo_from_disk(self, paths: Paths, progress: Reporter) -> None:
         """``undo_layers`` without the state database (``rollback --force``), from what is on disk."""
-
-
-def _summed(steps: List[LayerStep]) -> LayerStep:
-    """A layer's steps of one batch as one record: the last state, the link step's count and list of
-    directories to convert, every step's findings."""
-    linked = next((step for step in steps if step.state == LINKED), None)
-    return LayerStep(steps[-1].layer_id, steps[-1].state, linked.entries if linked else None,
-                     [f for step in steps for f in step.findings], linked.whiteout_dirs if linked else [])
-
-
-def batches(pending: List[LayerRecord]) -> Iterator[List[LayerRecord]]:
-    """The pending layers in batches of 1, 2, 4, … up to ``WAVE_LAYERS``: a run cut again and again still gets
-    on (each start records its first layer after one layer's work), and thousands of layers still go in
-    batches of ``WAVE_LAYERS``."""
-    size, start = 1, 0
-    while start < len(pending):
-        yield pending[start:start + size]
-        start += size
-        size = min(2 * size, WAVE_LAYERS)
-
-
-def _ancestors(record: LayerRecord) -> List[str]:
-    return record.ancestors.split("\n") if record.ancestors else []
-
-
-def _start_progress(conv: Conversion, records: List[LayerRecord]) -> None:
-    surveyed = {i: s.entries for i, s in conv.surveys.items()}
-    done = [r for r in records if r.state != DISCOVERED]
-    conv.progress.start(len(records), sum(r.entries or surveyed.get(r.id, 0) for r in records),
-                        sum(r.state == COMMITTED for r in records), sum(r.entries for r in done))
 
 
 def run_chunk(work: Sequence[Work]) -> List[Outcome]:

@@ -44,6 +44,7 @@ class HardlinkTask(LayerTask):
 
 
 class HardlinkStrategy(Strategy):
+    task_class = HardlinkTask
     pooled_triggers = frozenset({LINK, CONVERT_WHITEOUTS, WRITE_LOWERS, COMMIT})
     pool_from_layers = 1
 
@@ -53,16 +54,15 @@ class HardlinkStrategy(Strategy):
         return inodes, survey.directory_bytes + (survey.copy_bytes if writable else 0)
 
     def task(self, record: LayerRecord, conv: Conversion, ancestor_links: List[str]) -> LayerTask:
-        return HardlinkTask(record, conv.paths, ancestor_links)
+        return self.task_class(record, conv.paths, ancestor_links)
 
-    def work_in_pool(self, pool: concurrent.futures.ProcessPoolExecutor, jobs: int, trigger: str,
-                     tasks: List[LayerTask]) -> None:
+    def pooled_outcomes(self, pool: concurrent.futures.ProcessPoolExecutor, jobs: int, trigger: str,
+                        tasks: List[LayerTask]) -> List[Outcome]:
         """The link wave shared out as the module's docstring says; other waves as every strategy's."""
         if trigger != LINK:
-            super().work_in_pool(pool, jobs, trigger, tasks)
-            return
-        for task, outcome in share_out(pool, jobs, tasks).items():
-            task.prepared = outcome
+            return super().pooled_outcomes(pool, jobs, trigger, tasks)
+        outcomes = share_out(pool, jobs, tasks)
+        return [outcomes[task] for task in tasks]
 
 
 def share_out(pool: concurrent.futures.ProcessPoolExecutor, jobs: int, tasks: List[LayerTask]

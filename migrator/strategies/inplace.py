@@ -71,6 +71,7 @@ class InPlaceTask(LayerTask):
 
 
 class InPlaceStrategy(Strategy):
+    task_class = InPlaceTask
     def layer_need(self, writable: bool, found: survey.LayerSurvey, block: int) -> Tuple[int, int]:
         return (2, 2 * block) if found.whiteout_dirs else (0, 0)  # the layer's stash and its journal copy
 
@@ -78,7 +79,7 @@ class InPlaceStrategy(Strategy):
         return 1, block  # the stash directory
 
     def task(self, record: LayerRecord, conv: Conversion, ancestor_links: List[str]) -> LayerTask:
-        return InPlaceTask(record, conv.paths, ancestor_links, conv.store, conv.surveys.get(record.id))
+        return self.task_class(record, conv.paths, ancestor_links, conv.store, conv.surveys.get(record.id))
 
     def prepare(self, conv: Conversion, pending: List[LayerRecord]) -> None:
         """Walk, read-only and in ``jobs`` processes, the layers still to move that the plan did not walk."""

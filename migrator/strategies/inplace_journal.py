@@ -32,6 +32,7 @@ from migrator.fs import fsio, tree
 from migrator.scan.findings import StepResult
 
 JOURNAL_FILE = "journal.json"
+JOURNAL_MAX = 1 << 30  # a layer's journal copy: about 400 bytes a change
 
 # What a journaled change does besides moving the aufs entry (if any) into the stash.
 WHITEOUT = "whiteout"  # make a 0/0 character device named ``target``
@@ -94,41 +95,29 @@ def _plan_dir(fd: int, rel: bytes, changes: List[Change], result: StepResult) ->
         if name.startswith(tree.OVERLAY_XATTR_PREFIX):
             changes.append(Change(rel, None, DROP_XATTR, name, None, xattr_before=xattr.get(fd, name)))
             result.note("dropped-overlay-xattr", rel, name.decode("ascii", "replace"))
-    with os.scandir(fd) as it:
-        kinds = {os.fsencode(e.name): e.is_dir(follow_symlinks=False) for e in it}
-    for name in kinds:
-        kind = aufs.whiteout_kind(name)
-        if kind is None:
-            continue
+    for found in aufs.whiteout_actions(tree.entry_kinds(fd, as_bytes=True)):
+        name, target = found.name, found.target
         st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-        found = dict(kind=stat.S_IFMT(st.st_mode), xattrs=_entry_xattrs(fd, name),
+        entry = dict(kind=stat.S_IFMT(st.st_mode), xattrs=_entry_xattrs(fd, name),
                      mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid, atime_ns=st.st_atime_ns,
                      mtime_ns=st.st_mtime_ns)
-        target = aufs.whiteout_target(name)
-        if kind == aufs.OPAQUE:
+        if found.action == aufs.SET_OPAQUE:
             changes.append(Change(rel, name, OPAQUE, None, None, xattr_before=get_xattr(fd, overlay2.OPAQUE_XATTR),
-                                  **found))
-            result.entries += 1
-        elif kind == aufs.INTERNAL:
-            changes.append(Change(rel, name, STASH, None, None, **found))
-            result.note("dropped-aufs-internal", rel, os.fsdecode(name))
-        elif target in (b"", b".", b".."):
-            changes.append(Change(rel, name, STASH, None, None, **found))
-            result.note("ignored-bad-whiteout", rel, os.fsdecode(name))
-        elif target in kinds:
-            if kinds[target]:
-                child = fsio.open_dir(os.fsdecode(target), fd, noatime=True)
-                try:
-                    before = get_xattr(child, overlay2.OPAQUE_XATTR)
-                finally:
-                    os.close(child)
-                changes.append(Change(rel, name, OPAQUE_CHILD, target, None, xattr_before=before, **found))
-            else:
-                changes.append(Change(rel, name, STASH, None, None, **found))
-            result.note("whiteout-beside-entry", rel, os.fsdecode(name))
-            result.entries += 1
-        else:
-            changes.append(Change(rel, name, WHITEOUT, target, None, **found))
+                                  **entry))
+        elif found.action == aufs.OPAQUE_CHILD:
+            child = fsio.open_dir(os.fsdecode(target), fd, noatime=True)
+            try:
+                before = get_xattr(child, overlay2.OPAQUE_XATTR)
+            finally:
+                os.close(child)
+            changes.append(Change(rel, name, OPAQUE_CHILD, target, None, xattr_before=before, **entry))
+        elif found.action == aufs.MAKE_WHITEOUT:
+            changes.append(Change(rel, name, WHITEOUT, target, None, **entry))
+        else:  # kept entry, bad whiteout, aufs internal: the aufs entry is only moved to the stash
+            changes.append(Change(rel, name, STASH, None, None, **entry))
+        if found.finding:
+            result.note(found.finding, rel, os.fsdecode(name))
+        if found.action not in (aufs.DROP_INTERNAL, aufs.DROP_BAD):
             result.entries += 1
 
 
@@ -148,8 +137,7 @@ def write_journal_copy(stash_dir: str, changes: Sequence[Change], times: Sequenc
 
 def read_journal_copy(stash_dir: str) -> Optional[Tuple[List[Change], List[DirTimes]]]:
     try:
-        with open(os.path.join(stash_dir, JOURNAL_FILE), "rb") as f:
-            doc = json.loads(f.read())
+        doc = json.loads(fsio.read_small(os.path.join(stash_dir, JOURNAL_FILE), JOURNAL_MAX)[0])
     except FileNotFoundError:
         return None
     return ([Change(**_decode(c)) for c in doc["changes"]], [DirTimes(**_decode(t)) for t in doc["dirs"]])

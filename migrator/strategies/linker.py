@@ -129,7 +129,7 @@ def _linker(result: StepResult, carry, root_rel: bytes):
                 kind = aufs.whiteout_kind(name)
                 if kind is not None:
                     if kind == aufs.INTERNAL:
-                        result.note("dropped-aufs-internal", rel, name)
+                        result.note(aufs.FINDING[aufs.DROP_INTERNAL], rel, name)
                     else:
                         has_whiteouts = True
                     continue
@@ -220,25 +220,19 @@ def convert_whiteouts(src_dir: str, tree_root: str, layer_id: str, whiteout_dirs
 
 
 def _convert_dir(s_fd: int, d_fd: int, rel: bytes, result: StepResult) -> None:
-    with os.scandir(s_fd) as it:
-        kinds = {entry.name: entry.is_dir(follow_symlinks=False) for entry in it}
-    for name in kinds:
-        kind = aufs.whiteout_kind(name)
-        if kind == aufs.OPAQUE:
+    """Apply ``aufs.whiteout_actions`` of one directory in the new tree (aufs internals were left out by the
+    link walk, which reported them)."""
+    for found in aufs.whiteout_actions(tree.entry_kinds(s_fd)):
+        if found.action == aufs.DROP_INTERNAL:
+            continue
+        if found.action == aufs.SET_OPAQUE:
             xattr.set(d_fd, overlay2.OPAQUE_XATTR, b"y")
-            result.entries += 1
-        elif kind == aufs.WHITEOUT:
-            target = aufs.whiteout_target(name)
-            if target in ("", ".", ".."):
-                result.note("ignored-bad-whiteout", rel, name)
-            elif target in kinds:
-                # The layer holds both <name> and .wh.<name>: its own entry stays; for a directory that means
-                # nothing below shows through, i.e. an opaque directory.
-                if kinds[target]:
-                    overlay2.set_opaque_child(d_fd, target)
-                result.note("whiteout-beside-entry", rel, name)
-            else:
-                st = os.stat(name, dir_fd=s_fd, follow_symlinks=False)
-                overlay2.make_whiteout_device(d_fd, target, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
-                                              (st.st_atime_ns, st.st_mtime_ns))
-            result.entries += 1
+        elif found.action == aufs.OPAQUE_CHILD:
+            overlay2.set_opaque_child(d_fd, found.target)
+        elif found.action == aufs.MAKE_WHITEOUT:
+            st = os.stat(found.name, dir_fd=s_fd, follow_symlinks=False)
+            overlay2.make_whiteout_device(d_fd, found.target, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+                                          (st.st_atime_ns, st.st_mtime_ns))
+        if found.finding:
+            result.note(found.finding, rel, found.name)
+        result.entries += 1

@@ -46,7 +46,12 @@ def every() -> "list[Strategy]":
 
 def get(name: str) -> "Strategy":
     """The strategy called ``name`` (a name from ``NAMES``)."""
+    from migrator.strategies.base import undeclared_steps
+
     entry = STRATEGIES[name]
     strategy = getattr(importlib.import_module(entry.module), entry.cls)()
+    missing = undeclared_steps(strategy.task_class)
+    if missing:
+        raise TypeError(f"strategy {name}: its task {strategy.task_class.__name__} does not define {missing}")
     strategy.name, strategy.walks_first = name, entry.walks_first
     return strategy
