@@ -14,7 +14,6 @@ The layout, as moby's aufs driver leaves it (``daemon/graphdriver/aufs``)::
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import stat
@@ -189,14 +188,9 @@ def parse_layers_file(data: bytes) -> List[str]:
 
 def read_diff_dir(root: str) -> Tuple[str, Dict[str, DiffEntry]]:
     """``aufs/diff/``: whether it is ``present``, ``missing`` or ``not a directory``, and its entries by name."""
-    try:
-        fd = fsio.open_dir(os.path.join(root, "aufs", "diff"), noatime=True)
-    except FileNotFoundError:
-        return "missing", {}
-    except OSError as exc:
-        if exc.errno in (errno.ENOTDIR, errno.ELOOP):
-            return "not a directory", {}
-        raise
+    fd, state = fsio.open_dir_found(os.path.join(root, "aufs", "diff"))
+    if fd is None:
+        return state, {}
     entries = {}
     try:
         with os.scandir(fd) as it:
@@ -213,14 +207,9 @@ def read_diff_dir(root: str) -> Tuple[str, Dict[str, DiffEntry]]:
 def read_layers_files(root: str, unreadable: List[Tuple[str, str]]) -> Dict[str, LayersFile]:
     """Every ``aufs/layers/<id>`` (those being removed left out), parsed; a file that is not a small regular
     file is added to ``unreadable`` (its path, why)."""
-    try:
-        fd = fsio.open_dir(os.path.join(root, "aufs", "layers"), noatime=True)
-    except (FileNotFoundError, NotADirectoryError):
+    fd, _state = fsio.open_dir_found(os.path.join(root, "aufs", "layers"))
+    if fd is None:
         return {}
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            return {}
-        raise
     found = {}
     try:
         with os.scandir(fd) as it:

@@ -6,7 +6,6 @@ number spelling, escapes) stays, unlike a round trip through a JSON library.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -109,14 +108,10 @@ def read_containers(root: str, unreadable: List[Tuple[str, str]]) -> Dict[str, C
         names = []
     found = {}
     for cid in names:
-        try:
-            fd = fsio.open_dir(os.path.join(base, cid), noatime=True)
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
-                raise
-            found[cid] = ContainerFacts(cid, False)
+        fd, state = fsio.open_dir_found(os.path.join(base, cid))
+        if fd is None:
+            if state == fsio.NOT_A_DIRECTORY:
+                found[cid] = ContainerFacts(cid, False)
             continue
         try:
             found[cid] = _read_container(cid, fd, unreadable)

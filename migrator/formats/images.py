@@ -9,7 +9,6 @@ its layer store entries read.
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 from dataclasses import dataclass, field
@@ -157,14 +156,9 @@ def _entries(base: str, rel: str, files: Tuple[str, ...], contents: Tuple[str, .
             if removing is not None:
                 removing.append(name)
             continue
-        try:
-            fd = fsio.open_dir(os.path.join(base, name), noatime=True)
-        except (FileNotFoundError, NotADirectoryError):
+        fd, _state = fsio.open_dir_found(os.path.join(base, name))
+        if fd is None:
             continue
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                continue
-            raise
         try:
             yield name, _read_entry(fd, f"{rel}/{name}", files, contents, unreadable)
         finally:

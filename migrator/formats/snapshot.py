@@ -10,8 +10,8 @@ What it reads::
 
     aufs/diff/<id>                  lstat of each entry: kind, device, inode, ctime, times
     aufs/layers/<id>                the ancestors (each file but those being removed)
-    image/aufs/layerdb/sha256/*/    cache-id, diff, size, parent
-    image/aufs/layerdb/mounts/*/    mount-id, init-id, parent
+    image/aufs/layerdb/sha256/*/    cache-id read; diff, size, parent checked (type and size)
+    image/aufs/layerdb/mounts/*/    mount-id, init-id read; parent checked
     image/aufs/imagedb/             whether it is there, and how many images it holds
     containers/<id>/config.v2.json  the bytes and stat, the Driver, whether the container was dying
 

@@ -56,6 +56,22 @@ def file_type_name(mode: int) -> str:
     return next((name for test, name in _TYPE_NAMES if test(mode)), "not a regular file")
 
 
+MISSING, NOT_A_DIRECTORY = "missing", "not a directory"
+
+
+def open_dir_found(path: str) -> Tuple[Optional[int], str]:
+    """``open_dir(path, noatime=True)`` for reading what may not be there: (descriptor, "present"), or (None,
+    ``MISSING``) when nothing is there, or (None, ``NOT_A_DIRECTORY``) for anything else, a symlink included."""
+    try:
+        return open_dir(path, noatime=True), "present"
+    except FileNotFoundError:
+        return None, MISSING
+    except OSError as exc:
+        if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+            return None, NOT_A_DIRECTORY
+        raise
+
+
 def read_small(path: str, limit: int, dir_fd: Optional[int] = None,
                regular: bool = False) -> Tuple[bytes, os.stat_result]:
     """A small regular file's bytes and stat: the one reader of the small files of a root (layers files, layer
