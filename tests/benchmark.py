@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
+import json
 import os
 import platform
 import shutil
@@ -90,6 +91,88 @@ def generated_layer(diff: str, n: int, seed: int, deletes: List[str], opaque: Li
             f.write("new content\n")
 
 
+def _write(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def write_engine_metadata(root: str, images: List[List[str]], containers: List[Tuple[str, str, List[str]]]) -> int:
+    """What an engine leaves beside the layers, as moby writes it: a layer store entry for every image layer
+    (``cache-id``, ``diff``, ``size``, ``parent``, and a real ``tar-split.json.gz``, each chain ID the sha256 of
+    ``parent + " " + diff``), an image config in ``imagedb`` listing its layers' diff IDs with its
+    ``lastUpdated``, ``repositories.json`` naming every image, and for every container (id, mount id, its
+    image's layers) the ``mounts/`` entry and ``containers/<id>/`` (``config.v2.json`` on aufs,
+    ``hostconfig.json``).  ``images``: each image's layers, bottom first.  Returns the layer store entries."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from migrator.formats import tarsplit
+
+    image_dir = os.path.join(root, "image", "aufs")
+    diff_root = os.path.join(root, "aufs", "diff")
+    sha = os.path.join(image_dir, "layerdb", "sha256")
+    diffs: Dict[str, Tuple[str, int]] = {}
+    chains: Dict[Tuple[str, ...], str] = {}
+    repositories: Dict[str, Dict[str, str]] = {}
+    image_ids: List[str] = []
+    for n, layers in enumerate(images):
+        parent = ""
+        for depth, lid in enumerate(layers):
+            key = tuple(layers[:depth + 1])
+            if key not in chains:
+                tmp = root + ".tar-split.tmp"
+                diffs[lid] = tarsplit.write(os.path.join(diff_root, lid), tmp)
+                diff_id, size = diffs[lid]
+                chain = diff_id if not parent else "sha256:" + hashlib.sha256(
+                    f"{parent} {diff_id}".encode()).hexdigest()
+                entry = os.path.join(sha, chain.split(":")[1])
+                os.makedirs(entry, exist_ok=True)
+                files = {"cache-id": lid, "diff": diff_id, "size": str(size)}
+                if parent:
+                    files["parent"] = parent
+                for fname, value in files.items():
+                    _write(os.path.join(entry, fname), value.encode())
+                os.rename(tmp, os.path.join(entry, "tar-split.json.gz"))
+                chains[key] = chain
+            parent = chains[key]
+        config = json.dumps({"architecture": "amd64", "os": "linux", "created": "2026-01-01T00:00:00Z",
+                             "config": {"Cmd": ["/bin/sh"], "Env": [f"IMAGE={n}"]},
+                             "rootfs": {"type": "layers", "diff_ids": [diffs[lid][0] for lid in layers]},
+                             "history": [{"created_by": f"layer {i}"} for i in range(len(layers))]}).encode()
+        image_id = hashlib.sha256(config).hexdigest()
+        _write(os.path.join(image_dir, "imagedb", "content", "sha256", image_id), config)
+        _write(os.path.join(image_dir, "imagedb", "metadata", "sha256", image_id, "lastUpdated"),
+               b"2026-01-01T00:00:00.000000000Z")
+        repositories[f"bench/image-{n}"] = {f"bench/image-{n}:latest": "sha256:" + image_id}
+        image_ids.append(image_id)
+    _write(os.path.join(image_dir, "repositories.json"), json.dumps({"Repositories": repositories}).encode())
+    for n, (cid, mount_id, layers) in enumerate(containers):
+        image_id = image_ids[[i for i, img in enumerate(images) if img == layers][0]]
+        mounts = os.path.join(image_dir, "layerdb", "mounts", cid)
+        for fname, value in (("mount-id", mount_id), ("init-id", mount_id + "-init"),
+                             ("parent", chains[tuple(layers)])):
+            _write(os.path.join(mounts, fname), value.encode())
+        config = {"ID": cid, "Created": "2026-01-01T00:00:00Z", "Path": "/bin/sh", "Args": [],
+                  "Image": "sha256:" + image_id, "Name": f"/bench-{n}", "Driver": "aufs",
+                  "State": {"Running": False, "ExitCode": 0}, "Config": {"Image": f"bench/image-{n}"}}
+        _write(os.path.join(root, "containers", cid, "config.v2.json"), json.dumps(config).encode())
+        _write(os.path.join(root, "containers", cid, "hostconfig.json"), b'{"NetworkMode":"none"}')
+    return len(chains)
+
+
+def add_container(root: str, cid: str, image_top: List[str], files: int, seed: int) -> str:
+    """A container's ``-init`` layer (the files the engine writes there) and its writable layer on the image
+    whose layers are ``image_top`` (nearest first); returns its mount ID (as the aufs driver names it here,
+    the container's ID)."""
+    diff_root = os.path.join(root, "aufs", "diff")
+    for lid, parents in ((cid + "-init", image_top), (cid, [cid + "-init"] + image_top)):
+        os.makedirs(os.path.join(diff_root, lid))
+        _write(os.path.join(root, "aufs", "layers", lid), "".join(p + "\n" for p in parents).encode())
+    for f in ("hosts", "hostname", "resolv.conf"):
+        _write(os.path.join(diff_root, cid + "-init", "etc", f), b"")
+    generated_layer(os.path.join(diff_root, cid), files, seed, ["/etc/motd"] if seed % 2 else [], [])
+    return cid
+
+
 def build_many_layers(root: str, chains: int = 150, depth: int = 20, per_layer: int = 40) -> Tuple[int, int]:
     """Many small layers (CI hosts, build servers): ``chains`` chains of ``depth`` layers of about ``per_layer``
     files, a whiteout of the parent's first file in every fifth layer; (layers, entries)."""
@@ -99,6 +182,7 @@ def build_many_layers(root: str, chains: int = 150, depth: int = 20, per_layer: 
     os.makedirs(layers_root)
     for sub in ("layerdb/sha256", "imagedb/content/sha256", "imagedb/metadata/sha256"):
         os.makedirs(os.path.join(root, "image", "aufs", sub))
+    images: List[List[str]] = []
     for c in range(chains):
         chain: List[str] = []
         for d in range(depth):
@@ -118,9 +202,15 @@ def build_many_layers(root: str, chains: int = 150, depth: int = 20, per_layer: 
                 os.makedirs(parent, exist_ok=True)
                 open(os.path.join(parent, ".wh.f0.py"), "w").close()
             chain.append(lid)
+        images.append(chain)
+    containers = []
+    for c in range(0, chains, 15):  # a container on every 15th image
+        cid = layer_id(f"many-container-{c}")
+        containers.append((cid, add_container(root, cid, list(reversed(images[c])), 40, c), images[c]))
+    write_engine_metadata(root, images, containers)
     entries = int(subprocess.run(["sh", "-c", f"find {diff_root} -mindepth 2 | wc -l"], capture_output=True,
                                  text=True, check=True).stdout)
-    return chains * depth, entries
+    return len(os.listdir(diff_root)), entries
 
 
 def build_root(root: str, scale: float, skew: bool = False) -> Tuple[int, int]:
@@ -158,20 +248,11 @@ def build_root(root: str, scale: float, skew: bool = False) -> Tuple[int, int]:
         generated_layer(os.path.join(diff_root, lid), per_layer, i, deletable[i % len(deletable):][:1] if i % 3 == 0
                         else [], ["/usr/share/zoneinfo"] if i % 7 == 3 else [])
         chain.append(lid)
-    image_top = list(reversed(chain))
+    containers = []
     for c in range(2):
         cid = layer_id(f"container-{c}")
-        init = new_layer(cid + "-init", image_top)
-        os.makedirs(os.path.join(diff_root, init, "etc"))
-        for f in ("hosts", "hostname", "resolv.conf"):
-            open(os.path.join(diff_root, init, "etc", f), "w").close()
-        rw = new_layer(cid, [init] + image_top)
-        generated_layer(os.path.join(diff_root, rw), 300, 100 + c, ["/etc/motd"] if c else [], [])
-        m = os.path.join(root, "image", "aufs", "layerdb", "mounts", cid)
-        os.makedirs(m)
-        for fname, value in (("mount-id", cid), ("init-id", init)):
-            with open(os.path.join(m, fname), "w") as f:
-                f.write(value)
+        containers.append((cid, add_container(root, cid, list(reversed(chain)), 300, 100 + c), chain))
+    write_engine_metadata(root, [chain], containers)
     entries = int(subprocess.run(["sh", "-c", f"find {diff_root} -mindepth 2 | wc -l"], capture_output=True,
                                  text=True, check=True).stdout)
     return len(os.listdir(diff_root)), entries
@@ -213,6 +294,21 @@ def reset(root: str, trash: str, strategy: str) -> None:
     for rel in ("overlay2", "image/overlay2", ".aufs2overlay"):
         if os.path.lexists(os.path.join(root, rel)):
             os.rename(os.path.join(root, rel), os.path.join(trash, rel.replace("/", "-")))
+    for config, data in CONTAINER_CONFIGS.items():  # the hardlink strategy's run switched them to overlay2
+        with open(config, "wb") as f:
+            f.write(data)
+
+
+CONTAINER_CONFIGS: Dict[str, bytes] = {}
+"""Each container's config.v2.json as built, put back by ``reset``."""
+
+
+def save_container_configs(root: str) -> None:
+    top = os.path.join(root, "containers")
+    for cid in os.listdir(top) if os.path.isdir(top) else []:
+        path = os.path.join(top, cid, "config.v2.json")
+        with open(path, "rb") as f:
+            CONTAINER_CONFIGS[path] = f.read()
 
 
 def cp_al_whole(root: str, scratch: str) -> List[str]:
@@ -280,23 +376,7 @@ def content_timing(args: argparse.Namespace) -> int:
     shutil.rmtree(args.workdir, ignore_errors=True)
     root = os.path.join(args.workdir, "docker")
     n_layers, n_entries = build_root(root, args.scale)
-    sha = os.path.join(root, "image", "aufs", "layerdb", "sha256")
-    parent = ""
-    cids = [layer_id(f"container-{c}") for c in range(2)]  # build_root names a container's layers by their hash
-    containers = {layer_id(cid) for cid in cids} | {layer_id(cid + "-init") for cid in cids}
-    image = [lid for lid in sorted(os.listdir(os.path.join(root, "aufs", "layers"))) if lid not in containers]
-    image.sort(key=lambda lid: os.path.getsize(os.path.join(root, "aufs", "layers", lid)))
-    for lid in image:  # every image layer gets its layer store entry, with a tar-split, as a pull records them
-        diff_id, size = tarsplit.write(os.path.join(root, "aufs", "diff", lid),
-                                       os.path.join(args.workdir, "ts.gz"))
-        chain = diff_id if not parent else "sha256:" + hashlib.sha256(f"{parent} {diff_id}".encode()).hexdigest()
-        entry = os.path.join(sha, chain.split(":")[1])
-        os.makedirs(entry)
-        for name, value in (("cache-id", lid), ("diff", diff_id), ("size", str(size))):
-            with open(os.path.join(entry, name), "w") as f:
-                f.write(value)
-        os.rename(os.path.join(args.workdir, "ts.gz"), os.path.join(entry, "tar-split.json.gz"))
-        parent = chain
+    image = [layer.cache_id for layer in images.image_layers(os.path.join(root, "image", "aufs"))]
     sh(sys.executable, "-m", "migrator", "run", "--root", root, "--engine-pidfile", "/nonexistent", "-q")
     files = os.path.join(args.workdir, "files")
     total = 0
@@ -361,6 +441,7 @@ def main() -> int:
         n_layers, n_entries = build_many_layers(root)
     else:
         n_layers, n_entries = build_root(root, args.scale, skew=args.skew)
+    save_container_configs(root)
     n_whiteouts = int(subprocess.run(["sh", "-c", f"find {root}/aufs/diff -name '.wh.*' | wc -l"],
                                      capture_output=True, text=True, check=True).stdout)
     print(f"machine: {machine(args.workdir)}")
@@ -386,7 +467,8 @@ def main() -> int:
             reset(root, os.path.join(args.workdir, f"trash-{r}-{strategy}"), strategy)
         this_ref = results["cp -al"][-1][0]
         print(f"round {r + 1}: " + ", ".join(f"{name} {rows[-1][0]:.2f}s ({rows[-1][0] / this_ref:.2f}x)"
-                                             for name, rows in results.items()), flush=True)
+                                             for name, rows in results.items())
+              + f", start-up floor {floor[-1]:.2f}s", flush=True)
     ref = statistics.median(t[0] for t in results["cp -al"])
     print(f"\n{'':24} {'median s':>9} {'ratio':>7} {'entries/s':>10} {'+inodes':>9} {'+MiB':>8} {'peak RSS':>9}")
     for name, rows in results.items():

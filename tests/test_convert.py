@@ -196,3 +196,39 @@ def test_writable_layer_is_copied_not_shared(sample_root):
     base = layer_id("base")
     assert os.path.samestat(os.lstat(os.path.join(sample_root, "overlay2", base, "diff", "bin", "busybox")),
                             os.lstat(os.path.join(sample_root, "aufs", "diff", base, "bin", "busybox")))
+
+
+def test_image_store_shares_only_files_the_engine_replaces_by_rename(sample_root):
+    """``image/overlay2/`` hardlinks the layer store entries, image configs and ``repositories.json`` (the
+    engine replaces those by rename) and copies ``layerdb/mounts/`` (written in place): after the engine did
+    both kinds of write to ``image/overlay2/``, a rollback finds ``image/aufs/`` byte for byte as it was."""
+    image = os.path.join(sample_root, "image")
+    before = manifest(os.path.join(image, "aufs"))
+    cli(*run_args(sample_root), check=0)
+    aufs_side_, new = os.path.join(image, "aufs"), os.path.join(image, "overlay2")
+    shared, copied = [], []
+    for top, _dirs, files in os.walk(new):
+        for name in files:
+            rel = os.path.relpath(os.path.join(top, name), new)
+            same = os.path.samestat(os.lstat(os.path.join(new, rel)), os.lstat(os.path.join(aufs_side_, rel)))
+            (shared if same else copied).append(rel)
+    assert copied and all(rel.startswith("layerdb/mounts/") for rel in copied), copied
+    assert any(r.startswith("layerdb/sha256/") and r.endswith("tar-split.json.gz") for r in shared)
+    assert "repositories.json" in shared and any(r.startswith("imagedb/content/") for r in shared)
+    # The engine, running on overlay2: a rename over repositories.json and a layer's cache-id, an in-place
+    # write of a mount's mount-id, a removed image config.
+    for rel in ("repositories.json", next(r for r in shared if r.endswith("cache-id"))):
+        with open(os.path.join(new, rel + ".tmp"), "wb") as f:
+            f.write(b"rewritten by the engine")
+        os.rename(os.path.join(new, rel + ".tmp"), os.path.join(new, rel))
+    with open(os.path.join(new, next(r for r in copied if r.endswith("mount-id"))), "r+b") as f:
+        f.truncate(0)
+        f.write(b"0" * 64)
+    os.unlink(os.path.join(new, next(r for r in shared if r.startswith("imagedb/content/"))))
+    cli("rollback", "--root", sample_root, "--engine-pidfile", "/nonexistent", "--force", "-q", check=0)
+    assert not os.path.exists(new)
+    after = manifest(os.path.join(image, "aufs"))
+    assert after == before, diff_manifests(before, after)
+    links = {os.path.join(top, n): os.lstat(os.path.join(top, n)).st_nlink
+             for top, _d, files in os.walk(os.path.join(image, "aufs")) for n in files}
+    assert set(links.values()) == {1}, links

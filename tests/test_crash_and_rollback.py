@@ -153,3 +153,24 @@ def test_every_checkpoint_resume_and_rollback(template, reference, tmp_path):
         cli("rollback", "--root", root, "--engine-pidfile", "/nonexistent", "--force", "-q", check=0)
         after = whole_root(root)
         assert after == before, f"rollback after checkpoint {n} {labels[n - 1]}: {diff_manifests(before[0], after[0])}"
+
+
+def test_cut_anywhere_in_the_image_store_staging(template, reference, tmp_path):
+    """A cut at the first, a middle and the last directory of the image store's staging (files hardlinked
+    or copied, nothing synced until the end): `rollback` gives back the exact root, `rollback --force` too,
+    and `run` resumes to the reference tree."""
+    staging = [n for n, label in enumerate(reference["labels"], 1) if label == "walked image copy"]
+    assert len(staging) >= 8, staging
+    for n in sorted({staging[0], staging[len(staging) // 2], staging[-1]}):
+        for undo in (["rollback"], ["rollback", "--force"], None):
+            root = fresh(template, tmp_path)
+            before = whole_root(root)
+            kill_at(root, n, reference["strategy"])
+            assert os.path.isdir(os.path.join(root, "image", "overlay2.temp"))
+            if undo is None:
+                cli(*run_args(root, strategy=reference["strategy"]), check=0)
+                assert tree_signature(root) == reference["signature"], f"checkpoint {n}"
+                continue
+            cli(*undo, "--root", root, "--engine-pidfile", "/nonexistent", "-q", check=0)
+            after = whole_root(root)
+            assert after == before, f"checkpoint {n} {undo}: {diff_manifests(before[0], after[0])}"

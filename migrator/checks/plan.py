@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Tuple
 from migrations_state.machine import PENDING
 from migrator.checks import consistency, discovery, engine, probe
 from migrator.errors import Refused
-from migrator.formats import aufs, containers, overlay2, snapshot
+from migrator.formats import aufs, containers, images, overlay2, snapshot
 from migrator.formats.snapshot import RootSnapshot
 from migrator.fs import fsio
 from migrator.options import Options
@@ -246,7 +246,7 @@ def _count(paths: Paths, plan: Plan, chosen: Strategy) -> None:
         more_inodes, more_bytes = chosen.layer_need(layer.writable, s, block)
         inodes += more_inodes
         used += more_bytes
-    image_inodes, image_bytes = survey.scan_tree_usage(paths.image_aufs)
+    image_inodes, image_bytes = images.stage_need(paths.image_aufs)
     inodes += image_inodes
     used += image_bytes
     # The work area: itself, the lock, the state database, the strategy's own, the kept container configs.

@@ -1,4 +1,4 @@
-"""The image and layer store: ``image/aufs/`` copied to ``image/overlay2/`` (nothing in it names the driver), and
+"""The image and layer store: ``image/aufs/`` staged as ``image/overlay2/`` (nothing in it names the driver), and
 its layer store entries read.
 
     image/<driver>/imagedb/                   images, by content address
@@ -9,42 +9,57 @@ its layer store entries read.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Dict, Iterator, List, Mapping, Optional, Set, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Set, Tuple
 
 from migrator.formats import aufs
 from migrator.fs import fsio, tree
 
+LINKED_PARTS = (b"layerdb/sha256/", b"imagedb/", b"distribution/", b"repositories.json")
+"""The parts of ``image/<driver>/`` whose files the engine never rewrites in place (moby, ``layer/filestore.go``:
+a layer store entry is written whole in ``layerdb/tmp/`` and renamed in; ``image/fs.go``,
+``reference/store.go`` and ``distribution/metadata/metadata.go`` replace a file by ``ioutils.AtomicWriteFile``,
+a write to a temporary file and a rename; removal is ``os.RemoveAll``).  A file there can be shared by a hardlink:
+whatever the engine does to ``image/overlay2/`` after the switch leaves the inode that ``image/aufs/`` names as
+it was.  Everything else is copied: ``layerdb/mounts/`` is written by ``ioutil.WriteFile`` (truncate in place),
+and a file this list does not name is one whose writer was not checked."""
 
-def stage_copy(src: str, dst: str) -> int:
-    """Copy ``src`` to a fresh ``dst`` keeping modes, owners, times and xattrs; return the entries copied.
 
-    A partial ``dst`` from a cut-off attempt is removed first.  The caller makes the copy durable (syncfs).
+def stage(src: str, dst: str) -> Tuple[int, int]:
+    """Build a fresh ``dst`` from ``src``: directories made with the source's modes, owners, times and xattrs,
+    the files of ``LINKED_PARTS`` hardlinked, every other entry copied; return (entries linked, entries copied).
+
+    A partial ``dst`` from a cut-off attempt is removed first.  Nothing is synced per file: one ``syncfs`` at
+    the end makes the whole tree durable (the caller records it staged only after).  Nothing in ``src`` is
+    changed (a link adds a name to its inode, not a byte or an attribute).
     """
     fsio.remove_tree(dst)
     parent, name = os.path.split(dst)
     pfd = fsio.open_dir(parent)
-    count = 0
+    counts = [0, 0]
     try:
         os.mkdir(name, 0o700, dir_fd=pfd)
         src_fd = fsio.open_dir(src, noatime=True)
         try:
             dst_fd = fsio.open_dir(name, pfd)
             try:
-                def visit(s_fd: int, d_fd: int, _rel: bytes) -> List[str]:
-                    nonlocal count
+                def visit(s_fd: int, d_fd: int, rel: bytes) -> List[str]:
                     tree.copy_dir_meta(s_fd, d_fd)
+                    linked = _linked_in(rel)
                     subdirs = []
                     with os.scandir(s_fd) as it:
                         for entry in it:
-                            count += 1
                             if entry.is_dir(follow_symlinks=False):
                                 subdirs.append(entry.name)
+                            elif entry.is_file(follow_symlinks=False) and linked(entry.name):
+                                counts[_link_or_copy(s_fd, d_fd, entry.name)] += 1
                             else:
                                 tree.copy_entry(s_fd, d_fd, entry.name)
+                                counts[1] += 1
                     for sub in subdirs:
                         os.mkdir(sub, 0o700, dir_fd=d_fd)
                     return subdirs
@@ -57,7 +72,51 @@ def stage_copy(src: str, dst: str) -> int:
         fsio.syncfs(pfd)
     finally:
         os.close(pfd)
-    return count
+    return counts[0], counts[1]
+
+
+_LINKED_DIRS = tuple(part for part in LINKED_PARTS if part.endswith(b"/"))
+_LINKED_FILES = {os.fsdecode(part) for part in LINKED_PARTS if not part.endswith(b"/")}
+
+
+def _linked_in(rel: bytes) -> Callable[[str], bool]:
+    """Whether a regular file named so in the directory ``rel`` (below ``image/<driver>/``) is hardlinked."""
+    if (rel.lstrip(b"/") + b"/").startswith(_LINKED_DIRS):
+        return lambda _name: True
+    if not rel.strip(b"/"):
+        return _LINKED_FILES.__contains__
+    return lambda _name: False
+
+
+def stage_need(top: str) -> Tuple[int, int]:
+    """(inodes, bytes) that ``stage`` of ``top`` adds to the filesystem: each directory, and each entry it
+    copies; a hardlinked file adds only its name."""
+    inodes = used = 0
+    if not os.path.isdir(top) or os.path.islink(top):
+        return 0, 0
+    for dirpath, dirs, files in os.walk(top):
+        linked = _linked_in(os.fsencode(os.path.relpath(dirpath, top)).lstrip(b"."))
+        for name in dirs + files:
+            st = os.lstat(os.path.join(dirpath, name))
+            if stat.S_ISREG(st.st_mode) and linked(name):
+                continue
+            inodes += 1
+            used += st.st_blocks * 512
+    st = os.lstat(top)
+    return inodes + 1, used + st.st_blocks * 512
+
+
+def _link_or_copy(s_fd: int, d_fd: int, name: str) -> int:
+    """Hardlink (0), or copy (1) where the filesystem refuses the link (a mount point in between, the link
+    limit)."""
+    try:
+        os.link(name, name, src_dir_fd=s_fd, dst_dir_fd=d_fd, follow_symlinks=False)
+        return 0
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EMLINK, errno.EPERM):
+            raise
+    tree.copy_entry(s_fd, d_fd, name)
+    return 1
 
 
 def is_dir(path: str) -> bool:

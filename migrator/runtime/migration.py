@@ -58,16 +58,16 @@ class Migration:
     def switch_to_overlay2(self) -> None:
         """Stage the image store, switch containers, then rename the layer tree and the image store in.
 
-        Order: (1) ``image/overlay2.temp`` copied and synced, recorded as staged; (2) each container's config
-        rewritten atomically (its original bytes are in the database since discovery); (3)
+        Order: (1) ``image/overlay2.temp`` staged (``images.stage``) and synced, recorded as staged; (2) each
+        container's config rewritten atomically (its original bytes are in the database since discovery); (3)
         ``overlay2.temp`` → ``overlay2``; (4) ``image/overlay2.temp`` → ``image/overlay2``.  Each is
         idempotent and detectable from the tree, so a cut anywhere resumes; rollback undoes all four.
         """
         p = self.paths
         if not self.store.run().image_staged:
             if images.is_dir(p.image_aufs):
-                n = images.stage_copy(p.image_aufs, p.image_stage)
-                self.progress(f"image store staged ({n} entries)")
+                linked, copied = images.stage(p.image_aufs, p.image_stage)
+                self.progress(f"image store staged ({linked} files linked, {copied} entries copied)")
             self.store.set_image_staged(True)
         for record in self.store.containers():
             if record.state == PENDING:

@@ -105,15 +105,3 @@ def _count_copy(entry: os.DirEntry, result: LayerSurvey) -> None:
         result.copy_bytes += st.st_blocks * 512
 
 
-def scan_tree_usage(top: str) -> Tuple[int, int]:
-    """(inodes, bytes) of everything below ``top`` (``image/aufs/``, which the switch copies)."""
-    inodes = used = 0
-    if not os.path.isdir(top) or os.path.islink(top):
-        return 0, 0
-    for dirpath, dirs, files in os.walk(top):
-        for name in dirs + files:
-            st = os.lstat(os.path.join(dirpath, name))
-            inodes += 1
-            used += st.st_blocks * 512
-    st = os.lstat(top)
-    return inodes + 1, used + st.st_blocks * 512
