@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
-from sqlalchemy import create_engine, event, func, insert, select, update
+from sqlalchemy import create_engine, delete, event, func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -248,6 +248,21 @@ class Store:
         with self._transaction() as s:
             s.execute(update(RunRecord).where(RunRecord.id == 1).values(**values))
         self._recorded(f"recorded phase {phase}")
+
+    def keep_as_record(self) -> None:
+        """After cleanup: keep only what says what happened (the run with its times and strategy, each layer
+        and container with its state, the findings); the journals, the kept configs and the saved times only
+        served a rollback, which cleanup has made impossible.  Then the file is compacted."""
+        with self._transaction() as s:
+            for record in (ChangeRecord, ChangedDirRecord, WhiteoutDirRecord, SavedTimeRecord):
+                s.execute(delete(record))
+            s.execute(update(ContainerRecord).values(original=None))
+        self._recorded("recorded the migration's record")
+        try:
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("VACUUM")
+        except SQLAlchemyError as exc:
+            raise StateDatabaseError(f"state database {self.path}: {_cause(exc)}{filesystem_hint(self.path)}") from exc
 
     def set_image_staged(self, staged: bool) -> None:
         with self._transaction() as s:

@@ -22,6 +22,8 @@ import os
 import signal
 from typing import Any, Mapping, Optional
 
+from migrator import interrupts
+
 
 class _Hooks:
     """What ``arm`` read (a plain class: ``status`` imports this module, and dataclasses cost it 10 ms)."""
@@ -55,10 +57,12 @@ def started(environ: Mapping[str, str]) -> None:
 
 
 def reached(label: str) -> None:
-    """Count one checkpoint; trace it, or kill or stop the whole migrator here, when a test asked for it."""
+    """Count one checkpoint; trace it, or kill or stop the whole migrator here, when a test asked for it.
+    A checkpoint is a safe point: a stop signal received since is honoured here (``interrupts``)."""
     hooks = _hooks
     if hooks.shared is None:
         hooks.count += 1
+        interrupts.check()
         return
     with hooks.shared.get_lock():
         hooks.shared.value += 1
@@ -70,3 +74,4 @@ def reached(label: str) -> None:
             os.killpg(os.getpgrp(), signal.SIGKILL)
         if n == hooks.stop_at:
             os.killpg(os.getpgrp(), signal.SIGSTOP)
+    interrupts.check()

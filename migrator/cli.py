@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 from migrations_state.errors import StateDatabaseError
-from migrator import checkpoints, frozen, procs
+from migrator import checkpoints, frozen, interrupts, procs
 from migrator.errors import EXIT_FAILED, EXIT_USAGE, MigratorError
 from migrator.fs import fsio
 from migrator.options import DEFAULT_ROOT, Options
@@ -20,15 +20,19 @@ if TYPE_CHECKING:
 
 
 
+_COMMAND_PARSERS: Dict[str, argparse.ArgumentParser] = {}  # each command's parser, for its own usage line
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aufs2overlay",
         description="Migrate a Docker or balena-engine root from aufs to overlay2, resumably and reversibly.")
     parser.add_argument("--version", action="version", version=frozen.version())
     sub = parser.add_subparsers(dest="command", required=True)
+    _COMMAND_PARSERS.clear()
 
     def add(name: str, help_text: str, engine_check: bool = True, progress: bool = True) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = _COMMAND_PARSERS[name] = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--root", default=DEFAULT_ROOT, help=f"engine data root (default {DEFAULT_ROOT})")
         p.add_argument("--state-db", default=None,
                        help="state database (default ROOT/.aufs2overlay/state.db)")
@@ -72,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set-engine-config", metavar="PATH", default=None, dest="engine_config",
                    help="also set \"storage-driver\": \"overlay2\" in this daemon.json when the migration "
                         "completes (atomically; rollback puts the file back as it was)")
+    p.add_argument("--skip-if-rolled-back", action="store_true",
+                   help="exit 0 without migrating when the last migration of the root was rolled back (the boot "
+                        "unit's choice: an operator's rollback stands until someone runs 'run' by hand)")
     p = add("status", "show the phase, the layers by state, and what to do next", engine_check=False)
     p.add_argument("--json", action="store_true", dest="as_json",
                    help="one JSON object (schema in docs/operations.md)")
@@ -86,7 +93,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --content: one JSON object (docs/operations.md)")
     p.add_argument("-j", "--jobs", type=int, default=procs.DEFAULT_JOBS, metavar="N",
                    help=f"with --content: layers read at once (default {procs.DEFAULT_JOBS})")
-    p = sub.add_parser("demo", help="migrate a built-in sample root in a temporary folder")
+    p = _COMMAND_PARSERS["demo"] = sub.add_parser("demo", help="migrate a built-in sample root in a temporary folder",
+                       description="Build a sample aufs root (two images, a container, aufs debris) in a "
+                                   "temporary folder, migrate it, verify it and show its status. Needs root.")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
     return parser
 
@@ -108,6 +117,19 @@ def _start_walkers(opts: Options) -> "EarlyWalk | None":
     return None
 
 
+def _refuse_bad_files(opts: Options) -> None:
+    """``--state-db`` and ``--log-file`` name a file in a folder that exists: a typo must not create folders
+    (and a state database nobody will find again), nor can a folder be the file."""
+    for option, path in (("--state-db", opts.state_db), ("--log-file", opts.log_file)):
+        if path is None:
+            continue
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise MigratorError(f"{option} {path}: the folder {parent} does not exist", EXIT_USAGE)
+        if os.path.isdir(path):
+            raise MigratorError(f"{option} {path} is a folder; name a file", EXIT_USAGE)
+
+
 def entry() -> None:
     """The console script: ``main``, then exit without the interpreter's teardown of the modules it imported
     (60 ms of every command, for SQLAlchemy alone): every file this tool writes is closed and made durable
@@ -120,10 +142,15 @@ def entry() -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # the command's own usage, not the top-level one
+        _COMMAND_PARSERS[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     opts = Options.from_args(args)
     fsio.raise_fd_limit()  # walks hold two descriptors per level of a layer's depth
+    interrupts.install()
     try:
+        _refuse_bad_files(opts)
         if args.command == "status":
             return report.status(opts.root, opts.state_db, opts.as_json)
         checkpoints.arm(os.environ)
@@ -143,6 +170,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (OSError, StateDatabaseError) as exc:
         print(f"aufs2overlay: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_FAILED
+    except interrupts.Stopped as exc:
+        print(f"aufs2overlay: stopped by {exc.args[0]} at a safe point; run the same command again to resume",
+              file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("aufs2overlay: interrupted; run the same command again to resume", file=sys.stderr)
         return 130

@@ -3,6 +3,9 @@
 A command that changes the root reads its state without the lock (to refuse early, before anything is
 written), then takes the lock and reads it again (``runtime/lock.py``): only what it reads under the lock
 decides what it does.
+
+What only one command uses is imported inside it (the sample root, the content proof, verify's checks): every
+command pays for its own imports, and ``run``'s start-up is only what it needs.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Dict, Iterator, Optional
 from migrations_state.machine import (
     CLEANED,
     CLEANING,
+    COMMITTED,
     COMPLETED,
     CONVERTING,
     FINISHED,
@@ -28,10 +32,8 @@ from migrations_state.machine import (
 )
 from migrations_state.schema import RunRecord
 from migrations_state.store import Store
-from migrator import sample
-from migrator.checks import contentcheck, engine
+from migrator.checks import engine
 from migrator.checks import plan as planner
-from migrator.checks import verify as verifier
 from migrator.errors import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, MigratorError, Refused
 from migrator.formats import engineconfig, snapshot
 from migrator.fs import fsio
@@ -75,6 +77,8 @@ def plan(opts: Options) -> int:
         return EXIT_OK
     result = planner.make_plan(paths, opts, snap=snap)
     if opts.content and result.discovery is not None:
+        from migrator.checks import contentcheck
+
         proofs, seconds = contentcheck.check(paths, "aufs", opts.jobs, _terminal_progress())
         result.add_content(proofs, contentcheck.summary(proofs, seconds), contentcheck.lines(proofs, seconds))
     if opts.as_json:
@@ -92,6 +96,10 @@ def run(opts: Options, early: Optional[EarlyWalk] = None) -> int:
                             EXIT_USAGE)
     with Reporter(opts.quiet, opts.log_file) as progress:
         recorded = lock.peek_run(paths)
+        if opts.skip_if_rolled_back and recorded is not None and recorded.phase == ROLLED_BACK:
+            _say(f"the last migration of {paths.root} was rolled back; not migrating again "
+                 "(--skip-if-rolled-back: run 'aufs2overlay run' by hand to migrate)")
+            return EXIT_OK
         snap = snapshot.read_root(paths.root) if recorded is None else None
         if snap is not None and snap.nothing_to_migrate():
             _say(f"nothing to migrate: {paths.root} has no aufs/")
@@ -107,7 +115,8 @@ def run(opts: Options, early: Optional[EarlyWalk] = None) -> int:
             recorded = held.store.run() if held.store is not None else None
             _refuse_mixed_strategy(recorded, opts.strategy)
             surveys: Dict[str, LayerSurvey] = {}
-            if _fresh(recorded):
+            resumed = not _fresh(recorded)
+            if not resumed:
                 new_plan = new_plan or checked_plan()  # rolled back by another command meanwhile
                 if held.store is not None:
                     held.store.close()
@@ -115,7 +124,7 @@ def run(opts: Options, early: Optional[EarlyWalk] = None) -> int:
                 surveys = new_plan.surveys
             else:
                 _refuse_other_engine_config(paths, opts.engine_config)
-            return _drive_run(paths, held, progress, opts.jobs, surveys)
+            return _drive_run(paths, held, progress, opts.jobs, surveys, resumed)
 
 
 def _refuse_mixed_strategy(recorded: Optional[RunRecord], strategy: Optional[str]) -> None:
@@ -147,13 +156,18 @@ def _migration(paths: Paths, held: Held, progress: Reporter, resume: str, jobs: 
         raise MigratorError(f"{exc}; {resume}") from exc
 
 
-def _drive_run(paths: Paths, held: Held, progress: Reporter, jobs: int, surveys: Dict[str, LayerSurvey]) -> int:
+def _drive_run(paths: Paths, held: Held, progress: Reporter, jobs: int, surveys: Dict[str, LayerSurvey],
+               resumed: bool = False) -> int:
     phase = _held_store(held, paths).run().phase
     if phase in FINISHED:
         _say(f"migration of {paths.root} already {phase}")
         return EXIT_OK
     if phase == ROLLING_BACK:
         raise Refused("a rollback is in progress on this root; finish it with 'aufs2overlay rollback'")
+    if resumed:
+        states = _held_store(held, paths).layer_states()
+        progress(f"resuming the migration ({phase}): {states.get(COMMITTED, 0)} of {sum(states.values())} "
+                 "layers committed")
     with _migration(paths, held, progress, "fix the cause and run again: the migration resumes where it stopped",
                     jobs, surveys) as migration:
         if migration.state == CONVERTING:
@@ -242,11 +256,12 @@ def cleanup(opts: Options) -> int:
                     migration.start_cleanup()
                 if migration.may_finish_cleanup():
                     migration.finish_cleanup()
+            held.store.keep_as_record()
             held.store.close()
             held.store = None
-            lock.remove_state_db(paths.state_db)
-            fsio.ensure_absent_durably(paths.root, os.path.basename(paths.workdir))
-    _say(f"cleaned: {paths.root} now holds only the overlay2 driver's data")
+            recovery.remove_work_area(paths, keep=(paths.state_db,))
+    _say(f"cleaned: {paths.root} now holds only the overlay2 driver's data (and the migration's record, "
+         f"{paths.state_db}: 'aufs2overlay status' reads it)")
     return EXIT_OK
 
 
@@ -258,6 +273,9 @@ def _terminal_progress() -> Reporter:
 def verify(opts: Options) -> int:
     """Check the migrated tree: structure of every layer, no aufs residue, and each chain mounts; or, with
     ``--content``, every image layer's bytes against its digest (no state database needed)."""
+    from migrator.checks import contentcheck
+    from migrator.checks import verify as verifier
+
     paths = _paths(opts)
     if opts.content:
         return contentcheck.verify_overlay2(paths, opts.as_json, opts.jobs, _terminal_progress())
@@ -267,7 +285,8 @@ def verify(opts: Options) -> int:
     if store is None:
         raise Refused(f"no migration state at {paths.state_db}")
     try:
-        problems = verifier.verify(paths, store)
+        with Reporter() as progress:  # a bar on a terminal, a line every 10 s otherwise: on standard error
+            problems = verifier.verify(paths, store, progress)
     finally:
         store.close()
     for problem in problems:
@@ -281,6 +300,8 @@ def verify(opts: Options) -> int:
 
 def demo(opts: Options) -> int:
     """Build a sample aufs root in a temporary folder, migrate it, verify it and show its status."""
+    from migrator import sample
+
     if os.geteuid() != 0:
         raise MigratorError("demo needs root (it creates device nodes, trusted.* xattrs and mounts)", EXIT_USAGE)
     workdir = tempfile.mkdtemp(prefix="aufs2overlay-demo-")

@@ -9,6 +9,7 @@ EXIT_REFUSED = 3       # refused before changing anything (running engine, bad i
 EXIT_LOCKED = 4        # another aufs2overlay holds the lock on this root
 EXIT_IN_PROGRESS = 5   # status: a migration or rollback is under way (run or rollback to finish it)
 EXIT_ROLLED_BACK = 6   # status: the last migration was rolled back
+EXIT_STATE_LOST = 7    # status: no state database, but the root holds a migration's trees
 
 
 class MigratorError(Exception):

@@ -21,6 +21,7 @@ class Options:
     log_file: Optional[str] = None
     jobs: int = DEFAULT_JOBS
     engine_config: Optional[str] = None  # run --set-engine-config
+    skip_if_rolled_back: bool = False  # run: the boot unit leaves an operator's rollback alone
     accept_missing_storage: bool = False
     content: bool = False  # plan/verify --content
     as_json: bool = False

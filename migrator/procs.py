@@ -12,6 +12,8 @@ import os
 import signal
 from typing import TYPE_CHECKING, Iterator, Sequence
 
+from migrator import interrupts
+
 if TYPE_CHECKING:
     import concurrent.futures
 
@@ -32,6 +34,7 @@ def die_with_parent() -> None:
 
 def _start_worker(close_fds: Sequence[int]) -> None:
     die_with_parent()
+    interrupts.ignore_in_worker()
     for fd in close_fds:  # the root's flock belongs to the migrator: it must end with the migrator
         os.close(fd)
 

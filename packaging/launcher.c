@@ -8,6 +8,14 @@
  * the real executable there, runs it, waits for it, removes it, and exits with its status. It passes the
  * environment on untouched.
  *
+ * Signals: the real executable is two bootloaders (staticx's, PyInstaller's) that each wait for a child and
+ * then remove what they unpacked, and the migrator with its worker processes. A stop (SIGINT, SIGTERM, SIGHUP,
+ * SIGQUIT) must reach the migrator, which stops at a safe point and exits 128 + the signal, and must not kill a
+ * bootloader first (its unpacked folder would be left behind, and the migrator orphaned, still running). So
+ * the child runs in a process group of its own with those signals ignored, which exec keeps and both
+ * bootloaders inherit; the migrator installs its own handlers; this program forwards every stop to the whole
+ * group, waits for its child, and exits with its status.
+ *
  * Layout of the built file: [this program][payload][trailer], trailer = "A2OPAYLD" + payload size (8 bytes,
  * little endian) + bytes the payload unpacks at most (8 bytes, little endian).
  */
@@ -30,6 +38,7 @@
 #define MAGIC "A2OPAYLD"
 #define TRAILER (8 + 8 + 8)
 #define EXIT_FAILED 1
+#define NEED_INODES 256  /* the bootloaders unpack about 70 files and folders (measured); room to spare */
 
 static pid_t child;
 static char payload_path[4096];
@@ -57,15 +66,16 @@ static uint64_t le64(const unsigned char *p)
     return v;
 }
 
+static void forward_stop(int sig)
+{
+    if (child > 0)
+        kill(-child, sig);  /* the child's process group: the bootloaders ignore it, the migrator stops */
+}
+
 static void forward(int sig)
 {
     if (child > 0)
         kill(child, sig);
-}
-
-static void swallow(int sig)
-{
-    (void)sig;  /* a terminal's ^C and ^\ reach the whole process group, the program included: no second copy */
 }
 
 static void no_room(const char *tmp, unsigned long long need_mib, unsigned long long free_mib)
@@ -108,6 +118,10 @@ int main(int argc, char **argv)
     unsigned long long need = size + unpacked, avail = (unsigned long long)vfs.f_bavail * vfs.f_frsize;
     if (avail < need)
         no_room(tmp, need >> 20, avail >> 20);
+    if (vfs.f_files > 0 && vfs.f_favail < NEED_INODES)  /* f_files 0: a filesystem without an inode count */
+        fail("the temporary directory %s has %llu free inodes, and this single-file build unpacks about %d files "
+             "there before it can start; free inodes there, or set TMPDIR to a directory with room "
+             "(e.g. TMPDIR=/var/tmp)", tmp, (unsigned long long)vfs.f_favail, NEED_INODES);
 
     snprintf(payload_path, sizeof payload_path, "%s/aufs2overlay-XXXXXX", tmp);
     int out = mkostemp(payload_path, O_CLOEXEC);
@@ -130,20 +144,27 @@ int main(int argc, char **argv)
         fail("cannot write to the temporary directory %s (%s)", tmp, strerror(errno));
     close(self);
 
-    /* Handlers, not SIG_IGN: exec gives the program the default dispositions back. */
+    static const int stops[] = {SIGINT, SIGTERM, SIGHUP, SIGQUIT};
     struct sigaction sa = {0};
+    sa.sa_handler = forward_stop;
+    sigset_t block, old;
+    sigemptyset(&block);
+    for (size_t i = 0; i < sizeof stops / sizeof stops[0]; i++)
+        sigaddset(&block, stops[i]);
+    sigprocmask(SIG_BLOCK, &block, &old);  /* a stop before the child has its group waits for it */
+    for (size_t i = 0; i < sizeof stops / sizeof stops[0]; i++)
+        sigaction(stops[i], &sa, NULL);
     sa.sa_handler = forward;
-    sigaction(SIGHUP, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGUSR1, &sa, NULL);
     sigaction(SIGUSR2, &sa, NULL);
-    sa.sa_handler = swallow;
-    sigaction(SIGINT, &sa, NULL);
-    sigaction(SIGQUIT, &sa, NULL);
     child = fork();
     if (child < 0)
         fail("cannot start a process (%s)", strerror(errno));
     if (child == 0) {
+        setpgid(0, 0);
+        for (size_t i = 0; i < sizeof stops / sizeof stops[0]; i++)
+            signal(stops[i], SIG_IGN);
+        sigprocmask(SIG_SETMASK, &old, NULL);
         execv(payload_path, argv);
         int err = errno;
         if (err == EACCES || err == EPERM)
@@ -154,6 +175,8 @@ int main(int argc, char **argv)
             fprintf(stderr, "aufs2overlay: error: cannot run %s (%s)\n", payload_path, strerror(err));
         _exit(EXIT_FAILED);
     }
+    setpgid(child, child);  /* also here: whichever of the two runs first, the group exists before a forward */
+    sigprocmask(SIG_SETMASK, &old, NULL);
     int status;
     while (waitpid(child, &status, 0) < 0) {
         if (errno != EINTR) {

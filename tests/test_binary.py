@@ -198,6 +198,13 @@ def test_a_noexec_or_full_temporary_directory_gets_one_line_naming_the_fix(binar
     assert res.returncode == 1 and "MiB free" in line and "set TMPDIR" in line
     assert os.listdir(full) == []
 
+    no_inodes = small_tmpfs("no-inodes", "size=256m,nr_inodes=40")
+    res = subprocess.run([binary, "status", "--root", str(tmp_path)], capture_output=True, text=True,
+                         env={**os.environ, "TMPDIR": no_inodes})
+    line = _one_error_line(res)
+    assert res.returncode == 1 and "free inodes" in line and "set TMPDIR" in line, res.stderr
+    assert os.listdir(no_inodes) == []
+
     res = subprocess.run([binary, "status", "--root", str(tmp_path)], capture_output=True, text=True,
                          env={**os.environ, "TMPDIR": str(tmp_path / "nowhere")})
     assert res.returncode == 1 and "set TMPDIR" in _one_error_line(res)

@@ -1,5 +1,6 @@
 """A migration killed at any instant resumes to the same tree, or rolls back to the exact starting root."""
 
+import json
 import os
 import random
 import signal
@@ -92,10 +93,18 @@ def test_cleanup_leaves_only_overlay2_data(template, reference, tmp_path):
     cli(*run_args(root, strategy=reference["strategy"]), check=0)
     expected = reference["signature"]
     cli("cleanup", "--root", root, "--engine-pidfile", "/nonexistent", check=0)
-    assert sorted(os.listdir(root)) == ["containers", "image", "overlay2"]
+    assert sorted(os.listdir(root)) == [".aufs2overlay", "containers", "image", "overlay2"]
+    assert sorted(os.listdir(os.path.join(root, ".aufs2overlay"))) == ["lock", "state.db"]  # the record
     assert os.listdir(os.path.join(root, "image")) == ["overlay2"]
     assert tree_signature(root) == expected
-    assert cli(*run_args(root, strategy=reference["strategy"]), check=0).stdout.startswith("nothing to migrate")
+    res = cli("status", "--root", root, "--json")
+    doc = json.loads(res.stdout)
+    assert res.returncode == 0 and doc["phase"] == "cleaned" and doc["strategy"] == reference["strategy"]
+    assert doc["created_at"] <= doc["updated_at"] and len(doc["layers"]) == 6 and doc["findings"]
+    assert {layer["state"] for layer in doc["layers"]} == {"committed"}
+    cli("verify", "--root", root, check=0)
+    assert cli(*run_args(root, strategy=reference["strategy"]), check=0).stdout.startswith("migration of")
+    assert "already cleaned" in cli("plan", "--root", root, check=0).stdout
 
 
 def test_random_checkpoint_kills_then_finish(template, reference, tmp_path):
@@ -174,3 +183,21 @@ def test_cut_anywhere_in_the_image_store_staging(template, reference, tmp_path):
             cli(*undo, "--root", root, "--engine-pidfile", "/nonexistent", "-q", check=0)
             after = whole_root(root)
             assert after == before, f"checkpoint {n} {undo}: {diff_manifests(before[0], after[0])}"
+
+
+def test_a_lost_state_database_is_not_read_as_not_started(template, reference, tmp_path):
+    """After a completed run whose state database is then lost: `status` says the state is lost (exit 7) and
+    names the trees; following its advice (`rollback --force`, then `run`) gives the migrated root again."""
+    root = fresh(template, tmp_path)
+    cli(*run_args(root, strategy=reference["strategy"]), check=0)
+    os.unlink(os.path.join(root, ".aufs2overlay", "state.db"))
+    res = cli("status", "--root", root, "--json")
+    doc = json.loads(res.stdout)
+    assert res.returncode == 7 and doc["phase"] == "state-lost", res.stdout
+    assert "overlay2/" in doc["last_error"] and "rollback --force" in doc["next"]
+    res = cli("run", "--root", root, "--engine-pidfile", "/nonexistent")
+    assert res.returncode == 3 and "overlay2" in res.stderr  # what status warns about
+    cli("rollback", "--root", root, "--engine-pidfile", "/nonexistent", "--force", "-q", check=0)
+    assert cli("status", "--root", root).returncode == 0
+    cli(*run_args(root, strategy=reference["strategy"]), check=0)
+    assert tree_signature(root) == reference["signature"]

@@ -1,19 +1,22 @@
 """What an operator sees: plan, progress (terminal and not), the log file, status, verify, the engine config,
 and the docs: their commands run as written, every error message explained, the systemd unit valid."""
 
+import fcntl
 import json
 import os
 import pty
 import re
 import shlex
+import struct
 import subprocess
 import sys
+import termios
 
 import pytest
 
 from tests import benchmark
 from tests.conftest import STRATEGIES, cli, needs_root, run_args
-from tests.support.errorcatalog import messages
+from tests.support.errorcatalog import exit_codes, finding_kinds, messages
 from tests.support.loopfs import LoopFS, can_loop
 from tests.support.manifest import manifest
 from tests.support.rootstate import whole_root
@@ -23,10 +26,13 @@ DOCS = os.path.join(os.path.dirname(__file__), "..", "docs")
 STAMP = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00 "
 
 
-def in_terminal(*args):
-    """Run the CLI with a pseudo-terminal as its stdout and stderr; return (exit code, output)."""
+def in_terminal(*args, columns=0):
+    """Run the CLI with a pseudo-terminal (``columns`` wide; 0: its size unknown) as its stdout and stderr;
+    return (exit code, output)."""
     pid, fd = pty.fork()
     if pid == 0:
+        if columns:
+            fcntl.ioctl(1, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
         os.execvp(sys.executable, [sys.executable, "-m", "migrator", *args])
     out = b""
     while True:
@@ -143,16 +149,49 @@ def test_plan_estimates_match_a_measured_run(tmp_path, strategy):
 # -- progress, log file ------------------------------------------------------------------------------------------
 
 
-def test_run_without_a_terminal_prints_a_line_per_layer_step(sample_root):
-    res = cli("run", "--root", sample_root, "--engine-pidfile", "/nonexistent")
+def test_run_without_a_terminal_prints_a_numbered_line_per_layer(sample_root, tmp_path):
+    """A serial console or journald gets one line per layer committed, numbered N/M (the log file every
+    step); a resumed run says so."""
+    log = str(tmp_path / "a2o.log")
+    res = cli("run", "--root", sample_root, "--engine-pidfile", "/nonexistent", "--log-file", log)
     assert res.returncode == 0
     lines = res.stderr.splitlines()
     assert all(line.startswith("aufs2overlay: ") for line in lines)
     assert "\r" not in res.stderr and "\033" not in res.stderr
-    for state in ("linked", "whiteouts-converted", "lowers-written", "committed"):
-        steps = [x for x in lines if re.match(rf"aufs2overlay: layer \S+ {state} \(", x)]
-        assert len(steps) == 6, (state, lines)
+    layers = [x for x in lines if " layer " in x]
+    assert [re.match(r"aufs2overlay: layer [0-9a-f]{64}(-init)? committed \((\d)/6, \d+ entries\)$", x).group(2)
+            for x in layers] == [str(n) for n in range(1, 7)], lines
+    assert "resuming" not in res.stderr
     assert re.search(r"aufs2overlay: done in [\d.]+s: 6 layers, \d+ entries", res.stderr)
+    assert res.stdout.startswith("migration of ")
+    with open(log) as f:
+        logged = f.read()
+    for state in ("linked", "whiteouts-converted", "lowers-written", "committed"):
+        assert len(re.findall(rf" layer \S+ {state} \(", logged)) == 6, state
+
+
+def test_a_resumed_run_says_where_it_resumes(template, reference, tmp_path):
+    root = str(tmp_path / "docker")
+    subprocess.run(["cp", "-a", template, root], check=True)
+    first_batch = reference["labels"].index("recorded layers committed") + 1
+    res = cli(*run_args(root, strategy=reference["strategy"]), env={"AUFS2OVERLAY_KILL_AT": str(first_batch)})
+    assert res.returncode == -9
+    res = cli("run", "--root", root, "--engine-pidfile", "/nonexistent", check=0)
+    assert "aufs2overlay: resuming the migration (converting): 1 of 6 layers committed" in res.stderr, res.stderr
+
+
+def test_thousands_of_layers_without_a_terminal_stay_under_a_line_per_layer(tmp_path):
+    """3,000 layers: at most one line per layer (numbered), a summary now and then, the final lines there."""
+    from tests.support.smallroot import SmallRoot
+
+    ids = [f"{n:064x}" for n in range(3000)]
+    SmallRoot(str(tmp_path / "docker"), {lid: ids[i - i % 20:i][::-1] for i, lid in enumerate(ids)})
+    res = cli("run", "--root", str(tmp_path / "docker"), "--engine-pidfile", "/nonexistent", check=0)
+    lines = res.stderr.splitlines()
+    assert len(lines) < 4000, len(lines)
+    numbered = [int(m.group(1)) for m in map(re.compile(r".* committed \((\d+)/3000, ").match, lines) if m]
+    assert numbered == list(range(1, 3001))
+    assert lines[-1].startswith("aufs2overlay: done in ") and "3000 layers" in lines[-1]
     assert res.stdout.startswith("migration of ")
 
 
@@ -170,6 +209,16 @@ def test_run_on_a_terminal_shows_a_bar(sample_root):
     assert "\r\033[K" in out
     assert "aufs2overlay: layer" not in out  # steps go to the bar, not to lines
     assert "phase: completed" in out and "migration of" in out
+
+
+def test_the_bar_is_cut_to_the_terminals_width(sample_root):
+    """A bar wider than the terminal wraps, and each redraw then leaves a stale line behind."""
+    code, out = in_terminal("run", "--root", sample_root, "--engine-pidfile", "/nonexistent", "--strategy",
+                            "inplace", columns=50)
+    assert code == 0, out
+    bars = [part.split("\r")[0].split("\n")[0] for part in out.split("\r\033[K")[1:]]
+    drawn = [b for b in bars if b.startswith("[")]
+    assert drawn and max(len(b) for b in drawn) <= 49, drawn
 
 
 def test_log_file_keeps_every_step_and_the_error(sample_root, tmp_path):
@@ -276,8 +325,20 @@ def test_the_operator_guide_runs_as_written(sample_root, tmp_path):
     for block in blocks:
         res = subprocess.run(["bash", "-e", "-c", block], env=env, capture_output=True, text=True)
         assert res.returncode == 0, f"{block}\nexit {res.returncode}\n{res.stdout}\n{res.stderr}"
-    assert sorted(os.listdir(sample_root)) == ["containers", "image", "overlay2"]
+    assert sorted(os.listdir(sample_root)) == [".aufs2overlay", "containers", "image", "overlay2"]  # the record
     assert os.path.getsize(env["LOG"]) > 0
+
+
+def test_operations_names_every_finding_kind_and_exit_code():
+    with open(os.path.join(DOCS, "operations.md")) as f:
+        doc = f.read()
+    kinds = finding_kinds()
+    assert len({kind for _f, _l, kind in kinds}) >= 15
+    missing = [f"{file}:{line}: {kind}" for file, line, kind in kinds if f"`{kind}`" not in doc]
+    assert not missing, missing
+    table = doc.split("## Exit codes", 1)[1].split("\n## ", 1)[0]
+    codes = {int(c) for row in re.findall(r"^\| ([\d, ]+) \|", table, re.M) for c in row.split(",")}
+    assert {value for _name, value in exit_codes()} | {129, 130, 143} <= codes, codes
 
 
 def test_troubleshooting_quotes_every_message():
@@ -302,6 +363,22 @@ def test_the_systemd_unit_is_the_documented_one_and_its_command_parses():
     assert os.path.basename(argv[0]) == "aufs2overlay"
     args = _parser().parse_args(argv[1:])
     opts = Options.from_args(args)
-    assert args.command == "run" and opts.log_file and opts.engine_config
-    assert re.search(r"^Before=.*docker\.service", unit, re.M) and "RequiredBy=docker.service" in unit
+    assert args.command == "run" and opts.log_file and opts.engine_config and opts.skip_if_rolled_back
+    assert re.search(r"^Before=.*docker\.service", unit, re.M)
+    assert re.search(r"^RequiredBy=docker\.service balena-engine\.service$", unit, re.M)
+    assert "Environment=TMPDIR=/var/tmp" in unit and re.search(r"^RequiresMountsFor=/var/lib/docker ", unit, re.M)
 
+
+
+def test_the_boot_unit_leaves_a_rolled_back_root_alone(sample_root):
+    """`run --skip-if-rolled-back` (the unit's): after an operator's rollback the next boot does not migrate
+    again; a root never migrated is migrated; `run` by hand still migrates the rolled-back one."""
+    cli(*run_args(sample_root, "--skip-if-rolled-back"), check=0)
+    cli("rollback", "--root", sample_root, "--engine-pidfile", "/nonexistent", "--force", "-q", check=0)
+    before = whole_root(sample_root)
+    res = cli(*run_args(sample_root, "--skip-if-rolled-back"), check=0)
+    assert "was rolled back; not migrating again" in res.stdout
+    assert whole_root(sample_root) == before
+    assert cli("status", "--root", sample_root).returncode == 6
+    cli(*run_args(sample_root), check=0)
+    assert cli("status", "--root", sample_root).returncode == 0

@@ -217,4 +217,22 @@ def test_cleanup_and_rollback_refusals(tmp_path):
     cli(*run_args(root), check=0)
     cli("cleanup", "--root", root, "--engine-pidfile", "/nonexistent", check=0)
     res = cli("rollback", "--root", root, "--force")
-    assert res.returncode == 0 and "nothing to roll back" in res.stdout
+    assert res.returncode == 3 and "removed by cleanup" in res.stderr
+
+
+@pytest.mark.parametrize("command,option,value", [
+    (command, "--state-db", value) for command in ("run", "plan", "status", "rollback")
+    for value in ("{tmp}/nonexistent/dir/state.db", "{tmp}")
+] + [(command, "--log-file", value) for command in ("run", "rollback", "cleanup")
+     for value in ("{tmp}/nonexistent/run.log", "{tmp}")])
+def test_a_state_db_or_log_file_where_none_can_be_is_a_usage_error(sample_root, tmp_path, command, option, value):
+    """A missing folder is never created (a state database nobody finds again), a folder is not a file: exit 2,
+    one line, nothing written."""
+    path = value.format(tmp=tmp_path)
+    before = manifest(sample_root)
+    pidfile = ["--engine-pidfile", "/nonexistent"] if command in ("run", "rollback", "cleanup") else []
+    res = cli(command, "--root", sample_root, *pidfile, option, path)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.count("\n") == 1 and option in res.stderr, res.stderr
+    assert not os.path.exists(os.path.join(str(tmp_path), "nonexistent"))
+    assert manifest(sample_root) == before

@@ -8,6 +8,7 @@ import os
 import time
 from typing import Callable, List, Tuple
 
+from migrator import interrupts, procs
 from migrator.checks import content
 from migrator.errors import EXIT_FAILED, EXIT_OK, Refused
 from migrator.formats import images, overlay2
@@ -106,16 +107,23 @@ def prove_layers(work: List[Tuple[images.ImageLayer, str]], jobs: int, on_bytes:
     context = multiprocessing.get_context("fork")
     counter = context.Value("q", 0)  # a Value crosses into workers only by inheritance: the initializer's argument
     results = {}
-    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_start,
-                                                initargs=(counter,)) as pool:
+    pool = concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_start,
+                                                  initargs=(counter,))
+    try:
         futures = {pool.submit(_prove_in_worker, layer, diff_dir): i for i, (layer, diff_dir) in enumerate(work)}
         pending = set(futures)
         while pending:
             finished, pending = concurrent.futures.wait(pending, timeout=0.1)
             on_bytes(counter.value)
+            interrupts.check()
             for future in finished:
                 results[futures[future]] = future.result()
                 on_layer(results[futures[future]])
+    except BaseException:
+        # The proof only reads: its workers need not finish a layer (they die with the migrator).
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
     return [results[i] for i in range(len(work))]
 
 
@@ -143,4 +151,6 @@ _shared: dict = {}
 
 
 def _worker_start(counter) -> None:
+    procs.die_with_parent()
+    interrupts.ignore_in_worker()
     _shared["counter"] = counter

@@ -94,7 +94,7 @@ class Plan:
             "directories": self.directories, "whiteouts": self.whiteouts, "opaque_directories": self.opaque,
             "need": {"inodes": self.need_inodes, "bytes": self.need_bytes, "walked": self.walked},
             "free": {"inodes": self.free_inodes, "bytes": self.free_bytes},
-            "overlay": None if p is None else {"d_type": p.d_type, "trusted_xattrs": p.trusted_xattrs,
+            "overlay": None if p is None else {"ran": p.ran, "d_type": p.d_type, "trusted_xattrs": p.trusted_xattrs,
                                                 "whiteout_devices": p.whiteout_devices,
                                                 "mount": p.overlay_mount},
             "engine_running": self.engine_running,
@@ -287,11 +287,13 @@ def render(plan: Plan) -> str:
             f"needs:          about {plan.need_inodes} inodes and {mib(plan.need_bytes)}",
             f"free:           {plan.free_inodes} inodes and {mib(plan.free_bytes)}",
         ]
-    if p is not None:
+    if p is not None and p.ran:
         lines.append(f"overlay probe:  d_type {yes_no[p.d_type]}, trusted.* xattrs {yes_no[p.trusted_xattrs]}, "
                      f"whiteout devices {yes_no[p.whiteout_devices]}, mount {yes_no[p.overlay_mount]}")
+    elif p is not None:
+        lines.append("overlay probe:  did not run (see the problem below)")
     for text in plan.content_lines:
-        lines.append(f"content:        {text}")
+        lines.append(f"content:        {text.removeprefix('content: ')}")
     for kind, detail in plan.findings:
         lines.append(f"note:           {kind}: {detail}")
     for problem in plan.problems:

@@ -43,6 +43,7 @@ ROOT_TIMES = b"trusted.aufs2overlay.probe-times"  # "atime_ns mtime_ns" of the r
 
 @dataclass
 class ProbeResult:
+    ran: bool = False  # False: it could not start (not root, a read-only root); the flags below mean nothing
     d_type: bool = False
     trusted_xattrs: bool = False
     whiteout_devices: bool = False
@@ -88,6 +89,7 @@ def probe(root: str) -> ProbeResult:
         result.problems.append(f"the overlay probe cannot run in {root} ({exc.strerror})")
         undo_earlier_probe(root)
         return result
+    result.ran = True
     try:
         _try(base, result)
     except OSError as exc:

@@ -8,15 +8,16 @@ import itertools
 import os
 import subprocess
 import tempfile
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Optional
 
-from migrations_state.machine import CLEANED, FINISHED, SWITCHED
+from migrations_state.machine import FINISHED, SWITCHED
 from migrations_state.store import Store
 from migrator.checks import views
 from migrator.errors import MigratorError
 from migrator.formats import aufs, containers, overlay2
 from migrator.fs import fsio
 from migrator.paths import Paths
+from migrator.ui.progress import Reporter
 
 
 def _read(path: str) -> "bytes | None":
@@ -107,16 +108,18 @@ def chain_problems(paths: Paths, layer_id: str, ancestors: List[str], ancestor_l
     return [f"{layer_id}: {d}" for d in found[:limit]] + more
 
 
-def verify(paths: Paths, store: Store) -> List[str]:
+def verify(paths: Paths, store: Store, progress: Optional[Reporter] = None) -> List[str]:
+    """Every layer's overlay2 files and, as root, its chain mounted (and compared with aufs while that is
+    there); the image store; each switched container's driver.  After ``cleanup`` the same, from the record."""
     run = store.run()
     if run.phase not in FINISHED:
         return [f"the migration is {run.phase}, not completed"]
-    if run.phase == CLEANED:
-        return []
     problems: List[str] = []
     records = store.layers()
     links: Dict[str, str] = {r.id: r.link_id for r in records}
     can_mount = os.geteuid() == 0
+    if progress is not None:
+        progress.start(len(records), 0)
     for r in records:
         ancestors = r.ancestors.split("\n") if r.ancestors else []
         ancestor_links = [links[a] for a in ancestors]
@@ -124,6 +127,8 @@ def verify(paths: Paths, store: Store) -> List[str]:
         if not found and can_mount:
             found = chain_problems(paths, r.id, ancestors, ancestor_links)
         problems += found
+        if progress is not None:
+            progress.layer_checked("verify")
     if os.path.isdir(paths.image_aufs) and not os.path.isdir(paths.image_overlay2):
         problems.append("image/overlay2/ is missing")
     for c in store.containers():

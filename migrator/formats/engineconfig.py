@@ -1,8 +1,11 @@
 """``run --set-engine-config PATH``: the engine's ``daemon.json`` says ``"storage-driver": "overlay2"`` once the
 migration completes, and says what it said before after a rollback.
 
-An engine that still knows aufs, started without an explicit driver, finds both ``aufs/`` and ``overlay2/``
-and refuses to start (docs/operations.md, "Engine configuration"): until ``cleanup``, the driver must be set.
+An engine that still knows aufs (dockerd 20.10–23.x, balena-engine), started without an explicit driver, finds
+both ``aufs/`` and ``overlay2/`` and refuses to start: until ``cleanup``, the driver must be set.  Engines
+without aufs (dockerd 24 and later) pick ``overlay2/`` by themselves on a migrated root, and the setting is
+harmless there (docs/operator-guide.md, "Start the engine on overlay2", for an engine upgraded at the same
+time).
 The file as found (or its absence) is kept in the work area before the migration starts, with its mode, owner
 and times; the new file is written atomically (temp, fsync, rename, fsync dir) during the switch; rollback,
 with or without the state database, puts the kept bytes back the same way (or removes the file it created).

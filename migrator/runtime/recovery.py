@@ -10,7 +10,7 @@ times of ROOT, ``image/`` and the container directories.
 from __future__ import annotations
 
 import os
-from typing import Callable, List
+from typing import Callable, List, Tuple
 
 from migrator.checks import probe
 from migrator.errors import MigratorError
@@ -51,6 +51,19 @@ def remove_new_trees(paths: Paths, progress: Callable[[str], None], final: bool)
             fsio.ensure_absent_durably(*os.path.split(path))
     if probe.undo_earlier_probe(paths.root):
         progress(f"removed what a cut-off overlay probe left in {paths.root}")
+
+
+def remove_work_area(paths: Paths, keep: Tuple[str, ...] = ()) -> None:
+    """Remove the work area durably, but for the files of ``keep`` in it (and then the lock beside them: a
+    later command must lock the same file, not a new one while this inode is still held)."""
+    kept = {os.path.basename(k) for k in keep if os.path.dirname(os.path.abspath(k)) == paths.workdir}
+    if not kept:
+        fsio.ensure_absent_durably(paths.root, os.path.basename(paths.workdir))
+        return
+    kept.add(os.path.basename(paths.lock))
+    for name in sorted(os.listdir(paths.workdir)):
+        if name not in kept:
+            fsio.ensure_absent_durably(paths.workdir, name)
 
 
 def leftovers(paths: Paths) -> List[str]:

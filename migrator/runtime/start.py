@@ -38,9 +38,12 @@ def checked_plan(paths: Paths, opts: Options, progress: Reporter, early: Optiona
     if not plan.verdict:
         more = f" (and {len(plan.problems) - 1} more)" if len(plan.problems) > 1 else ""
         raise Refused(f"{plan.problems[0]}{more}; 'aufs2overlay plan' shows every check")
-    needs = "needs about" if plan.walked else "needs at most"
-    progress(f"plan: {plan.layers} layers, {plan.containers} containers; {needs} {plan.need_inodes} inodes and "
-             f"{planner.mib(plan.need_bytes)}, {plan.free_inodes} inodes and {planner.mib(plan.free_bytes)} free")
+    free = f"{plan.free_inodes} inodes and {planner.mib(plan.free_bytes)} free"
+    if plan.walked:
+        space = f"needs about {plan.need_inodes} inodes and {planner.mib(plan.need_bytes)}, {free}"
+    else:  # the bound is the filesystem's used inodes and bytes: quoting it as a need misleads
+        space = f"{free}, more than it can use ('aufs2overlay plan' counts what it needs)"
+    progress(f"plan: {plan.layers} layers, {plan.containers} containers; {space}")
     return plan
 
 

@@ -16,7 +16,7 @@ import pickle
 import time
 from typing import Dict, List, Optional, Tuple
 
-from migrator import procs
+from migrator import interrupts, procs
 from migrator.scan import survey
 
 COLD_WALKERS_PER_JOB = 4
@@ -86,6 +86,7 @@ def _walk(aufs_diff: str, names: List[str], w: int) -> None:
     code = 1
     try:
         procs.die_with_parent()
+        interrupts.ignore_in_worker()
         found = {}
         for name in names:
             path = os.path.join(aufs_diff, name)

@@ -20,6 +20,7 @@ from migrations_state.machine import (
 )
 from migrations_state.schema import LayerRecord
 from migrations_state.store import LayerStep, Store
+from migrator import interrupts
 from migrator.formats import overlay2
 from migrator.paths import Paths
 from migrator.scan.findings import StepResult
@@ -192,4 +193,8 @@ def run_in_chunks(pool: concurrent.futures.ProcessPoolExecutor, jobs: int, work:
     in the same order, once all are done."""
     per_chunk = max(1, -(-len(work) // (jobs * CHUNKS_PER_JOB)))
     futures = [pool.submit(run_chunk, work[i:i + per_chunk]) for i in range(0, len(work), per_chunk)]
-    return [outcome for future in futures for outcome in future.result()]
+    outcomes: List[Outcome] = []
+    for future in futures:
+        outcomes.extend(future.result())
+        interrupts.check()
+    return outcomes

@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Tuple
 
 from migrations_state.machine import COMMIT, CONVERT_WHITEOUTS, LINK, WRITE_LOWERS
 from migrations_state.schema import LayerRecord
+from migrator import interrupts
 from migrator.scan.survey import LayerSurvey
 from migrator.strategies import linker
 from migrator.strategies.base import Conversion, LayerTask, Outcome, Strategy, Work, run_chunk
@@ -76,6 +77,7 @@ def share_out(pool: concurrent.futures.ProcessPoolExecutor, jobs: int, tasks: Li
              for t in tasks]
     running: Dict[concurrent.futures.Future, list] = {}
     while queue or running:
+        interrupts.check()
         while queue and len(running) < 2 * jobs:
             size = max(1, min(len(queue) // (2 * jobs), 64))
             chunk, queue = queue[:size], queue[size:]

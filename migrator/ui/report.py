@@ -22,12 +22,16 @@ from migrations_state.machine import (
     ROLLING_BACK,
     SWITCHING,
 )
-from migrator.errors import EXIT_IN_PROGRESS, EXIT_OK, EXIT_ROLLED_BACK, MigratorError
+from migrator.errors import EXIT_IN_PROGRESS, EXIT_OK, EXIT_ROLLED_BACK, EXIT_STATE_LOST, MigratorError
 from migrator.fs import fsio
 from migrator.paths import Paths
 
+STATE_LOST = "state-lost"
+
 NEXT_STEP = {
     None: "nothing to do",
+    STATE_LOST: ("the migration's state is lost: 'aufs2overlay rollback --force' rebuilds the aufs root from what "
+                 "is on disk, then 'aufs2overlay run' migrates afresh (docs/recovery.md)"),
     "not-started": "run 'aufs2overlay run' to migrate",
     CONVERTING: "run 'aufs2overlay run' to resume, or 'aufs2overlay rollback' to undo",
     SWITCHING: "run 'aufs2overlay run' to resume, or 'aufs2overlay rollback' to undo",
@@ -43,10 +47,18 @@ def status(root: str, state_db: Optional[str] = None, as_json: bool = False) -> 
     """Show the phase, each layer's state and what to do next."""
     paths = Paths.checked(root, state_db)
     if not os.path.exists(paths.state_db):
-        phase = "not-started" if fsio.lexists(paths.aufs) else None
+        trees = [os.path.relpath(p, paths.root) + "/" for p in
+                 (paths.temp_tree, paths.tree, paths.image_stage, paths.image_overlay2) if fsio.lexists(p)]
+        if trees and fsio.lexists(paths.aufs):
+            phase: Optional[str] = STATE_LOST
+        else:
+            phase = "not-started" if fsio.lexists(paths.aufs) else None
         doc = {"root": paths.root, "phase": phase or "nothing-to-migrate", "strategy": None, "layers": [],
                "containers": [], "findings": [], "last_error": None, "next": NEXT_STEP[phase]}
-        code = EXIT_OK
+        if phase == STATE_LOST:
+            doc["last_error"] = (f"no state database at {paths.state_db}, but the root holds a migration's "
+                                 f"{', '.join(trees)}")
+        code = EXIT_STATE_LOST if phase == STATE_LOST else EXIT_OK
     else:
         try:
             state = reader.read_status(paths.state_db)
@@ -80,8 +92,11 @@ def _status_text(doc: dict) -> str:
         counts: dict = {}
         for layer in doc["layers"]:
             counts[layer["state"]] = counts.get(layer["state"], 0) + 1
-        lines.append(f"layers:     {len(doc['layers'])} ("
-                     + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ")")
+        if doc["phase"] == ROLLED_BACK:  # the states are where the conversion stood; nothing of it is left
+            lines.append(f"layers:     {len(doc['layers'])} (rolled back: on aufs as before)")
+        else:
+            lines.append(f"layers:     {len(doc['layers'])} ("
+                         + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ")")
         for layer in doc["layers"]:
             if layer["error"]:
                 lines.append(f"  error in {layer['id']}: {layer['error']}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 from typing import List, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -53,6 +54,45 @@ def messages() -> List[Tuple[str, int, str]]:
             if len(longest) >= 8:
                 found.append((os.path.relpath(path, REPO), node.lineno, longest))
     return found
+
+
+
+
+KIND = re.compile(r"^[a-z]+(-[a-z0-9]+)+$")
+
+
+def finding_kinds() -> List[Tuple[str, int, str]]:
+    """(file, line, kind) of every finding the tool can record: a hyphenated name given to ``note(…)``, put
+    first in a ``(kind, detail)`` pair appended to a list, or a value of ``aufs.FINDING``.  operations.md must
+    name each."""
+    found = []
+    paths = sorted(os.path.join(top, name) for base in SOURCES for top, _dirs, names in os.walk(base)
+                   for name in names if name.endswith(".py") and name != "sample.py")
+    for path in paths:
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            candidates: List[ast.AST] = []
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "note" and node.args:
+                candidates.append(node.args[0])
+            elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "append" and node.args \
+                    and isinstance(node.args[0], ast.Tuple) and len(node.args[0].elts) == 2:
+                candidates.append(node.args[0].elts[0])
+            elif isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "FINDING" for t in node.targets) \
+                    and isinstance(node.value, ast.Dict):
+                candidates.extend(node.value.values)
+            for c in candidates:
+                if isinstance(c, ast.Constant) and isinstance(c.value, str) and KIND.match(c.value):
+                    found.append((os.path.relpath(path, REPO), c.lineno, c.value))
+    return found
+
+
+def exit_codes() -> List[Tuple[str, int]]:
+    """(name, value) of every ``EXIT_*`` code in ``migrator/errors.py``."""
+    import importlib
+
+    errors = importlib.import_module("migrator.errors")
+    return [(name, value) for name, value in vars(errors).items() if name.startswith("EXIT_")]
 
 
 if __name__ == "__main__":
