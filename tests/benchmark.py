@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import datetime
 import hashlib
 import json
 import os
@@ -258,6 +259,28 @@ def build_root(root: str, scale: float, skew: bool = False) -> Tuple[int, int]:
     return len(os.listdir(diff_root)), entries
 
 
+def in_child(build, *args):
+    """Build the root in a forked process: the tar-splits of a big layer take hundreds of MiB, and a process
+    forked from a big parent reports the parent's pages as its peak RSS (``wait4``) until it execs."""
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
+        return pool.submit(build, *args).result()
+
+
+def image_staging_seconds(log: str) -> float:
+    """From a run's ``--log-file``: the time from the switching phase's start to "image store staged"."""
+    stamps = {}
+    with open(log) as f:
+        for line in f:
+            stamp, _, text = line.rstrip("\n").partition(" ")
+            for key in ("phase: switching", "image store staged"):
+                if text.startswith(key):
+                    stamps[key] = datetime.datetime.fromisoformat(stamp)
+    return (stamps["image store staged"] - stamps["phase: switching"]).total_seconds()
+
+
 def drop_caches() -> None:
     os.sync()
     with open("/proc/sys/vm/drop_caches", "w") as f:
@@ -375,7 +398,7 @@ def content_timing(args: argparse.Namespace) -> int:
 
     shutil.rmtree(args.workdir, ignore_errors=True)
     root = os.path.join(args.workdir, "docker")
-    n_layers, n_entries = build_root(root, args.scale)
+    n_layers, n_entries = in_child(build_root, root, args.scale)
     image = [layer.cache_id for layer in images.image_layers(os.path.join(root, "image", "aufs"))]
     sh(sys.executable, "-m", "migrator", "run", "--root", root, "--engine-pidfile", "/nonexistent", "-q")
     files = os.path.join(args.workdir, "files")
@@ -438,9 +461,9 @@ def main() -> int:
     root = os.path.join(args.workdir, "docker")
     scratch = os.path.join(args.workdir, "scratch")
     if args.many_layers:
-        n_layers, n_entries = build_many_layers(root)
+        n_layers, n_entries = in_child(build_many_layers, root)
     else:
-        n_layers, n_entries = build_root(root, args.scale, skew=args.skew)
+        n_layers, n_entries = in_child(build_root, root, args.scale, args.skew)
     save_container_configs(root)
     n_whiteouts = int(subprocess.run(["sh", "-c", f"find {root}/aufs/diff -name '.wh.*' | wc -l"],
                                      capture_output=True, text=True, check=True).stdout)
@@ -453,8 +476,12 @@ def main() -> int:
     strategies = {"run (hardlink)": "hardlink", "run --strategy inplace": "inplace"}
     results: Dict[str, List[Tuple[float, int, int, int]]] = {name: [] for name in ["cp -al", *strategies]}
     floor: List[float] = []
+    staging: Dict[str, List[float]] = {name: [] for name in strategies}
+    image_copy: List[float] = []
     for r in range(args.rounds):
         floor.append(timed([sys.executable, "-c", "import migrator.commands"], args.workdir)[0])
+        image_copy.append(timed(["cp", "-al", os.path.join(root, "image", "aufs"), f"{scratch}-image-{r}"],
+                                args.workdir)[0])
         for name in results:
             if args.cold:
                 drop_caches()
@@ -463,7 +490,9 @@ def main() -> int:
                 results[name].append(timed(reference(root, f"{scratch}-{r}"), args.workdir))
                 continue
             strategy = strategies[name]
-            results[name].append(timed(migrate + ["--strategy", strategy], args.workdir))
+            log = os.path.join(args.workdir, f"run-{r}-{strategy}.log")
+            results[name].append(timed(migrate + ["--strategy", strategy, "--log-file", log], args.workdir))
+            staging[name].append(image_staging_seconds(log))
             reset(root, os.path.join(args.workdir, f"trash-{r}-{strategy}"), strategy)
         this_ref = results["cp -al"][-1][0]
         print(f"round {r + 1}: " + ", ".join(f"{name} {rows[-1][0]:.2f}s ({rows[-1][0] / this_ref:.2f}x)"
@@ -478,6 +507,9 @@ def main() -> int:
         rss = "" if name == "cp -al" else f"{max(t[1] for t in rows) / 1024:.0f} MiB"
         print(f"{name:24} {med:9.2f} {med / ref:7.2f} {n_entries / med:10.0f} {inodes:9.0f} {mib:8.1f} {rss:>9}")
     print(f"whiteouts and opaque markers in the root: {n_whiteouts}")
+    print("image store staging (from the run's log), median: " + ", ".join(
+        f"{name} {statistics.median(rows):.2f} s" for name, rows in staging.items())
+        + f"; cp -al of image/aufs {statistics.median(image_copy):.2f} s")
     print(f"start-up floor (interpreter and the imports every run makes): median {statistics.median(floor):.2f} s, "
           f"{statistics.median(floor) / ref:.2f} x cp -al")
     print(f"status --json on 5,000 layers: median {status_timing(args.workdir):.3f} s over 7 runs")
