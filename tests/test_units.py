@@ -185,3 +185,30 @@ def test_big_layers_shared_out_to_workers_in_pieces_build_what_one_walk_builds(t
             key = rel.lstrip(b"/") or b"."
             got[key], want[key] = got[key][:4] + got[key][5:], want[key][:4] + want[key][5:]
         assert got == want
+
+
+def test_an_unknown_option_gets_the_commands_usage_and_demo_has_a_description():
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "migrator", "run", "--bogus"], capture_output=True, text=True)
+    assert res.returncode == 2
+    assert res.stderr.startswith("usage: aufs2overlay run ") and res.stderr.rstrip().endswith(
+        "aufs2overlay run: error: unrecognized arguments: --bogus"), res.stderr
+    res = subprocess.run([sys.executable, "-m", "migrator", "demo", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and "Build a sample aufs root" in res.stdout
+
+
+def test_plan_text_names_a_probe_that_did_not_run_and_says_content_once():
+    from migrator.checks import plan, probe
+
+    result = plan.Plan(root="/r", strategy="hardlink")
+    result.probe = probe.ProbeResult(problems=["the overlay probe cannot run in /r (Read-only file system)"])
+    result.problems = list(result.probe.problems)
+    result.content_lines = ["content: 3 layer(s) ok, 0 failed, 0 unverifiable; 1.0 MiB in 0.10s (10 MiB/s)"]
+    text = plan.render(result)
+    assert "overlay probe:  did not run" in text and "d_type no" not in text
+    assert "content:        3 layer(s) ok" in text and "content: content:" not in text
+    result.probe = probe.ProbeResult(ran=True, d_type=True, trusted_xattrs=True, whiteout_devices=True,
+                                     overlay_mount=True)
+    assert "overlay probe:  d_type yes, trusted.* xattrs yes, whiteout devices yes, mount yes" in plan.render(result)
