@@ -73,7 +73,7 @@ def test_real_root_checks_out_before_after_migration_and_after_cleanup(tmp_path,
 
 def test_sample_root_checks_out(sample_root):
     res = plan(sample_root)
-    assert res.returncode == 0 and "content: 4 layer(s) ok, 0 failed" in res.stdout, res.stdout
+    assert res.returncode == 0 and "content:        4 layer(s) ok, 0 failed" in res.stdout, res.stdout
     cli(*run_args(sample_root), check=0)
     res = verify(sample_root, "--jobs", "1")
     assert res.returncode == 0 and "content: 4 layer(s) ok, 0 failed" in res.stdout, res.stdout
@@ -213,7 +213,7 @@ def test_a_file_larger_than_memory_is_streamed_with_memory_flat(tmp_path):
             "sys.exit(rc)")
     res = subprocess.run([sys.executable, "-c", code, "plan", "--root", root, "--engine-pidfile", "/nonexistent",
                           "--content", "--jobs", "1"], capture_output=True, text=True)
-    assert res.returncode == 0 and "content: 1 layer(s) ok" in res.stdout, res.stdout + res.stderr
+    assert res.returncode == 0 and "content:        1 layer(s) ok" in res.stdout, res.stdout + res.stderr
     peak_kib = int(res.stderr.strip().splitlines()[-1])
     assert peak_kib < 128 * 1024, f"peak RSS {peak_kib} KiB"
 
