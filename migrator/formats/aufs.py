@@ -57,11 +57,12 @@ OPAQUE_CHILD = "opaque-child"  # .wh.<name> beside its own directory <name>: tha
 KEEP_ENTRY = "keep-entry"  # .wh.<name> beside its own non-directory <name>: the entry stays, nothing is made
 DROP_BAD = "drop-bad"  # .wh. of "", "." or "..": whites out nothing
 DROP_INTERNAL = "drop-internal"  # .wh..wh.<other>: aufs's own bookkeeping, not carried over
+DROP_UNNEEDED = "drop-unneeded"  # .wh.<name> in a directory merged with nothing below: hides nothing (lowerview)
 
 # The finding each action is reported as (None: none).
 FINDING = {MAKE_WHITEOUT: None, SET_OPAQUE: None, OPAQUE_CHILD: "whiteout-beside-entry",
            KEEP_ENTRY: "whiteout-beside-entry", DROP_BAD: "ignored-bad-whiteout",
-           DROP_INTERNAL: "dropped-aufs-internal"}
+           DROP_INTERNAL: "dropped-aufs-internal", DROP_UNNEEDED: "whiteout-hides-nothing"}
 _BAD_TARGETS = {str: ("", ".", ".."), bytes: (b"", b".", b"..")}
 
 
@@ -79,9 +80,11 @@ class WhiteoutAction:
         return FINDING[self.action]
 
 
-def whiteout_actions(entries: Mapping) -> List[WhiteoutAction]:
+def whiteout_actions(entries: Mapping, merged: bool = True) -> List[WhiteoutAction]:
     """The actions for the aufs entries of one directory, from ``entries``: every name in it (str or bytes)
-    and whether it is a directory.  Pure: it reads nothing, so every caller decides alike."""
+    and whether it is a directory, and whether the directory is ``merged`` with one below it (``lowerview``;
+    where it is not, a whiteout device would be listed as an entry, and it would hide nothing).  Pure: it reads
+    nothing, so every caller decides alike."""
     actions = []
     for name in entries:
         kind = whiteout_kind(name)
@@ -99,7 +102,7 @@ def whiteout_actions(entries: Mapping) -> List[WhiteoutAction]:
             elif target in entries:
                 action = OPAQUE_CHILD if entries[target] else KEEP_ENTRY
             else:
-                action = MAKE_WHITEOUT
+                action = MAKE_WHITEOUT if merged else DROP_UNNEEDED
         actions.append(WhiteoutAction(name, action, target))
     return actions
 

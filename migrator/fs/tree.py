@@ -166,11 +166,19 @@ def copy_entry(src_fd: int, dst_fd: int, name: str) -> None:
         return
     if stat.S_ISLNK(mode):
         os.symlink(os.readlink(name, dir_fd=src_fd), name, dir_fd=dst_fd)
-    else:  # fifo, socket, character or block device
+        os.chown(name, st.st_uid, st.st_gid, dir_fd=dst_fd, follow_symlinks=False)
+    else:  # fifo, socket, character or block device: the mode after chown, which clears set-id bits
         os.mknod(name, stat.S_IFMT(mode) | 0o600, st.st_rdev, dir_fd=dst_fd)
+        os.chown(name, st.st_uid, st.st_gid, dir_fd=dst_fd, follow_symlinks=False)
         os.chmod(name, stat.S_IMODE(mode), dir_fd=dst_fd)
-    os.chown(name, st.st_uid, st.st_gid, dir_fd=dst_fd, follow_symlinks=False)
+    # trusted.* xattrs on a symlink, FIFO, socket or device: by path, not followed (opening a FIFO would block)
+    copy_xattrs(_at(src_fd, name), _at(dst_fd, name), nofollow=True)
     os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_fd, follow_symlinks=False)
+
+
+def _at(dir_fd: int, name: str) -> bytes:
+    """A path naming ``name`` in the open directory ``dir_fd``, for calls that take no directory descriptor."""
+    return b"/proc/self/fd/%d/%s" % (dir_fd, os.fsencode(name))
 
 
 def _copy_data(src: int, dst: int, size: int) -> None:

@@ -30,11 +30,17 @@ class HardlinkTask(LayerTask):
     def src(self) -> str:
         return os.path.join(self.paths.aufs_diff, self.id)
 
+    @property
+    def lower_dirs(self) -> List[str]:
+        """The ancestors' aufs data, nearest first (never changed by this strategy)."""
+        return [os.path.join(self.paths.aufs_diff, a) for a in self.record.ancestors.split("\n") if a]
+
     def work(self, trigger: str) -> Optional[Work]:
         if trigger == LINK:
             return linker.build_layer_tree, (self.src, self.paths.temp_tree, self.id, self.record.writable)
         if trigger == CONVERT_WHITEOUTS:
-            return linker.convert_whiteouts, (self.src, self.paths.temp_tree, self.id, self.whiteout_dirs)
+            return linker.convert_whiteouts, (self.src, self.paths.temp_tree, self.id, self.whiteout_dirs,
+                                              self.lower_dirs)
         return super().work(trigger)
 
     def build_tree(self) -> None:

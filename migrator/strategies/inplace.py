@@ -9,12 +9,12 @@ transaction); rollback undoes each journal and renames the layer back (``inplace
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from migrations_state.machine import CONVERT_WHITEOUTS, DISCOVERED
 from migrations_state.schema import LayerRecord
 from migrations_state.store import Journal, Store
-from migrator.formats import overlay2
+from migrator.formats import lowerview, overlay2
 from migrator.fs import fsio
 from migrator.paths import Paths
 from migrator.scan import survey
@@ -49,13 +49,14 @@ class InPlaceTask(LayerTask):
         inplace_moves.move_layer(self.paths.aufs_diff, self.paths.temp_tree, self.id)
         self.result = self.scanned
 
-    def journal(self) -> Optional[Journal]:
+    def journal(self, lower_of: Callable[[str], lowerview.Lower]) -> Optional[Journal]:
         """Plan this layer's changes in its whiteout directories and write their journal copy; the journal to
-        record, or None when the layer needs none.  Nothing is changed yet."""
+        record, or None when the layer needs none.  Nothing is changed yet.  ``lower_of`` reads an ancestor."""
         self.planned = ([], [])
         if not self.whiteout_dirs:
             return None
-        changes, times, found = inplace_journal.plan_changes(self.diff, self.whiteout_dirs)
+        lowers = [lower_of(a) for a in self.record.ancestors.split("\n") if a]
+        changes, times, found = inplace_journal.plan_changes(self.diff, self.whiteout_dirs, lowers)
         inplace_journal.write_journal_copy(self.stash, changes, times)
         self.planned = (changes, times)
         return Journal(self.id, *inplace_journal.rows_from_changes(self.id, changes, times), found.findings)
@@ -96,7 +97,20 @@ class InPlaceStrategy(Strategy):
         if trigger != CONVERT_WHITEOUTS:
             return
         journaled = set(conv.store.journaled_layers())
-        journals = [j for j in (t.journal() for t in tasks if t.id not in journaled) if j is not None]
+        read: Dict[str, Dict[bytes, lowerview.JournaledDir]] = {}
+
+        def lower_of(layer_id: str) -> lowerview.Lower:
+            """An ancestor as it stands: in aufs form unless journaled (then maybe partly converted by an
+            earlier run: its journal says what to read back)."""
+            where = inplace_moves.diff_location(conv.paths.aufs_diff, conv.paths.temp_tree, layer_id)
+            if layer_id not in journaled:
+                return lowerview.Lower(where)
+            if layer_id not in read:
+                changes, _ = inplace_journal.changes_from_rows(*conv.store.changes(layer_id))
+                read[layer_id] = lowerview.journal_by_dir(changes)
+            return lowerview.Lower(where, read[layer_id])
+
+        journals = [j for j in (t.journal(lower_of) for t in tasks if t.id not in journaled) if j is not None]
         if journals:
             fd = fsio.open_dir(conv.paths.temp_tree)
             try:

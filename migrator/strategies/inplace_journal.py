@@ -27,7 +27,7 @@ from typing import List, Optional, Sequence, Tuple
 import xattr
 
 from migrations_state.schema import ChangedDirRecord, ChangeRecord
-from migrator.formats import aufs, overlay2
+from migrator.formats import aufs, lowerview, overlay2
 from migrator.fs import fsio, tree
 from migrator.scan.findings import StepResult
 
@@ -68,8 +68,10 @@ class DirTimes:
     mtime_ns: int
 
 
-def plan_changes(diff_dir: str, dirs: Sequence[bytes]) -> Tuple[List[Change], List[DirTimes], StepResult]:
-    """Read the directories the link step listed and decide every change, before any is made."""
+def plan_changes(diff_dir: str, dirs: Sequence[bytes], lowers: Sequence[lowerview.Lower] = ()
+                 ) -> Tuple[List[Change], List[DirTimes], StepResult]:
+    """Read the directories the link step listed and decide every change, before any is made; ``lowers`` are
+    the ancestors, for whether each directory is merged with one below it (``lowerview``)."""
     changes: List[Change] = []
     times: List[DirTimes] = []
     result = StepResult()
@@ -80,7 +82,7 @@ def plan_changes(diff_dir: str, dirs: Sequence[bytes]) -> Tuple[List[Change], Li
             try:
                 st = os.fstat(fd)
                 times.append(DirTimes(rel, st.st_atime_ns, st.st_mtime_ns))
-                _plan_dir(fd, rel, changes, result)
+                _plan_dir(fd, rel, changes, result, lowerview.is_merged(diff_dir, lowers, rel))
             finally:
                 os.close(fd)
     finally:
@@ -90,12 +92,12 @@ def plan_changes(diff_dir: str, dirs: Sequence[bytes]) -> Tuple[List[Change], Li
     return changes, times, result
 
 
-def _plan_dir(fd: int, rel: bytes, changes: List[Change], result: StepResult) -> None:
+def _plan_dir(fd: int, rel: bytes, changes: List[Change], result: StepResult, merged: bool) -> None:
     for name in tree.list_xattrs(fd):
         if name.startswith(tree.OVERLAY_XATTR_PREFIX):
             changes.append(Change(rel, None, DROP_XATTR, name, None, xattr_before=xattr.get(fd, name)))
             result.note("dropped-overlay-xattr", rel, name.decode("ascii", "replace"))
-    for found in aufs.whiteout_actions(tree.entry_kinds(fd, as_bytes=True)):
+    for found in aufs.whiteout_actions(tree.entry_kinds(fd, as_bytes=True), merged):
         name, target = found.name, found.target
         st = os.stat(name, dir_fd=fd, follow_symlinks=False)
         entry = dict(kind=stat.S_IFMT(st.st_mode), xattrs=_entry_xattrs(fd, name),
@@ -117,7 +119,7 @@ def _plan_dir(fd: int, rel: bytes, changes: List[Change], result: StepResult) ->
             changes.append(Change(rel, name, STASH, None, None, **entry))
         if found.finding:
             result.note(found.finding, rel, os.fsdecode(name))
-        if found.action not in (aufs.DROP_INTERNAL, aufs.DROP_BAD):
+        if found.action not in (aufs.DROP_INTERNAL, aufs.DROP_BAD, aufs.DROP_UNNEEDED):
             result.entries += 1
 
 

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import xattr
 
 from migrator import checkpoints
-from migrator.formats import aufs, overlay2
+from migrator.formats import aufs, lowerview, overlay2
 from migrator.fs import fsio, tree
 from migrator.scan.findings import StepResult
 
@@ -187,12 +187,15 @@ class _Copier:
             self.first_copy[key] = here
 
 
-def convert_whiteouts(src_dir: str, tree_root: str, layer_id: str, whiteout_dirs: Sequence[bytes]) -> StepResult:
+def convert_whiteouts(src_dir: str, tree_root: str, layer_id: str, whiteout_dirs: Sequence[bytes],
+                      lower_dirs: Sequence[str] = ()) -> StepResult:
     """Step ``linked → whiteouts-converted``: in each directory the link step listed, aufs whiteouts become 0/0
-    character devices and an opaque marker becomes ``trusted.overlay.opaque=y``; then the directory gets its
+    character devices (where the directory is merged with one of ``lower_dirs``, the ancestors' aufs data:
+    ``lowerview``) and an opaque marker becomes ``trusted.overlay.opaque=y``; then the directory gets its
     times (creating a device changed its mtime).  Existing devices and xattrs are accepted, so a re-run
     converges.  Directories are reached component by component with ``O_NOFOLLOW``.
     """
+    lowers = [lowerview.Lower(d) for d in lower_dirs]
     result = StepResult()
     if not whiteout_dirs:
         return result
@@ -205,7 +208,8 @@ def convert_whiteouts(src_dir: str, tree_root: str, layer_id: str, whiteout_dirs
                 try:
                     d_fd = tree.open_path(dst_root, rel)
                     try:
-                        _convert_dir(s_fd, d_fd, rel, result)
+                        merged = lowerview.is_merged(src_dir, lowers, rel)
+                        _convert_dir(s_fd, d_fd, rel, result, merged)
                         tree.copy_dir_times(s_fd, d_fd)
                     finally:
                         os.close(d_fd)
@@ -219,10 +223,10 @@ def convert_whiteouts(src_dir: str, tree_root: str, layer_id: str, whiteout_dirs
     return result
 
 
-def _convert_dir(s_fd: int, d_fd: int, rel: bytes, result: StepResult) -> None:
+def _convert_dir(s_fd: int, d_fd: int, rel: bytes, result: StepResult, merged: bool) -> None:
     """Apply ``aufs.whiteout_actions`` of one directory in the new tree (aufs internals were left out by the
     link walk, which reported them)."""
-    for found in aufs.whiteout_actions(tree.entry_kinds(s_fd)):
+    for found in aufs.whiteout_actions(tree.entry_kinds(s_fd), merged):
         if found.action == aufs.DROP_INTERNAL:
             continue
         if found.action == aufs.SET_OPAQUE:
