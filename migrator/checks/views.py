@@ -4,7 +4,8 @@ Both views describe each path by type, permission bits, owner, mtime (not of sym
 device numbers and xattrs (but ``trusted.overlay.*``, which overlayfs hides).  File content is not compared:
 image layers are hardlinks (the same inode on both sides) and a writable layer is a copy made with its data.
 aufs's rules: for each name the topmost layer that has it decides; ``.wh.<name>`` hides ``<name>`` below its
-own layer, ``.wh..wh..opq`` hides a directory's content below, a directory merges with the directories of the
+own layer, ``.wh..wh..opq`` hides a directory's content below (not at a layer's root, which aufs never looks
+up, so never tests for the marker: ``fs/aufs/dentry.c``), a directory merges with the directories of the
 same name below until a non-directory is met, and every ``.wh.`` name is invisible.
 """
 
@@ -73,7 +74,7 @@ def aufs_view(layers: List[str]) -> Dict[bytes, Meta]:
                 else:
                     blocked.add(name)
             blocked |= hidden
-            if aufs.OPAQUE in kinds.values():
+            if aufs.OPAQUE in kinds.values() and rel:  # aufs never honours the marker at a branch's root
                 break
         for name, (path, is_dir, *below) in decided.items():
             child = os.path.join(rel, name) if rel else name

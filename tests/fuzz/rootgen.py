@@ -123,6 +123,8 @@ def layer(draw, writable: bool = False) -> List[Tuple[bytes, str, dict]]:
         extra.append((b".wh..wh.plnk", "dir", {"mode": 0o700}))
         extra.append((b".wh..wh.plnk/1234.5678", "file", {"data": b"pseudo-link"}))
         extra.append((b".wh..wh.orph", "dir", {"mode": 0o700}))
+    if draw(st.integers(0, 15)) == 0:
+        extra.append((b".wh..wh..opq", "opq", {}))  # at a branch's root: aufs does not honour it there
     entries = extra + entries
     if writable:  # every whiteout of a writable branch is a hardlink of .wh..wh.aufs
         entries = [(r, k, dict(o, hardlink_base=True) if k in ("wh", "opq") else o) for r, k, o in entries]

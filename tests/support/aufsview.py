@@ -3,7 +3,10 @@
 Independent test code, written from aufs's rules, not from the migrator:
 - layers are listed topmost first; for each name the topmost layer that has it decides what it is;
 - ``.wh.<name>`` in a layer hides ``<name>`` in every layer below it (not in its own layer);
-- ``.wh..wh..opq`` in a directory hides that directory's contents in every layer below;
+- ``.wh..wh..opq`` in a directory hides that directory's contents in every layer below, but not at a layer's
+  root: aufs tests the marker on the directories it looks up (``au_do_lookup`` → ``au_diropq_test`` in
+  ``fs/aufs/dentry.c``), and the root is never looked up (its ``di_bdiropq`` stays -1 from ``au_di_init``, so
+  lookups and ``readdir`` in it go down to the last branch);
 - a directory merges with same-named directories below it until a non-directory of that name is met;
 - every ``.wh.``-prefixed name (whiteouts, markers, aufs internals such as ``.wh..wh.plnk``) is invisible.
 """
@@ -47,7 +50,7 @@ def aufs_view(layers: List[str]) -> Dict[bytes, Entry]:
                 else:
                     blocked.add(name)  # a non-directory below ends the merge of that directory
             blocked |= whiteouts
-            if OPQ in names:
+            if OPQ in names and rel:
                 break
         for name, (path, is_dir, *lower_dirs) in decided.items():
             child = os.path.join(rel, name) if rel else name
