@@ -291,7 +291,73 @@ def test_whiteout_actions(entries, expected):
 
 def test_every_action_has_its_finding():
     assert set(aufs.FINDING) == {aufs.MAKE_WHITEOUT, aufs.SET_OPAQUE, aufs.OPAQUE_CHILD, aufs.KEEP_ENTRY,
-                                 aufs.DROP_BAD, aufs.DROP_INTERNAL}
+                                 aufs.DROP_BAD, aufs.DROP_INTERNAL, aufs.DROP_UNNEEDED}
+
+
+def test_whiteouts_of_a_directory_merged_with_nothing_are_dropped():
+    entries = {".wh.gone": False, ".wh..wh..opq": False, "d": True, ".wh.d": False, ".wh.": False}
+    got = [(a.name, a.action, a.finding) for a in aufs.whiteout_actions(entries, merged=False)]
+    assert got == [(".wh.gone", aufs.DROP_UNNEEDED, "whiteout-hides-nothing"),
+                   (".wh..wh..opq", aufs.SET_OPAQUE, None), (".wh.d", aufs.OPAQUE_CHILD, "whiteout-beside-entry"),
+                   (".wh.", aufs.DROP_BAD, "ignored-bad-whiteout")]
+
+
+# -- is a layer's directory merged with one of its ancestors' (lowerview) ------------------------------------
+
+def _tree(top, paths):
+    """Directories end with '/', the rest are empty files."""
+    os.makedirs(top, exist_ok=True)
+    for p in paths:
+        full = os.path.join(top, p)
+        if p.endswith("/"):
+            os.makedirs(full, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(full), exist_ok=True)
+            open(full, "wb").close()
+    return str(top)
+
+
+MERGED = [  # (layer, ancestors nearest first, directory, merged?)
+    (["a/", "a/.wh.x"], [], b"a", False),  # a base layer: nothing below
+    (["a/", "a/.wh.x"], [["a/"]], b"a", True),
+    (["a/", "a/.wh.x"], [["b/"]], b"a", False),  # no a/ below
+    (["a/", "a/.wh.x"], [["a"]], b"a", False),  # a file below: not merged
+    (["a/", "a/.wh.x"], [[".wh.a"], ["a/"]], b"a", False),  # whited out by the nearer ancestor
+    (["a/", "a/.wh.x"], [["a/", ".wh.a"], ["a/"]], b"a", True),  # the whiteout hides below its own layer only
+    (["a/b/", "a/b/.wh.x"], [["a/", "a/.wh..wh..opq"], ["a/b/"]], b"a/b", False),  # opaque a/ below hides b/
+    (["a/b/", "a/b/.wh.x"], [["a/b/", "a/.wh..wh..opq"], ["a/b/"]], b"a/b", True),  # opaque, yet holds b/
+    (["a/", "a/.wh..wh..opq", "a/.wh.x"], [["a/"]], b"a", False),  # opaque in the layer itself
+    (["a/", ".wh.a", "a/.wh.x"], [["a/"]], b"a", False),  # .wh.a beside a/: opaque too
+    (["a/b/", "a/.wh..wh..opq", "a/b/.wh.x"], [["a/b/"]], b"a/b", False),  # below an opaque directory
+    (["a/b/", "a/b/.wh.x"], [["a/"], ["a/b/"]], b"a/b", True),  # merged through two ancestors
+    ([".wh.x"], [["x"]], b"", True),  # the root of a layer with an ancestor
+    ([".wh.x"], [], b"", False),
+    ([".wh..wh..opq", "a/", "a/.wh.x"], [["a/"]], b"a", True),  # aufs ignores the marker at a branch root
+]
+
+
+@pytest.mark.parametrize("layer,ancestors,rel,merged", MERGED, ids=[str(i) for i in range(len(MERGED))])
+def test_a_directory_is_merged_as_aufs_looks_it_up(tmp_path, layer, ancestors, rel, merged):
+    from migrator.formats import lowerview
+
+    top = _tree(tmp_path / "layer", layer)
+    lowers = [lowerview.Lower(_tree(tmp_path / f"a{i}", paths)) for i, paths in enumerate(ancestors)]
+    assert lowerview.is_merged(top, lowers, rel) is merged
+
+
+def test_a_journaled_ancestor_is_read_as_aufs_had_it(tmp_path):
+    """An in-place ancestor half converted by a cut: its journal puts back the aufs entries it moved into the
+    stash (here ``a/.wh..wh..opq`` and ``.wh.c``)."""
+    from migrator.formats import lowerview
+
+    top = _tree(tmp_path / "layer", ["a/b/", "a/b/.wh.x", "c/", "c/.wh.y"])
+    below = _tree(tmp_path / "below", ["a/"])
+    deeper = lowerview.Lower(_tree(tmp_path / "deeper", ["a/b/", "c/"]))
+    assert lowerview.is_merged(top, [lowerview.Lower(below), deeper], b"a/b") is True
+    assert lowerview.is_merged(top, [lowerview.Lower(below), deeper], b"c") is True
+    journal = {b"a": lowerview.JournaledDir(moved={b".wh..wh..opq"}), b"": lowerview.JournaledDir(moved={b".wh.c"})}
+    assert lowerview.is_merged(top, [lowerview.Lower(below, journal), deeper], b"a/b") is False  # a/ was opaque
+    assert lowerview.is_merged(top, [lowerview.Lower(below, journal), deeper], b"c") is False  # c was whited out
 
 
 # -- strategies declare every step of the layer machine -----------------------------------------------------
