@@ -4,8 +4,8 @@ For a root and a strategy: ``run`` must succeed; every chain, mounted by the ker
 tree, must show exactly what ``tests/support/aufsview.py`` computes from the aufs layers (read before the run);
 the hardlink strategy must leave the aufs side untouched; ``verify`` must say ok; ``rollback --force`` must give
 the whole root back byte for byte (the manifest, with its hardlink groups).  Crash mode first runs the root
-once undisturbed (on a ``cp -a`` copy) to count its checkpoints, kills a second copy's run at one of them, resumes
-it, and asks for the same tree as well.
+once undisturbed (on a ``cp -a`` copy) to count its checkpoints, kills the root's run at one of them, resumes
+it, and asks for the same tree as well; then kills the rollback likewise before the one that must be exact.
 
 The migrator runs in a child forked from the test process with ``migrator.cli.main`` already imported: the
 same code path as the command (its arguments, its exit code), without the interpreter's start-up per call.
@@ -105,6 +105,10 @@ def _run_args(root: str, strategy: str, jobs: int) -> List[str]:
     return ["run", "--root", root, *NO_ENGINE, "-q", "--strategy", strategy, "-j", str(jobs)]
 
 
+def _rollback_args(root: str) -> List[str]:
+    return ["rollback", "--root", root, *NO_ENGINE, "--force", "-q"]
+
+
 def judge(spec: dict, strategy: str, jobs: int = 1, kill_fraction: Optional[float] = None) -> dict:
     """Build ``spec``, migrate it, and judge the result; raise ``Divergence`` on any difference.  Returns what
     was done (entries, chains mounted, the checkpoint killed at)."""
@@ -129,11 +133,12 @@ def _judge(scratch: str, spec: dict, strategy: str, jobs: int, kill_fraction: Op
         res = call(_run_args(clean, strategy, jobs))
         _check("undisturbed run", res)
         reference = tree_signature(clean)
-        kill_at = 1 + int(kill_fraction * res[2])
+        total = res[2]
+        kill_at = 1 + int(kill_fraction * total)
         res = call(_run_args(root, strategy, jobs), {"AUFS2OVERLAY_KILL_AT": str(kill_at)})
         if res[0] == 0:
-            raise Divergence(f"the run passed checkpoint {kill_at} of {res[2]} without being killed")
-        done["killed_at"] = (kill_at, res[2])
+            raise Divergence(f"the run passed checkpoint {kill_at} of {total} without being killed")
+        done["killed_at"] = (kill_at, total)
     _check("run", call(_run_args(root, strategy, jobs)))
     if strategy == "hardlink" and aufs_side(root) != aufs_before:
         raise Divergence("the hardlink strategy changed the aufs side")
@@ -147,7 +152,14 @@ def _judge(scratch: str, spec: dict, strategy: str, jobs: int, kill_fraction: Op
     if reference is not None and tree_signature(root) != reference:
         raise Divergence("the resumed run made another tree than the undisturbed one")
     _check("verify", call(["verify", "--root", root]))
-    _check("rollback --force", call(["rollback", "--root", root, *NO_ENGINE, "--force", "-q"]))
+    if kill_fraction is not None:  # the rollback killed too, at the same fraction of its checkpoints
+        res = call(_rollback_args(clean))
+        _check("undisturbed rollback", res)
+        kill_at = 1 + int(kill_fraction * res[2])
+        res = call(_rollback_args(root), {"AUFS2OVERLAY_KILL_AT": str(kill_at)})
+        if res[0] == 0:
+            raise Divergence(f"the rollback passed checkpoint {kill_at} of {res[2]} without being killed")
+    _check("rollback --force", call(_rollback_args(root)))
     after = whole_root(root)
     if after != before:
         raise Divergence(f"rollback: (path, before, after) {diff_manifests(before[0], after[0], 8)}"
