@@ -48,7 +48,7 @@ devices = st.tuples(st.integers(1, 255), st.integers(0, 255))
 def _owned(draw, opts: dict, file_like: bool, special: bool = False) -> dict:
     opts["mode"] = draw(modes_file if file_like else modes_dir)
     opts["uid"], opts["gid"] = draw(owners), draw(owners)
-    if draw(st.integers(0, 3)) == 0:
+    if draw(st.integers(0, 3)) == 3:  # Hypothesis shrinks towards 0: the plain case
         opts["xattrs"] = draw(special_xattrs if special else xattrs)
     return opts
 
@@ -77,7 +77,7 @@ def directory(draw, depth: int) -> List[Tuple[bytes, str, dict]]:
             out.append((name, "dir", opts))
             if depth < 3:
                 out.extend((name + b"/" + rel, k, o) for rel, k, o in draw(directory(depth + 1)))
-            if draw(st.integers(0, 2)) == 0:
+            if draw(st.integers(0, 2)) == 2:
                 out.append((name + b"/.wh..wh..opq", "opq", {}))
         elif kind in ("file", "empty"):
             data = b"" if kind == "empty" else draw(st.binary(max_size=64))
@@ -118,12 +118,12 @@ def _resolve(entries: List[Tuple[bytes, str, dict]]) -> List[Tuple[bytes, str, d
 def layer(draw, writable: bool = False) -> List[Tuple[bytes, str, dict]]:
     entries = draw(directory(0))
     extra: List[Tuple[bytes, str, dict]] = []
-    if writable or draw(st.integers(0, 9)) == 0:  # aufs's own bookkeeping at a branch's top
+    if writable or draw(st.integers(0, 9)) == 9:  # aufs's own bookkeeping at a branch's top
         extra.append((b".wh..wh.aufs", "file", {"data": b"", "mode": 0o444}))
         extra.append((b".wh..wh.plnk", "dir", {"mode": 0o700}))
         extra.append((b".wh..wh.plnk/1234.5678", "file", {"data": b"pseudo-link"}))
         extra.append((b".wh..wh.orph", "dir", {"mode": 0o700}))
-    if draw(st.integers(0, 15)) == 0:
+    if draw(st.integers(0, 15)) == 15:
         extra.append((b".wh..wh..opq", "opq", {}))  # at a branch's root: aufs does not honour it there
     entries = extra + entries
     if writable:  # every whiteout of a writable branch is a hardlink of .wh..wh.aufs

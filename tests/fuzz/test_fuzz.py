@@ -36,11 +36,26 @@ def test_kept_example(path, strategy):
     judge.judge(spec, strategy, kill_fraction=0.5)
 
 
+def _keeping_failures(tally, fn, *args, **kwargs):
+    """Run ``fn``; on a divergence, keep each kind's minimal root in ``examples/`` (as ``new-….spec``, to rename
+    and commit) before the failure is reported."""
+    from tests.fuzz import rootgen
+    from tests.fuzz.explore import EXAMPLES_DIR
+
+    try:
+        return fn(*args, tally=tally, **kwargs)
+    except BaseException:
+        for n, spec in enumerate(tally.failing.values()):
+            path = rootgen.save_example(spec, EXAMPLES_DIR, f"new-{os.getpid()}-{n}")
+            print(f"minimal root kept: {path}")
+        raise
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_generated_roots(strategy):
-    from tests.fuzz.explore import explore
+    from tests.fuzz.explore import Tally, explore
 
-    tally = explore(strategy, EXAMPLES, seed_value=SEED)
+    tally = _keeping_failures(Tally(), explore, strategy, EXAMPLES, seed_value=SEED)
     print(f"{strategy}: {tally.roots} roots, {tally.entries} entries, {tally.chains} chains")
     assert tally.roots >= EXAMPLES
 
@@ -51,7 +66,7 @@ def test_generated_roots_with_a_kill():
 
     tally = Tally()
     for n, strategy in enumerate(STRATEGIES):
-        explore(strategy, KILLS // 2, crash=True, seed_value=SEED + 1 + n, tally=tally)
+        _keeping_failures(tally, explore, strategy, KILLS // 2, crash=True, seed_value=SEED + 1 + n)
     print(f"{tally.roots} roots killed and resumed, {tally.entries} entries")
     assert tally.kills >= KILLS
 
