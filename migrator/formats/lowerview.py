@@ -44,17 +44,24 @@ class Lower:
     journal: Optional[Dict[bytes, JournaledDir]] = None
 
 
-def _names(fd: int, lower: Lower, rel: bytes) -> Dict[bytes, bool]:
-    """The directory's names as aufs had them, each with whether it is a directory."""
-    with os.scandir(fd) as it:
-        names = {os.fsencode(e.name): e.is_dir(follow_symlinks=False) for e in it}
+def _kind(fd: int, lower: Lower, rel: bytes, name: bytes) -> Optional[bool]:
+    """What ``name`` is in the directory ``fd`` (``rel`` in ``lower``) as aufs had it: True a directory, False
+    anything else, None absent.  One ``lstat``: directories can be large, and only a few names are asked."""
     journaled = lower.journal.get(rel) if lower.journal else None
     if journaled:
-        for name in journaled.made:
-            names.pop(name, None)
-        for name in journaled.moved:
-            names.setdefault(name, False)
-    return names
+        if name in journaled.moved:
+            return False
+        if name in journaled.made:
+            return None
+    try:
+        st = os.lstat(name, dir_fd=fd)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:  # ".wh." of a name of more than 251 bytes cannot exist
+            return None
+        raise
+    return stat.S_ISDIR(st.st_mode)
 
 
 def _has(fd: int, name: bytes) -> bool:
@@ -125,17 +132,17 @@ def _shows_directory(lowers: Sequence[Lower], parts: List[bytes]) -> bool:
             child_rel = rel + b"/" + part if rel else part
             try:
                 for fd, lower in current:
-                    names = _names(fd, lower, rel)
-                    if part in names:
-                        if not names[part]:
-                            break  # a non-directory hides the name below it
+                    kind = _kind(fd, lower, rel, part)
+                    if kind is False:
+                        break  # a non-directory hides the name below it
+                    if kind:
                         child = _open(fd, part)
                         if child is None:
                             break
                         merged.append((child, lower))
-                        if OPQ in _names(child, lower, child_rel):
+                        if _kind(child, lower, child_rel, OPQ) is not None:
                             break
-                    if WH + part in names:
+                    if _kind(fd, lower, rel, WH + part) is not None:
                         break
             finally:
                 for fd, _ in current:
