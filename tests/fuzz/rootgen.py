@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from migrator import sample
 
 POOL = [b"a", b"b", b"c", b"etc", b"lib"]
+WH, OPQ = b".wh.", b".wh..wh..opq"
 SAFE_BYTES = bytes(b for b in range(1, 256) if b != ord("/"))
 
 
@@ -57,16 +58,15 @@ def _owned(draw, opts: dict, file_like: bool, special: bool = False) -> dict:
 def directory(draw, depth: int) -> List[Tuple[bytes, str, dict]]:
     """The entries of one directory (paths relative to it), its subdirectories' included."""
     out: List[Tuple[bytes, str, dict]] = []
-    used: set = set()
-    whited: set = set()
+    used: set = {OPQ}  # names on disk (a whiteout of "x" is ".wh.x"); an opaque marker may come last
     for _ in range(draw(st.integers(0, 5 if depth else 7))):
         name = draw(names)
         kind = draw(st.sampled_from(["file", "file", "dir", "dir", "link", "wh", "wh", "hard", "empty",
                                      "sparse", "fifo", "sock", "chr", "blk"]))
         if kind == "wh":
             name = name[:251]  # ".wh." + name must fit in NAME_MAX
-            if name not in whited:
-                whited.add(name)
+            if WH + name not in used:
+                used.add(WH + name)
                 out.append((name, "wh", {}))
             continue
         if name in used:
@@ -114,6 +114,14 @@ def _resolve(entries: List[Tuple[bytes, str, dict]]) -> List[Tuple[bytes, str, d
     return out
 
 
+def _top_name(entry: Tuple[bytes, str, dict]) -> bytes:
+    """The name an entry (or the subtree it is in) has on disk at the layer's top."""
+    rel, kind, _opts = entry
+    if b"/" in rel:
+        return rel.split(b"/", 1)[0]
+    return WH + rel if kind == "wh" else (OPQ if kind == "opq" else rel)
+
+
 @st.composite
 def layer(draw, writable: bool = False) -> List[Tuple[bytes, str, dict]]:
     entries = draw(directory(0))
@@ -125,7 +133,8 @@ def layer(draw, writable: bool = False) -> List[Tuple[bytes, str, dict]]:
         extra.append((b".wh..wh.orph", "dir", {"mode": 0o700}))
     if draw(st.integers(0, 15)) == 15:
         extra.append((b".wh..wh..opq", "opq", {}))  # at a branch's root: aufs does not honour it there
-    entries = extra + entries
+    taken = {rel for rel, _k, _o in extra} | {OPQ}
+    entries = extra + [e for e in entries if _top_name(e) not in taken]  # an entry may be named as aufs's own
     if writable:  # every whiteout of a writable branch is a hardlink of .wh..wh.aufs
         entries = [(r, k, dict(o, hardlink_base=True) if k in ("wh", "opq") else o) for r, k, o in entries]
     return _resolve(entries)
