@@ -46,13 +46,19 @@ class Lower:
 
 def _kind(fd: int, lower: Lower, rel: bytes, name: bytes) -> Optional[bool]:
     """What ``name`` is in the directory ``fd`` (``rel`` in ``lower``) as aufs had it: True a directory, False
-    anything else, None absent.  One ``lstat``: directories can be large, and only a few names are asked."""
+    anything else, None absent."""
     journaled = lower.journal.get(rel) if lower.journal else None
     if journaled:
         if name in journaled.moved:
             return False
         if name in journaled.made:
             return None
+    return _entry(fd, name)
+
+
+def _entry(fd: int, name: bytes) -> Optional[bool]:
+    """``name`` in the directory ``fd``: True a directory, False anything else, None absent.  One ``lstat``:
+    directories can be large, and only a few names are asked."""
     try:
         st = os.lstat(name, dir_fd=fd)
     except FileNotFoundError:
@@ -62,18 +68,6 @@ def _kind(fd: int, lower: Lower, rel: bytes, name: bytes) -> Optional[bool]:
             return None
         raise
     return stat.S_ISDIR(st.st_mode)
-
-
-def _has(fd: int, name: bytes) -> bool:
-    try:
-        os.lstat(name, dir_fd=fd)
-    except FileNotFoundError:
-        return False
-    except OSError as exc:
-        if exc.errno == errno.ENAMETOOLONG:  # ".wh." of a name of more than 251 bytes cannot exist
-            return False
-        raise
-    return True
 
 
 def _open(parent_fd: int, name: bytes) -> Optional[int]:
@@ -103,14 +97,14 @@ def _opaque_in_layer(layer_dir: str, parts: List[bytes]) -> bool:
     fd = fsio.open_dir(layer_dir, noatime=True)
     try:
         for part in parts:
-            if _has(fd, WH + part):
+            if _entry(fd, WH + part) is not None:
                 return True
             child = _open(fd, part)
             if child is None:
                 return True  # not a directory: nothing of this layer is merged below it
             os.close(fd)
             fd = child
-            if _has(fd, OPQ):
+            if _entry(fd, OPQ) is not None:
                 return True
         return False
     finally:
@@ -165,15 +159,3 @@ def _open_root(path: str) -> Optional[int]:
     if not stat.S_ISDIR(st.st_mode):
         return None
     return fsio.open_dir(path, noatime=True)
-
-
-def journal_by_dir(changes: Sequence) -> Dict[bytes, JournaledDir]:
-    """An in-place journal (``inplace_journal.Change`` rows) as ``JournaledDir`` by directory."""
-    out: Dict[bytes, JournaledDir] = {}
-    for change in changes:
-        d = out.setdefault(change.dir, JournaledDir())
-        if change.name is not None:
-            d.moved.add(change.name)
-        if change.action == "whiteout" and change.target is not None:
-            d.made.add(change.target)
-    return out

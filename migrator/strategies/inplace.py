@@ -107,7 +107,7 @@ class InPlaceStrategy(Strategy):
                 return lowerview.Lower(where)
             if layer_id not in read:
                 changes, _ = inplace_journal.changes_from_rows(*conv.store.changes(layer_id))
-                read[layer_id] = lowerview.journal_by_dir(changes)
+                read[layer_id] = inplace_journal.aufs_entries_by_dir(changes)
             return lowerview.Lower(where, read[layer_id])
 
         journals = [j for j in (t.journal(lower_of) for t in tasks if t.id not in journaled) if j is not None]

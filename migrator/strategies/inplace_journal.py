@@ -22,7 +22,7 @@ import json
 import os
 import stat
 from dataclasses import asdict, dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import xattr
 
@@ -135,6 +135,19 @@ def write_journal_copy(stash_dir: str, changes: Sequence[Change], times: Sequenc
         fsio.atomic_write(fd, JOURNAL_FILE, json.dumps(doc).encode("ascii"), 0o600, sync=False)
     finally:
         os.close(fd)
+
+
+def aufs_entries_by_dir(changes: Sequence[Change]) -> Dict[bytes, lowerview.JournaledDir]:
+    """A journal as ``lowerview`` reads a journaled ancestor: by directory, the aufs entries it moves into the
+    stash and the whiteout devices it makes."""
+    out: Dict[bytes, lowerview.JournaledDir] = {}
+    for change in changes:
+        d = out.setdefault(change.dir, lowerview.JournaledDir())
+        if change.name is not None:
+            d.moved.add(change.name)
+        if change.action == WHITEOUT and change.target is not None:
+            d.made.add(change.target)
+    return out
 
 
 def read_journal_copy(stash_dir: str) -> Optional[Tuple[List[Change], List[DirTimes]]]:
