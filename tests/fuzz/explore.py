@@ -1,6 +1,6 @@
 """Running the generator against the oracle: ``explore`` tries ``examples`` roots for one strategy (with a kill
-or without), counts what it tried, and on a divergence lets Hypothesis shrink it to a minimal root and raises
-with that root kept as ``last_failing``."""
+or without), counts what it tried, and on a divergence lets Hypothesis shrink it to a minimal root and raises,
+with that root kept in ``Tally.failing`` under the divergence's kind."""
 
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ class Tally:
     chains: int = 0
     kills: int = 0
     divergences: list = field(default_factory=list)
-    last_failing: Optional[dict] = None
     failing: dict = field(default_factory=dict)  # kind -> the last root that failed so (after shrinking: minimal)
     known: Set[str] = field(default_factory=set)  # kinds already found: counted, not shrunk again
     known_hits: dict = field(default_factory=dict)
@@ -59,7 +58,7 @@ def explore(strategy: str, examples: int, crash: bool = False, seed_value: Optio
             if kind in tally.known:
                 tally.known_hits[kind] = tally.known_hits.get(kind, 0) + 1
                 return
-            tally.last_failing = tally.failing[kind] = spec
+            tally.failing[kind] = spec
             raise
         tally.roots += 1
         tally.entries += done["entries"]
