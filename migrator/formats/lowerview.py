@@ -117,7 +117,7 @@ def _shows_directory(lowers: Sequence[Lower], parts: List[bytes]) -> bool:
     current: List[Tuple[int, Lower]] = []
     try:
         for lower in lowers:
-            fd = _open_root(lower.path)
+            fd, _ = fsio.open_dir_found(lower.path)  # an ancestor without data shows nothing
             if fd is not None:
                 current.append((fd, lower))
         rel = b""
@@ -149,13 +149,3 @@ def _shows_directory(lowers: Sequence[Lower], parts: List[bytes]) -> bool:
     finally:
         for fd, _ in current:
             os.close(fd)
-
-
-def _open_root(path: str) -> Optional[int]:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return None
-    if not stat.S_ISDIR(st.st_mode):
-        return None
-    return fsio.open_dir(path, noatime=True)
