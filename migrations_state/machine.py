@@ -44,7 +44,9 @@ LAYER_NEXT: Dict[str, str] = {t["source"]: t["trigger"] for t in LAYER_TRANSITIO
 # Every method the transitions call on a layer's model: each strategy's task must have them all.
 LAYER_CALLBACKS = tuple(dict.fromkeys(t[k] for t in LAYER_TRANSITIONS for k in ("before", "after")))
 
-# Run phases.
+# Run phases.  ``staging`` is a run made by ``stage`` while the engine runs: its layers go to the staging
+# area; the cutover (``run``) replaces it by a new run that starts ``converting`` with what it kept.
+STAGING = "staging"
 CONVERTING = "converting"
 SWITCHING = "switching"
 COMPLETED = "completed"
@@ -52,7 +54,7 @@ CLEANING = "cleaning"
 CLEANED = "cleaned"
 ROLLING_BACK = "rolling-back"
 ROLLED_BACK = "rolled-back"
-PHASES = [CONVERTING, SWITCHING, COMPLETED, CLEANING, CLEANED, ROLLING_BACK, ROLLED_BACK]
+PHASES = [STAGING, CONVERTING, SWITCHING, COMPLETED, CLEANING, CLEANED, ROLLING_BACK, ROLLED_BACK]
 
 PHASE_TRANSITIONS = [
     {"trigger": "start_switching", "source": CONVERTING, "dest": SWITCHING,
@@ -62,14 +64,14 @@ PHASE_TRANSITIONS = [
     {"trigger": "start_cleanup", "source": COMPLETED, "dest": CLEANING, "after": "record_phase"},
     {"trigger": "finish_cleanup", "source": CLEANING, "dest": CLEANED,
      "before": "remove_aufs_data", "after": "record_phase"},
-    {"trigger": "start_rollback", "source": [CONVERTING, SWITCHING, COMPLETED], "dest": ROLLING_BACK,
+    {"trigger": "start_rollback", "source": [STAGING, CONVERTING, SWITCHING, COMPLETED], "dest": ROLLING_BACK,
      "after": "record_phase"},
     {"trigger": "finish_rollback", "source": ROLLING_BACK, "dest": ROLLED_BACK,
      "before": "undo_migration", "after": "record_phase"},
 ]
 
 # Phases from which rollback can start without --force / needs --force; phases past the conversion.
-ROLLBACK_FREE = (CONVERTING, SWITCHING)
+ROLLBACK_FREE = (STAGING, CONVERTING, SWITCHING)
 ROLLBACK_FORCED = (COMPLETED,)
 FINISHED = (COMPLETED, CLEANING, CLEANED)
 

@@ -25,8 +25,7 @@ def read_status(path: str) -> Dict[str, Any]:
         raise StateDatabaseError(f"state database {path} is unreadable: {exc}{filesystem_hint(path)}") from exc
     try:
         conn.row_factory = sqlite3.Row
-        run = conn.execute(
-            "SELECT phase, strategy, created_at, updated_at, last_error FROM run WHERE id = 1").fetchone()
+        run = conn.execute("SELECT * FROM run WHERE id = 1").fetchone()  # a schema-2 database has no cutover time
         if run is None:
             raise StateDatabaseError(f"state database {path} holds no migration")
         layers = [tuple(r) for r in conn.execute("SELECT id, state, entries, error FROM layer ORDER BY seq")]
@@ -36,4 +35,5 @@ def read_status(path: str) -> Dict[str, Any]:
         raise StateDatabaseError(f"state database {path} is unreadable: {exc}{filesystem_hint(path)}") from exc
     finally:
         conn.close()
-    return {"run": dict(run), "layers": layers, "containers": containers, "findings": findings}
+    return {"run": dict(run, cutover_seconds=run["cutover_seconds"] if "cutover_seconds" in run.keys() else None),
+            "layers": layers, "containers": containers, "findings": findings}

@@ -13,7 +13,7 @@ from typing import Optional
 from sqlalchemy import ForeignKey, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: staging (the layer's proof, the run's cutover time); a 2 is upgraded on open
 
 
 class Base(DeclarativeBase):
@@ -33,6 +33,9 @@ class RunRecord(Base):
     image_staged: Mapped[bool] = mapped_column(default=False)
     rollback_from: Mapped[Optional[str]] = mapped_column(String(32), nullable=True)
     last_error: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
+    # Seconds from the start of the ``run`` that completed the migration to its completion: the engine's
+    # downtime when the layers were staged before (``stage``), the whole conversion otherwise.
+    cutover_seconds: Mapped[Optional[float]] = mapped_column(nullable=True)
 
 
 class LayerRecord(Base):
@@ -54,6 +57,12 @@ class LayerRecord(Base):
     mtime_ns: Mapped[int] = mapped_column(Integer, default=0)
     entries: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
+    # A layer staged while the engine ran (``stage``): the aufs directories it is linked from, NUL-separated
+    # relative paths in walk order, and the digest of their inodes and ctimes taken before any was linked
+    # (``scan/proof.py``); the cutover keeps the staged layer only if the digest still holds.  Deferred: only
+    # the cutover reads them.
+    proof_dirs: Mapped[Optional[bytes]] = mapped_column(LargeBinary, nullable=True, deferred=True)
+    proof: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
 
 
 class ContainerRecord(Base):

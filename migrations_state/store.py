@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
-from sqlalchemy import create_engine, delete, event, func, insert, select, update
+from sqlalchemy import create_engine, delete, event, func, insert, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -42,6 +42,12 @@ from migrations_state.schema import (
     SavedTimeRecord,
     WhiteoutDirRecord,
 )
+
+# What turns a database of an earlier schema into this one (each adds columns that start empty).
+UPGRADES: Dict[int, Tuple[str, ...]] = {
+    2: ("ALTER TABLE run ADD COLUMN cutover_seconds FLOAT", "ALTER TABLE layer ADD COLUMN proof_dirs BLOB",
+        "ALTER TABLE layer ADD COLUMN proof VARCHAR(64)"),
+}
 
 
 def _now() -> str:
@@ -110,7 +116,9 @@ class Store:
                 run = s.get(RunRecord, 1)
             if run is None:
                 raise StateDatabaseError(f"state database {path} holds no migration")
-            if run.schema_version != SCHEMA_VERSION:
+            if run.schema_version in UPGRADES:
+                self._upgrade(run.schema_version)
+            elif run.schema_version != SCHEMA_VERSION:
                 raise StateDatabaseError(
                     f"state database {path} has schema {run.schema_version}, this tool knows {SCHEMA_VERSION}")
         except SQLAlchemyError as exc:
@@ -121,6 +129,15 @@ class Store:
             self.engine.dispose()
             raise
 
+    def _upgrade(self, version: int) -> None:
+        """A database of an earlier schema (a migration begun by the previous release) gains the new columns,
+        empty, in one transaction: what it recorded keeps its meaning."""
+        with self._session.begin() as s:
+            for statement in UPGRADES[version]:
+                s.execute(text(statement))
+            s.execute(update(RunRecord).where(RunRecord.id == 1).values(schema_version=SCHEMA_VERSION))
+        self._recorded(f"upgraded the state database from schema {version}")
+
     def _open(self, path: str, building: bool = False) -> None:
         self.engine = create_engine(f"sqlite:///{path}", future=True)
         event.listen(self.engine, "connect", _on_connect_building if building else _on_connect)
@@ -129,10 +146,14 @@ class Store:
     @classmethod
     def create(cls, path: str, root: str, strategy: str, layers: Iterable[LayerRecord],
                containers: Iterable[ContainerRecord], findings: Iterable[FindingRecord],
-               saved_times: Iterable[SavedTimeRecord] = (), on_recorded: Callable[[str], None] = _no_hook) -> "Store":
+               saved_times: Iterable[SavedTimeRecord] = (), on_recorded: Callable[[str], None] = _no_hook,
+               phase: str = CONVERTING, whiteout_dirs: Iterable[WhiteoutDirRecord] = ()) -> "Store":
         """Record a whole discovery: built as ``<path>.new`` in one transaction, fsynced, renamed into place.
 
-        Either ``path`` holds the run with all its layers, or it does not exist.
+        Either ``path`` holds the run with all its layers, or it does not exist; or, when it held a database
+        (a staging run the cutover or a new ``stage`` replaces), it holds the old one or the new one whole.
+        The caller has closed the old one after reading it under the lock, so no journal of it is left to
+        apply to the new file (SQLite rolls a hot journal back on the first read).
         """
         tmp = path + ".new"
         for suffix in ("", "-journal"):
@@ -145,13 +166,14 @@ class Store:
         try:
             Base.metadata.create_all(builder.engine)
             with builder._session.begin() as s:
-                s.add(RunRecord(id=1, schema_version=SCHEMA_VERSION, phase=CONVERTING, strategy=strategy,
+                s.add(RunRecord(id=1, schema_version=SCHEMA_VERSION, phase=phase, strategy=strategy,
                                 root=root, created_at=now, updated_at=now))
                 s.add_all(list(layers))
                 s.flush()
                 s.add_all(list(containers))
                 s.add_all(list(findings))
                 s.add_all(list(saved_times))
+                s.add_all(list(whiteout_dirs))
         except SQLAlchemyError as exc:
             raise StateDatabaseError(f"state database {path} cannot be created: {_cause(exc)}"
                                      f"{filesystem_hint(path)}") from exc
@@ -223,6 +245,23 @@ class Store:
                 found.setdefault(layer_id, []).append(path)
         return found
 
+    def staged_proofs(self) -> Dict[str, Tuple[bytes, str]]:
+        """The proof of each staged layer (its directories and their digest), by layer."""
+        with self._reading() as s:
+            rows = s.execute(select(LayerRecord.id, LayerRecord.proof_dirs, LayerRecord.proof)
+                             .where(LayerRecord.proof.is_not(None)))
+            return {layer_id: (dirs or b"", digest) for layer_id, dirs, digest in rows}
+
+    def whiteout_dir_records(self, layer_ids: Iterable[str]) -> List[WhiteoutDirRecord]:
+        """New rows of the whiteout directories of ``layer_ids`` (what a replacing database carries over)."""
+        wanted = set(layer_ids)
+        return [WhiteoutDirRecord(layer_id=layer_id, path=path)
+                for layer_id, paths in self.all_whiteout_dirs().items() if layer_id in wanted for path in paths]
+
+    def findings(self) -> List[FindingRecord]:
+        with self._reading() as s:
+            return list(s.scalars(select(FindingRecord).order_by(FindingRecord.id)))
+
     def saved_times(self) -> List[SavedTimeRecord]:
         with self._reading() as s:
             return list(s.scalars(select(SavedTimeRecord).order_by(SavedTimeRecord.path)))
@@ -268,6 +307,11 @@ class Store:
         with self._transaction() as s:
             s.execute(update(RunRecord).where(RunRecord.id == 1).values(image_staged=staged, updated_at=_now()))
         self._recorded(f"recorded image_staged={staged}")
+
+    def set_cutover_seconds(self, seconds: float) -> None:
+        with self._transaction() as s:
+            s.execute(update(RunRecord).where(RunRecord.id == 1).values(cutover_seconds=seconds, updated_at=_now()))
+        self._recorded("recorded the cutover time")
 
     def set_error(self, message: Optional[str]) -> None:
         with self._transaction() as s:

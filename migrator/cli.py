@@ -79,6 +79,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-if-rolled-back", action="store_true",
                    help="exit 0 without migrating when the last migration of the root was rolled back (the boot "
                         "unit's choice: an operator's rollback stands until someone runs 'run' by hand)")
+    p = add("stage", "with the engine running, convert the image layers it has committed, so that the cutover "
+                     "('run', engine stopped) is short; resumable, and safe to repeat", engine_check=False)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--log-file", metavar="PATH", default=None,
+                   help="append every step, with timestamps, to PATH (kept after a failure)")
+    p.add_argument("-j", "--jobs", type=int, default=procs.DEFAULT_JOBS, metavar="N",
+                   help=f"layers converted at once (default {procs.DEFAULT_JOBS})")
+    p.add_argument("--nice", action=argparse.BooleanOptionalAction, default=True,
+                   help="run at nice 19 in the idle I/O class, so the engine's applications keep the disk and "
+                        "the cores (default; --no-nice keeps the caller's priority)")
     p = add("status", "show the phase, the layers by state, and what to do next", engine_check=False)
     p.add_argument("--json", action="store_true", dest="as_json",
                    help="one JSON object (schema in docs/operations.md)")

@@ -28,18 +28,20 @@ from migrations_state.machine import (
     ROLLBACK_FORCED,
     ROLLED_BACK,
     ROLLING_BACK,
+    STAGING,
     SWITCHING,
 )
 from migrations_state.schema import RunRecord
 from migrations_state.store import Store
+from migrator import procs
 from migrator.checks import engine
 from migrator.checks import plan as planner
 from migrator.errors import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, MigratorError, Refused
-from migrator.formats import engineconfig, snapshot
+from migrator.formats import aufs, engineconfig, snapshot
 from migrator.fs import fsio
 from migrator.options import Options
 from migrator.paths import Paths
-from migrator.runtime import lock, recovery, start
+from migrator.runtime import lock, recovery, staging, start
 from migrator.runtime.lock import Held
 from migrator.runtime.migration import Migration
 from migrator.scan.prescan import EarlyWalk
@@ -55,8 +57,13 @@ def _say(msg: str) -> None:
 
 
 def _fresh(run: Optional[RunRecord]) -> bool:
-    """Whether ``run`` would start a new migration (none recorded, or the last one rolled back)."""
-    return run is None or run.phase == ROLLED_BACK
+    """Whether ``run`` would start a new migration (none recorded, the last one rolled back, or only staged:
+    the cutover plans the root as it is now)."""
+    return run is None or run.phase in (ROLLED_BACK, STAGING)
+
+
+def _staged(run: Optional[RunRecord]) -> bool:
+    return run is not None and run.phase == STAGING
 
 
 def _paths(opts: Options) -> Paths:
@@ -76,6 +83,8 @@ def plan(opts: Options) -> int:
         _say(f"nothing to migrate: {paths.root} has no aufs/")
         return EXIT_OK
     result = planner.make_plan(paths, opts, snap=snap)
+    if _staged(recorded):
+        result.staged = _staged_counts(paths)
     if opts.content and result.discovery is not None:
         from migrator.checks import contentcheck
 
@@ -88,8 +97,51 @@ def plan(opts: Options) -> int:
     return EXIT_OK if result.verdict else EXIT_REFUSED
 
 
+def _staged_counts(paths: Paths) -> Dict[str, int]:
+    """How many layers ``stage`` has staged, of how many it holds."""
+    store = lock.open_store(paths)
+    try:
+        staged, held = staging.counts(store) if store is not None else (0, 0)
+    finally:
+        if store is not None:
+            store.close()
+    return {"staged": staged, "layers": held}
+
+
+def stage(opts: Options) -> int:
+    """With the engine running, convert the image layers it has committed into the staging area; resumable."""
+    paths = _paths(opts)
+    with Reporter(opts.quiet, opts.log_file) as progress:
+        _refuse_unless_stageable(lock.peek_run(paths), paths)
+        snap = snapshot.read_root(paths.root)
+        if snap.diff_state != "present":
+            _say(f"nothing to stage: {paths.aufs_diff} is {snap.diff_state}")
+            return EXIT_OK
+        if opts.nice:
+            progress(f"priority: {procs.lower_priority()}")
+        with lock.locked_store(paths) as held:
+            _refuse_unless_stageable(held.store.run() if held.store is not None else None, paths)
+            try:
+                staging.stage(paths, held, progress, opts.jobs)
+            except OSError as exc:
+                if held.store is not None:
+                    held.store.set_error(str(exc))
+                raise MigratorError(f"{exc}; fix the cause and run 'aufs2overlay stage' again: it resumes") from exc
+            done, total = staging.counts(held.store)
+    layers = aufs.count_layers(paths.aufs_diff)
+    _say(f"staged: {done} of {layers} layers (the rest, containers' layers and layers not yet committed, at the "
+         f"cutover: stop the engine, then 'aufs2overlay run')")
+    return EXIT_OK
+
+
+def _refuse_unless_stageable(recorded: Optional[RunRecord], paths: Paths) -> None:
+    if recorded is not None and recorded.phase not in (STAGING, ROLLED_BACK):
+        raise Refused(f"a migration of {paths.root} is already {recorded.phase}: stage only comes before it "
+                      "('aufs2overlay status' says what to do)")
+
+
 def run(opts: Options, early: Optional[EarlyWalk] = None) -> int:
-    """Start or resume the migration; exit 0 only once it has completed."""
+    """Start or resume the migration (the cutover of a staged root); exit 0 only once it has completed."""
     paths = _paths(opts)
     if opts.strategy is not None and opts.strategy not in registry.NAMES:
         raise MigratorError(f"unknown strategy {opts.strategy!r}; choose one of {', '.join(registry.NAMES)}",
@@ -100,7 +152,7 @@ def run(opts: Options, early: Optional[EarlyWalk] = None) -> int:
             _say(f"the last migration of {paths.root} was rolled back; not migrating again "
                  "(--skip-if-rolled-back: run 'aufs2overlay run' by hand to migrate)")
             return EXIT_OK
-        snap = snapshot.read_root(paths.root) if recorded is None else None
+        snap = snapshot.read_root(paths.root) if recorded is None or _staged(recorded) else None
         if snap is not None and snap.nothing_to_migrate():
             _say(f"nothing to migrate: {paths.root} has no aufs/")
             return EXIT_OK
@@ -118,9 +170,12 @@ def run(opts: Options, early: Optional[EarlyWalk] = None) -> int:
             resumed = not _fresh(recorded)
             if not resumed:
                 new_plan = new_plan or checked_plan()  # rolled back by another command meanwhile
+                staged = None
                 if held.store is not None:
+                    if _staged(recorded):
+                        staged = staging.for_cutover(paths, held.store, new_plan.discovery, progress)
                     held.store.close()
-                held.store = start.begin(paths, new_plan, progress, opts.engine_config)
+                held.store = start.begin(paths, new_plan, progress, opts.engine_config, staged)
                 surveys = new_plan.surveys
             else:
                 _refuse_other_engine_config(paths, opts.engine_config)
@@ -128,7 +183,11 @@ def run(opts: Options, early: Optional[EarlyWalk] = None) -> int:
 
 
 def _refuse_mixed_strategy(recorded: Optional[RunRecord], strategy: Optional[str]) -> None:
-    """A migration resumes with the strategy it started with: the two leave different things half-done."""
+    """A migration resumes with the strategy it started with: the two leave different things half-done; a
+    staged root's cutover is the hardlink strategy's."""
+    if _staged(recorded) and strategy not in (None, staging.STRATEGY):
+        raise Refused(f"this root is staged for the {staging.STRATEGY} strategy; run the cutover with no "
+                      "--strategy, or discard the staged work first with 'aufs2overlay rollback'")
     if _fresh(recorded) or strategy is None or recorded.strategy == strategy:
         return
     raise Refused(f"this migration was started with --strategy {recorded.strategy} and is {recorded.phase}; resume "
@@ -177,8 +236,11 @@ def _drive_run(paths: Paths, held: Held, progress: Reporter, jobs: int, surveys:
         if migration.state == SWITCHING:
             migration.finish_switching()
     layers = held.store.layers()
+    cutover = procs.seconds_since_start()
+    held.store.set_cutover_seconds(cutover)
     progress(f"done in {progress.elapsed():.1f}s: {len(layers)} layers, {sum(r.entries for r in layers)} entries")
-    _say(f"migration of {paths.root} completed: {len(layers)} layers now in overlay2/")
+    _say(f"migration of {paths.root} completed: {len(layers)} layers now in overlay2/ "
+         f"(cutover: {cutover:.2f} s from this command's start)")
     return EXIT_OK
 
 

@@ -27,6 +27,7 @@ class Options:
     as_json: bool = False
     force: bool = False  # rollback --force
     keep: bool = False  # demo --keep
+    nice: bool = True  # stage: lowest CPU and I/O priority (--no-nice to keep the caller's)
 
     @classmethod
     def from_args(cls, args: Any) -> "Options":

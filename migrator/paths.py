@@ -9,6 +9,7 @@ from typing import Optional
 WORKDIR = ".aufs2overlay"
 STATE_DB = "state.db"
 TEMP_TREE = "overlay2.temp"
+STAGING = "staging"  # in WORKDIR: named after no storage driver, so no engine ever takes it for one
 
 
 @dataclass(frozen=True)
@@ -32,11 +33,25 @@ class Paths:
             raise MigratorError(f"engine root {root} is not a directory", EXIT_USAGE)
         return cls.for_root(root, state_db)
 
+    def for_staging(self) -> "StagingPaths":
+        """The same root, with the tree a conversion builds (``temp_tree``) in the staging area."""
+        return StagingPaths(self.root, self.state_db)
+
     def __getattr__(self, name: str) -> str:
         rel = _RELATIVE.get(name)
         if rel is None:
             raise AttributeError(name)
         return os.path.join(self.root, *rel)
+
+
+@dataclass(frozen=True)
+class StagingPaths(Paths):
+    """The paths of ``stage``: layers are built in ``WORKDIR/staging/``, which the cutover renames to
+    ``overlay2.temp/`` (both hold an overlay2-shaped tree whose ``l/`` links are relative to it)."""
+
+    @property
+    def temp_tree(self) -> str:
+        return self.staging
 
 
 _RELATIVE = {
@@ -47,6 +62,7 @@ _RELATIVE = {
     "aufs": ("aufs",),
     "aufs_diff": ("aufs", "diff"),
     "temp_tree": (TEMP_TREE,),
+    "staging": (WORKDIR, STAGING),
     "tree": ("overlay2",),
     "image_dir": ("image",),
     "image_aufs": ("image", "aufs"),

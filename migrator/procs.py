@@ -55,3 +55,49 @@ def pool(jobs: int, close_fds: Sequence[int] = ()) -> Iterator[concurrent.future
         executor.shutdown(wait=True, cancel_futures=True)
         raise
     executor.shutdown(wait=True)
+
+
+IOPRIO_WHO_PROCESS = 1
+IOPRIO_CLASS_IDLE = 3
+IOPRIO_CLASS_SHIFT = 13
+# ioprio_set's number, by machine (Linux's syscall tables; the generic table of aarch64 and riscv64 says 30).
+SYS_IOPRIO_SET = {"x86_64": 251, "i386": 289, "i686": 289, "aarch64": 30, "riscv64": 30, "armv7l": 314,
+                  "armv6l": 314, "armv8l": 314}
+
+
+def lower_priority() -> str:
+    """Nice 19 and the idle I/O class for this process (the workers forked later inherit both), so the host's
+    applications keep the disk and the cores (``stage``, with the engine serving); what it set, in words."""
+    os.setpriority(os.PRIO_PROCESS, 0, 19)
+    number = SYS_IOPRIO_SET.get(os.uname().machine)
+    if number is None:
+        return f"nice 19; I/O priority left as it was (no ioprio_set number known for {os.uname().machine})"
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(number, IOPRIO_WHO_PROCESS, 0, IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT) != 0:
+        return f"nice 19; I/O priority left as it was ({os.strerror(ctypes.get_errno())})"
+    return "nice 19, idle I/O class"
+
+
+def io_priority_class() -> int:
+    """This process's I/O scheduling class (ioprio_get), for the tests; -1 where unknown."""
+    number = SYS_IOPRIO_SET.get(os.uname().machine)
+    if number is None:
+        return -1
+    import ctypes
+
+    value = ctypes.CDLL(None, use_errno=True).syscall(number + 1, IOPRIO_WHO_PROCESS, 0)
+    return value >> IOPRIO_CLASS_SHIFT if value >= 0 else -1
+
+
+def seconds_since_start() -> float:
+    """How long ago this process started (from /proc: the interpreter's own start-up included), or -1."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        with open("/proc/uptime", "rb") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, IndexError, ValueError):
+        return -1.0
+    return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))

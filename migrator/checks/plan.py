@@ -57,6 +57,7 @@ class Plan:
     storage: Optional[consistency.StorageCheck] = None
     content: Optional[dict] = None  # plan --content: contentcheck.summary of the layers on aufs
     content_lines: List[str] = field(default_factory=list)
+    staged: Optional[Dict[str, int]] = None  # a staged root: {"staged": N, "layers": in the staging run}
     problems: List[str] = field(default_factory=list)
     findings: List[Tuple[str, str]] = field(default_factory=list)
     # What run takes over from the plan (not shown):
@@ -103,7 +104,7 @@ class Plan:
                 "missing_layers": len(self.storage.missing_layers),
                 "missing_metadata": len(self.storage.missing_metadata),
                 "accepted": self.accept_missing_storage},
-            "content": self.content,
+            "content": self.content, "staged": self.staged,
             "findings": [{"kind": k, "detail": d} for k, d in self.findings],
             "problems": self.problems, "verdict": "yes" if self.verdict else "no",
         }
@@ -292,6 +293,9 @@ def render(plan: Plan) -> str:
                      f"whiteout devices {yes_no[p.whiteout_devices]}, mount {yes_no[p.overlay_mount]}")
     elif p is not None:
         lines.append("overlay probe:  did not run (see the problem below)")
+    if plan.staged is not None:
+        lines.append(f"staged:         {plan.staged['staged']} of {plan.layers} layers (by 'aufs2overlay stage'; "
+                     "the cutover keeps those still unchanged and converts the rest)")
     for text in plan.content_lines:
         lines.append(f"content:        {text.removeprefix('content: ')}")
     for kind, detail in plan.findings:

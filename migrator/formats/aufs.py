@@ -234,3 +234,13 @@ def read_layers_files(root: str, unreadable: List[Tuple[str, str]]) -> Dict[str,
     finally:
         os.close(fd)
     return found
+
+
+def count_layers(diff_dir: str) -> int:
+    """The layer directories of ``aufs/diff`` (those being removed left out), by a plain listing: what
+    "staged: N of M layers" counts against (``status`` says it without reading the root's facts)."""
+    try:
+        with os.scandir(diff_dir) as it:
+            return sum(1 for e in it if e.is_dir(follow_symlinks=False) and not is_removing(e.name))
+    except (FileNotFoundError, NotADirectoryError):
+        return 0

@@ -26,7 +26,7 @@ from migrations_state.schema import SavedTimeRecord
 from migrator.errors import MigratorError
 from migrator.formats import containers, engineconfig, images
 from migrator.fs import fsio
-from migrator.runtime import recovery
+from migrator.runtime import recovery, staging
 from migrator.strategies import registry
 from migrator.strategies.base import Conversion
 from migrator.strategies.runner import WaveRunner
@@ -47,7 +47,9 @@ class Migration:
     # -- converting -------------------------------------------------------------------------------------
 
     def convert_layers(self) -> None:
-        """Drive every layer to ``committed``, resuming each from its recorded state."""
+        """Drive every layer to ``committed``, resuming each from its recorded state (a staged root's layers
+        first move into ``overlay2.temp/``)."""
+        staging.move_into_place(self.paths)
         WaveRunner(self.strategy, self.conv).run()
 
     def all_layers_committed(self) -> bool:

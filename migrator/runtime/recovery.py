@@ -41,10 +41,10 @@ def rollback_from_disk(paths: Paths, progress: Callable[[str], None]) -> None:
 
 
 def remove_new_trees(paths: Paths, progress: Callable[[str], None], final: bool) -> None:
-    """Remove, durably, the trees a migration builds: the staged ``image/overlay2.temp/`` and
+    """Remove, durably, the trees a migration builds: the staging area, the staged ``image/overlay2.temp/`` and
     ``overlay2.temp/`` always, and with ``final`` their renamed forms ``image/overlay2/`` and ``overlay2/``
     (only when they are known to be the migration's, or the operator forced it)."""
-    trees = [paths.image_stage, paths.temp_tree] + ([paths.image_overlay2, paths.tree] if final else [])
+    trees = [paths.staging, paths.image_stage, paths.temp_tree] + ([paths.image_overlay2, paths.tree] if final else [])
     for path in trees:
         if fsio.lexists(path):
             progress(f"removing {path}")
@@ -68,7 +68,8 @@ def remove_work_area(paths: Paths, keep: Tuple[str, ...] = ()) -> None:
 
 def leftovers(paths: Paths) -> List[str]:
     """What a lost migration may have left: the trees it builds and renames, and a cut-off probe's directory."""
-    trees = [p for p in (paths.temp_tree, paths.tree, paths.image_stage, paths.image_overlay2) if fsio.lexists(p)]
+    trees = [p for p in (paths.staging, paths.temp_tree, paths.tree, paths.image_stage, paths.image_overlay2)
+             if fsio.lexists(p)]
     return trees + probe.leftover_dirs(paths.root)
 
 

@@ -22,7 +22,7 @@ from migrator.formats.snapshot import RootSnapshot
 from migrator.fs import fsio
 from migrator.options import Options
 from migrator.paths import Paths
-from migrator.runtime import lock
+from migrator.runtime import lock, staging
 from migrator.scan.prescan import EarlyWalk
 from migrator.ui.progress import Reporter
 
@@ -47,13 +47,19 @@ def checked_plan(paths: Paths, opts: Options, progress: Reporter, early: Optiona
     return plan
 
 
-def begin(paths: Paths, plan: planner.Plan, progress: Reporter, engine_config: Optional[str]) -> Store:
-    """Write what starts the migration the plan describes, and its state database; the store."""
+def begin(paths: Paths, plan: planner.Plan, progress: Reporter, engine_config: Optional[str],
+          staged: Optional[staging.Staged] = None) -> Store:
+    """Write what starts the migration the plan describes, and its state database; the store.  With
+    ``staged`` (the cutover of a staging run), the kept staged layers start at their recorded states, and the
+    staging area stays (the conversion moves it into place); without, a staging area is a lost run's."""
     found = plan.found
     findings = plan.recorded_findings()
     times = dirs_whose_times_change(paths.root, [c.id for c in found if c.state == PENDING])
-    for parent, name in ((paths.root, os.path.basename(paths.temp_tree)),
-                         (paths.image_dir, os.path.basename(paths.image_stage))):
+    leftovers = [(paths.root, os.path.basename(paths.temp_tree)),
+                 (paths.image_dir, os.path.basename(paths.image_stage))]
+    if staged is None:
+        leftovers.append((paths.workdir, os.path.basename(paths.staging)))
+    for parent, name in leftovers:
         if fsio.lexists(os.path.join(parent, name)):
             progress(f"removing leftover {os.path.join(parent, name)} of an earlier, unrecorded attempt")
             fsio.ensure_absent_durably(parent, name)
@@ -67,10 +73,14 @@ def begin(paths: Paths, plan: planner.Plan, progress: Reporter, engine_config: O
     else:
         engineconfig.forget(paths)
     os.makedirs(os.path.dirname(paths.state_db), mode=0o700, exist_ok=True)
-    lock.remove_state_db(paths.state_db)
     layers, container_rows, finding_rows = discovered_records(plan.discovery, found, findings)
+    if staged is not None:
+        layers = staging.merged(layers, staged)
+        finding_rows += staging.finding_rows(staged)
+    else:
+        lock.remove_state_db(paths.state_db)
     store = Store.create(paths.state_db, paths.root, plan.strategy, layers, container_rows, finding_rows, times,
-                         on_recorded=checkpoints.reached)
+                         on_recorded=checkpoints.reached, whiteout_dirs=staged.whiteout_dirs if staged else ())
     progress(f"discovered {len(layers)} layers, {sum(c.state == PENDING for c in found)} containers on aufs; "
              f"strategy {plan.strategy}")
     return store

@@ -16,13 +16,16 @@ from migrations_state.errors import StateDatabaseError
 from migrations_state.machine import (
     CLEANED,
     CLEANING,
+    COMMITTED,
     COMPLETED,
     CONVERTING,
     ROLLED_BACK,
     ROLLING_BACK,
+    STAGING,
     SWITCHING,
 )
 from migrator.errors import EXIT_IN_PROGRESS, EXIT_OK, EXIT_ROLLED_BACK, EXIT_STATE_LOST, MigratorError
+from migrator.formats import aufs
 from migrator.fs import fsio
 from migrator.paths import Paths
 
@@ -33,6 +36,8 @@ NEXT_STEP = {
     STATE_LOST: ("the migration's state is lost: 'aufs2overlay rollback --force' rebuilds the aufs root from what "
                  "is on disk, then 'aufs2overlay run' migrates afresh (docs/recovery.md)"),
     "not-started": "run 'aufs2overlay run' to migrate",
+    STAGING: ("the engine may keep running; 'aufs2overlay stage' again stages what it committed since; then "
+              "stop the engine and 'aufs2overlay run' (the cutover); or 'aufs2overlay rollback' discards the staging"),
     CONVERTING: "run 'aufs2overlay run' to resume, or 'aufs2overlay rollback' to undo",
     SWITCHING: "run 'aufs2overlay run' to resume, or 'aufs2overlay rollback' to undo",
     COMPLETED: "start the engine with storage-driver overlay2; 'aufs2overlay cleanup' once satisfied",
@@ -48,13 +53,15 @@ def status(root: str, state_db: Optional[str] = None, as_json: bool = False) -> 
     paths = Paths.checked(root, state_db)
     if not os.path.exists(paths.state_db):
         trees = [os.path.relpath(p, paths.root) + "/" for p in
-                 (paths.temp_tree, paths.tree, paths.image_stage, paths.image_overlay2) if fsio.lexists(p)]
+                 (paths.staging, paths.temp_tree, paths.tree, paths.image_stage, paths.image_overlay2)
+                 if fsio.lexists(p)]
         if trees and fsio.lexists(paths.aufs):
             phase: Optional[str] = STATE_LOST
         else:
             phase = "not-started" if fsio.lexists(paths.aufs) else None
         doc = {"root": paths.root, "phase": phase or "nothing-to-migrate", "strategy": None, "layers": [],
-               "containers": [], "findings": [], "last_error": None, "next": NEXT_STEP[phase]}
+               "containers": [], "findings": [], "last_error": None, "cutover_seconds": None,
+               "next": NEXT_STEP[phase]}
         if phase == STATE_LOST:
             doc["last_error"] = (f"no state database at {paths.state_db}, but the root holds a migration's "
                                  f"{', '.join(trees)}")
@@ -75,8 +82,12 @@ def status(root: str, state_db: Optional[str] = None, as_json: bool = False) -> 
             "containers": [{"id": i, "state": st, "note": note} for i, st, note in state["containers"]],
             "findings": [{"kind": k, "layer": lid, "detail": d} for k, lid, d in state["findings"]],
             "last_error": run_row["last_error"],
+            "cutover_seconds": run_row["cutover_seconds"],
             "next": NEXT_STEP[run_row["phase"]],
         }
+        if run_row["phase"] == STAGING:
+            doc["staged"] = {"staged": sum(layer["state"] == COMMITTED for layer in doc["layers"]),
+                             "staging": len(doc["layers"]), "root_layers": aufs.count_layers(paths.aufs_diff)}
         code = {COMPLETED: EXIT_OK, CLEANED: EXIT_OK, ROLLED_BACK: EXIT_ROLLED_BACK}.get(
             doc["phase"], EXIT_IN_PROGRESS)
     if as_json:
@@ -92,6 +103,10 @@ def _status_text(doc: dict) -> str:
         counts: dict = {}
         for layer in doc["layers"]:
             counts[layer["state"]] = counts.get(layer["state"], 0) + 1
+        if doc["phase"] == STAGING:
+            staged = doc["staged"]
+            lines.append(f"staged:     {staged['staged']} of {staged['root_layers']} layers ({staged['staging']} "
+                         "in the staging; the rest are converted at the cutover)")
         if doc["phase"] == ROLLED_BACK:  # the states are where the conversion stood; nothing of it is left
             lines.append(f"layers:     {len(doc['layers'])} (rolled back: on aufs as before)")
         else:
@@ -108,6 +123,8 @@ def _status_text(doc: dict) -> str:
                      + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ")")
     if doc["findings"]:
         lines.append(f"findings:   {len(doc['findings'])} (see --json)")
+    if doc.get("cutover_seconds") is not None:
+        lines.append(f"cutover:    {doc['cutover_seconds']:.2f} s (the run that completed it, from its start)")
     if doc["last_error"]:
         lines.append(f"last error: {doc['last_error']}")
     lines.append(f"next:       {doc['next']}")

@@ -1,0 +1,289 @@
+"""Staging: the image layers the engine has committed, converted while it runs, and what the cutover keeps.
+
+``stage`` builds overlay2 layers with the hardlink strategy in ``.aufs2overlay/staging/`` (named after no
+storage driver: dockerd up to 23 refuses to start beside two drivers' directories).  Its state is a run in
+phase ``staging`` in the same database: each layer's states as ``run`` records them, and each layer's proof
+(``scan/proof.py``), taken before any of its directories is linked.  Only layers the layer store has
+committed are staged (``cache-id`` names them, no ``-removing``), with their whole ancestry: a layer still
+being pulled, a container's layers and anything the store does not name wait for the cutover.
+
+Each ``stage`` first judges what is staged against the root as it is now (``judge``): a layer the engine
+removed, whose ancestry changed, whose proof no longer holds, or whose ancestor was dropped, is dropped (its
+staged directory removed); then new committed layers are proved and added.  The database is then replaced
+whole (``Store.create``), so it names exactly the layers the staging area holds.  A layer the engine removes
+while it is being linked fails its step; the pass then drops it and goes on.
+
+The cutover (``run`` with the engine stopped) judges the same way against its own discovery, then starts the
+migration with the kept layers at their states (``start.begin``); the conversion renames the staging area to
+``overlay2.temp/`` before its first wave (``move_into_place``).  Nothing here writes in ``aufs/`` or
+``image/aufs/``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Set, Tuple
+
+from migrations_state.machine import COMMITTED, DISCOVERED, LOWERS_WRITTEN, STAGING
+from migrations_state.schema import FindingRecord, LayerRecord, WhiteoutDirRecord
+from migrations_state.store import Store
+from migrator import checkpoints, interrupts
+from migrator.errors import MigratorError
+from migrator.formats import aufs, overlay2, snapshot
+from migrator.formats.linkid import new_link_id
+from migrator.fs import fsio
+from migrator.paths import Paths
+from migrator.runtime.lock import Held
+from migrator.scan import proof
+from migrator.strategies import registry
+from migrator.strategies.base import Conversion
+from migrator.strategies.runner import WaveRunner
+from migrator.ui.progress import Reporter
+
+STRATEGY = "hardlink"  # the in-place strategy moves aufs data: it never runs beside an engine
+PASSES = 20  # stage passes in one command when the engine keeps removing layers under it
+
+
+@dataclass
+class Staged:
+    """What the cutover keeps of the staging: layer rows by id (each with its state), their proofs, their
+    whiteout directories, and the findings to record."""
+
+    kept: Dict[str, LayerRecord] = field(default_factory=dict)
+    proofs: Dict[str, Tuple[bytes, str]] = field(default_factory=dict)
+    whiteout_dirs: List[WhiteoutDirRecord] = field(default_factory=list)
+    findings: List[Tuple[Optional[str], str, str]] = field(default_factory=list)  # (layer, kind, detail)
+
+
+def committed_layers(snap: snapshot.RootSnapshot) -> List[aufs.AufsLayer]:
+    """The image layers the layer store has committed whose whole ancestry is committed too, parents first:
+    what ``stage`` may convert while the engine runs."""
+    candidates: Dict[str, List[str]] = {}
+    for layer_id in snap.store.cache_ids():
+        entry, listed = snap.diff.get(layer_id), snap.layers.get(layer_id)
+        if (entry is None or entry.kind != aufs.DIR or entry.dev != snap.dev or not aufs.valid_id(layer_id)
+                or listed is None or listed.ancestors is None or len(listed.ancestors) > overlay2.MAX_LOWERS):
+            continue
+        candidates[layer_id] = list(listed.ancestors)
+
+    def whole(layer_id: str) -> bool:
+        ancestors = candidates[layer_id]
+        return all(a in candidates and candidates[a] == ancestors[i + 1:] for i, a in enumerate(ancestors))
+
+    chosen = sorted((i for i in candidates if whole(i)), key=lambda i: (len(candidates[i]), i))
+    return [aufs.AufsLayer(id=i, ancestors=candidates[i], times=(snap.diff[i].atime_ns, snap.diff[i].mtime_ns))
+            for i in chosen]
+
+
+def judge(paths: Paths, records: Sequence[LayerRecord], proofs: Dict[str, Tuple[bytes, str]],
+          wanted: Dict[str, List[str]]) -> Tuple[List[LayerRecord], List[Tuple[LayerRecord, str]]]:
+    """The staged layers still good for ``wanted`` (layer id → ancestors, as the root holds them now), and the
+    others with why: removed, ancestry changed, proof broken (``proof.holds``), an ancestor dropped, or the
+    staged directory missing.  ``records`` go parents first, so an ancestor is judged before its children."""
+    kept: List[LayerRecord] = []
+    dropped: List[Tuple[LayerRecord, str]] = []
+    good: Set[str] = set()
+    for record in records:
+        interrupts.check()
+        ancestors = record.ancestors.split("\n") if record.ancestors else []
+        why: Optional[str]
+        if record.id not in wanted:
+            why = "the engine removed it (or it is no longer a committed image layer)"
+        elif wanted[record.id] != ancestors:
+            why = "its ancestry changed"
+        elif any(a not in good for a in ancestors):
+            why = "an ancestor of it was dropped"
+        elif record.id not in proofs:
+            why = "it has no proof"
+        elif record.state != DISCOVERED and not fsio.lexists(os.path.join(paths.staging, record.id)):
+            why = "its staged directory is missing"
+        else:
+            dirs, digest = proofs[record.id]
+            why = proof.holds(os.path.join(paths.aufs_diff, record.id), proof.Proof(dirs, digest))
+            if why is not None:
+                why = f"aufs/diff/{record.id}: {why}"
+        if why is None:
+            kept.append(record)
+            good.add(record.id)
+        else:
+            dropped.append((record, why))
+    return kept, dropped
+
+
+def remove_dropped(paths: Paths, dropped: Sequence[Tuple[LayerRecord, str]], progress: Reporter) -> None:
+    """Remove each dropped layer's staged directory and ``l/`` link, durably; idempotent."""
+    if not dropped or not fsio.lexists(paths.staging):
+        return
+    links = os.path.join(paths.staging, overlay2.LINKS_DIR)
+    for record, why in dropped:
+        progress(f"staged layer {record.id} dropped: {why}")
+        if fsio.lexists(os.path.join(links, record.link_id)):
+            fsio.ensure_absent_durably(links, record.link_id)
+        fsio.ensure_absent_durably(paths.staging, record.id)
+
+
+def carried(record: LayerRecord, seq: int, proofs: Dict[str, Tuple[bytes, str]], **changes: object) -> LayerRecord:
+    """A new row for a kept layer: what it recorded (its link id, state, count, proof), with ``changes``."""
+    dirs, digest = proofs.get(record.id, (None, None))
+    values = dict(id=record.id, seq=seq, parent=record.parent, ancestors=record.ancestors, link_id=record.link_id,
+                  has_child=record.has_child, writable=record.writable, state=record.state,
+                  atime_ns=record.atime_ns, mtime_ns=record.mtime_ns, entries=record.entries, proof_dirs=dirs,
+                  proof=digest)
+    values.update(changes)
+    return LayerRecord(**values)
+
+
+def unused_link_id(taken: Set[str]) -> str:
+    link = new_link_id()
+    while link in taken:
+        link = new_link_id()
+    taken.add(link)
+    return link
+
+
+def _kept_findings(store: Store, kept: Set[str]) -> List[Tuple[Optional[str], str, str]]:
+    return [(f.layer_id, f.kind, f.detail) for f in store.findings() if f.layer_id is None or f.layer_id in kept]
+
+
+def _finding_rows(findings: Sequence[Tuple[Optional[str], str, str]]) -> List[FindingRecord]:
+    return [FindingRecord(layer_id=layer_id, kind=kind, detail=detail) for layer_id, kind, detail in findings]
+
+
+# -- stage ------------------------------------------------------------------------------------------------
+
+
+def refresh(paths: Paths, held: Held, progress: Reporter) -> Store:
+    """The staging run, judged against the root as it is now: dropped layers removed, new committed layers
+    proved and added (the database replaced whole when anything changed); the store to convert with."""
+    store = held.store
+    staging_run = store is not None and store.run().phase == STAGING
+    snap = snapshot.read_root(paths.root)
+    wanted = committed_layers(snap)
+    records = store.layers() if staging_run else []
+    proofs = store.staged_proofs() if staging_run else {}
+    kept, dropped = judge(paths, records, proofs, {layer.id: layer.ancestors for layer in wanted})
+    good = {r.id for r in kept}
+    added: List[Tuple[aufs.AufsLayer, proof.Proof]] = []
+    findings: List[Tuple[Optional[str], str, str]] = []
+    now = time.time_ns()
+    for layer in wanted:
+        if layer.id in good or any(a not in good for a in layer.ancestors):
+            continue
+        interrupts.check()
+        try:
+            taken = proof.take(os.path.join(paths.aufs_diff, layer.id), now)
+        except OSError:
+            continue  # removed since the root was read
+        if taken is None:
+            progress(f"layer {layer.id} changed less than {proof.RACY_NS // 10**9} s ago: left for a later stage "
+                     "or the cutover")
+            continue
+        good.add(layer.id)
+        added.append((layer, taken))
+    if staging_run and not dropped and not added:
+        return store
+    remove_dropped(paths, dropped, progress)
+    findings = (_kept_findings(store, {r.id for r in kept}) if staging_run else []) + findings
+    findings += [(None, "staged-layer-dropped", f"{r.id}: {why}") for r, why in dropped]
+    parents = {ancestors[0] for ancestors in (listed.ancestors for listed in snap.layers.values())
+               if ancestors}
+    rows = [carried(r, seq, proofs) for seq, r in enumerate(kept)]
+    taken_links = {r.link_id for r in rows}
+    for layer, taken in added:
+        rows.append(LayerRecord(id=layer.id, seq=len(rows), parent=layer.parent, ancestors="\n".join(layer.ancestors),
+                                link_id=unused_link_id(taken_links), has_child=layer.id in parents, writable=False,
+                                atime_ns=layer.times[0], mtime_ns=layer.times[1], state=DISCOVERED,
+                                proof_dirs=taken.dirs, proof=taken.digest))
+    whiteout_dirs = store.whiteout_dir_records({r.id for r in kept}) if staging_run else []
+    if store is not None:
+        store.close()
+        held.store = None
+    if not staging_run:
+        fsio.ensure_absent_durably(paths.workdir, os.path.basename(paths.staging))  # of a lost staging run
+    new = Store.create(paths.state_db, paths.root, STRATEGY, rows, [], _finding_rows(findings), (),
+                       on_recorded=checkpoints.reached, phase=STAGING, whiteout_dirs=whiteout_dirs)
+    progress(f"staging: {len(kept)} layers kept, {len(added)} to stage, {len(dropped)} dropped")
+    return new
+
+
+def stage(paths: Paths, held: Held, progress: Reporter, jobs: int) -> None:
+    """Pass after pass, until every committed layer is staged: a pass cut short by a layer that the engine
+    removed under it drops that layer and goes on.  ``held.store`` is the store in use throughout."""
+    for _ in range(PASSES):
+        held.store = refresh(paths, held, progress)
+        try:
+            WaveRunner(registry.get(STRATEGY),
+                       Conversion(paths.for_staging(), held.store, progress, jobs, held.lock_fd)).run()
+            return
+        except OSError:
+            wanted = {layer.id for layer in committed_layers(snapshot.read_root(paths.root))}
+            if all(r.id in wanted for r in held.store.layers() if r.state != COMMITTED):
+                raise
+            progress("a layer was removed by the engine while it was being staged: dropping it")
+    raise MigratorError(f"the engine removed layers during each of {PASSES} passes; run 'aufs2overlay stage' again")
+
+
+def counts(store: Store) -> Tuple[int, int]:
+    """(staged layers, layers in the staging run)."""
+    states = store.layer_states()
+    return states.get(COMMITTED, 0), sum(states.values())
+
+
+# -- the cutover ----------------------------------------------------------------------------------------
+
+
+def for_cutover(paths: Paths, store: Store, discovery: aufs.Discovery, progress: Reporter) -> Staged:
+    """What the cutover keeps of the staging run in ``store``, judged against its discovery (the engine is
+    stopped); dropped layers' staged directories are removed before the caller records anything."""
+    records = store.layers()
+    proofs = store.staged_proofs()
+    kept, dropped = judge(paths, records, proofs, {layer.id: layer.ancestors for layer in discovery.layers
+                                                   if not layer.writable})
+    remove_dropped(paths, dropped, progress)
+    good = {r.id for r in kept}
+    findings = _kept_findings(store, good) + [(None, "staged-layer-dropped", f"{r.id}: {why}") for r, why in dropped]
+    progress(f"cutover: {len(kept)} staged layers kept, {len(dropped)} dropped, "
+             f"{len(discovery.layers) - len(kept)} to convert now")
+    return Staged({r.id: r for r in kept}, {i: p for i, p in proofs.items() if i in good},
+                  store.whiteout_dir_records(good), findings)
+
+
+def merged(rows: List[LayerRecord], staged: Staged) -> List[LayerRecord]:
+    """The cutover's discovered rows with each kept layer's recorded row in its place (same position); a kept
+    layer that gained a child since goes back one step, so the conversion marks it ``committed``; a new layer
+    never takes a kept layer's link id."""
+    taken = {r.link_id for r in staged.kept.values()}
+    out: List[LayerRecord] = []
+    for row in rows:
+        record = staged.kept.get(row.id)
+        if record is None:
+            if row.link_id in taken:
+                row.link_id = unused_link_id(taken)
+            taken.add(row.link_id)
+            out.append(row)
+            continue
+        state = record.state
+        if row.has_child and not record.has_child and state == COMMITTED:
+            state = LOWERS_WRITTEN
+        out.append(carried(record, row.seq, staged.proofs, has_child=row.has_child, state=state,
+                           atime_ns=row.atime_ns, mtime_ns=row.mtime_ns))
+    return out
+
+
+def finding_rows(staged: Staged) -> List[FindingRecord]:
+    return _finding_rows(staged.findings)
+
+
+def move_into_place(paths: Paths) -> None:
+    """The staging area becomes ``overlay2.temp/`` (one rename: its ``l/`` links are relative), durably;
+    nothing to do once it has."""
+    if not fsio.lexists(paths.staging):
+        return
+    if fsio.lexists(paths.temp_tree):
+        raise MigratorError(f"both {paths.staging} and {paths.temp_tree} exist; refusing to guess which is right")
+    os.rename(paths.staging, paths.temp_tree)
+    fsio.fsync_path(paths.root)
+    fsio.fsync_path(paths.workdir)
+    checkpoints.reached("staging moved into overlay2.temp")
