@@ -112,15 +112,15 @@ class Store:
             raise StateDatabaseError(f"no state database at {path}")
         self._open(path)
         try:
-            with self._session() as s:
-                run = s.get(RunRecord, 1)
-            if run is None:
+            with self._session() as s:  # the version alone: an earlier schema lacks columns of this one
+                version = s.execute(select(RunRecord.schema_version).where(RunRecord.id == 1)).scalar()
+            if version is None:
                 raise StateDatabaseError(f"state database {path} holds no migration")
-            if run.schema_version in UPGRADES:
-                self._upgrade(run.schema_version)
-            elif run.schema_version != SCHEMA_VERSION:
+            if version in UPGRADES:
+                self._upgrade(version)
+            elif version != SCHEMA_VERSION:
                 raise StateDatabaseError(
-                    f"state database {path} has schema {run.schema_version}, this tool knows {SCHEMA_VERSION}")
+                    f"state database {path} has schema {version}, this tool knows {SCHEMA_VERSION}")
         except SQLAlchemyError as exc:
             self.engine.dispose()
             raise StateDatabaseError(f"state database {path} is unreadable: {_cause(exc)}"

@@ -80,14 +80,14 @@ def lower_priority() -> str:
     return "nice 19, idle I/O class"
 
 
-def io_priority_class() -> int:
-    """This process's I/O scheduling class (ioprio_get), for the tests; -1 where unknown."""
+def io_priority_class(pid: int = 0) -> int:
+    """The I/O scheduling class of ``pid`` (0: this process), from ioprio_get, for the tests; -1 where unknown."""
     number = SYS_IOPRIO_SET.get(os.uname().machine)
     if number is None:
         return -1
     import ctypes
 
-    value = ctypes.CDLL(None, use_errno=True).syscall(number + 1, IOPRIO_WHO_PROCESS, 0)
+    value = ctypes.CDLL(None, use_errno=True).syscall(number + 1, IOPRIO_WHO_PROCESS, pid)
     return value >> IOPRIO_CLASS_SHIFT if value >= 0 else -1
 
 
