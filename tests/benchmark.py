@@ -5,6 +5,7 @@
     python3 tests/benchmark.py --startup dist/aufs2overlay-x86_64 [--rounds 11]
     python3 tests/benchmark.py --content [--rounds 5]
     python3 tests/benchmark.py --many-layers [--rounds 3]     python3 tests/benchmark.py --skew [--cold]
+    python3 tests/benchmark.py --staged [--rounds 5]
 
 It builds a realistic aufs root (a distribution base, runtime and application layers, whiteouts, opaque
 directories, containers with -init and writable layers; at scale 1.0 about 200,000 entries in 35 layers) by
@@ -16,7 +17,9 @@ prints the median time, the ratio to `cp -al`, entries per second, the extra ino
 filesystem (statvfs before and after), and the migrator's peak RSS; and the start-up floor: a process that
 only imports what `run` imports.  Needs root.  ``--binary F`` runs the single-file build F instead of the
 package.  ``--startup F`` only times start-up: `F --help` against the package's `aufs2overlay --help`,
-alternating, every round printed, and the medians.
+alternating, every round printed, and the medians.  ``--staged`` times, instead of the in-place strategy,
+`aufs2overlay stage` (the engine would be running) and then the cutover, `aufs2overlay run` with the engine
+stopped: the downtime, against the offline run of the same root in the same round.
 """
 
 from __future__ import annotations
@@ -446,6 +449,8 @@ def main() -> int:
     ap.add_argument("--content", action="store_true",
                     help="only time verify --content of a migrated root against cat of the same files")
     ap.add_argument("--skew", action="store_true", help="one layer holds about 80%% of the entries")
+    ap.add_argument("--staged", action="store_true",
+                    help="time stage, then the cutover (run), against the offline run (the downtime)")
     ap.add_argument("--many-layers", action="store_true",
                     help="about 3,000 small layers in chains of 20; the reference is one cp -al of aufs/diff")
     args = ap.parse_args()
@@ -474,9 +479,12 @@ def main() -> int:
     if args.jobs:
         migrate += ["--jobs", str(args.jobs)]
     strategies = {"run (hardlink)": "hardlink", "run --strategy inplace": "inplace"}
+    if args.staged:
+        strategies = {"run (hardlink)": "hardlink", "stage (engine running)": "stage", "cutover (run)": "cutover"}
+    stage = program + ["stage", "--root", root, "-q"] + (["--jobs", str(args.jobs)] if args.jobs else [])
     results: Dict[str, List[Tuple[float, int, int, int]]] = {name: [] for name in ["cp -al", *strategies]}
     floor: List[float] = []
-    staging: Dict[str, List[float]] = {name: [] for name in strategies}
+    staging: Dict[str, List[float]] = {name: [] for name, s in strategies.items() if s != "stage"}
     image_copy: List[float] = []
     for r in range(args.rounds):
         floor.append(timed([sys.executable, "-c", "import migrator.commands"], args.workdir)[0])
@@ -490,10 +498,14 @@ def main() -> int:
                 results[name].append(timed(reference(root, f"{scratch}-{r}"), args.workdir))
                 continue
             strategy = strategies[name]
+            if strategy == "stage":  # the staging is kept for the cutover, timed next
+                results[name].append(timed(stage, args.workdir))
+                continue
             log = os.path.join(args.workdir, f"run-{r}-{strategy}.log")
-            results[name].append(timed(migrate + ["--strategy", strategy, "--log-file", log], args.workdir))
+            results[name].append(timed(migrate + (["--strategy", strategy] if strategy != "cutover" else [])
+                                       + ["--log-file", log], args.workdir))
             staging[name].append(image_staging_seconds(log))
-            reset(root, os.path.join(args.workdir, f"trash-{r}-{strategy}"), strategy)
+            reset(root, os.path.join(args.workdir, f"trash-{r}-{strategy}"), "hardlink" if args.staged else strategy)
         this_ref = results["cp -al"][-1][0]
         print(f"round {r + 1}: " + ", ".join(f"{name} {rows[-1][0]:.2f}s ({rows[-1][0] / this_ref:.2f}x)"
                                              for name, rows in results.items())
@@ -507,6 +519,12 @@ def main() -> int:
         rss = "" if name == "cp -al" else f"{max(t[1] for t in rows) / 1024:.0f} MiB"
         print(f"{name:24} {med:9.2f} {med / ref:7.2f} {n_entries / med:10.0f} {inodes:9.0f} {mib:8.1f} {rss:>9}")
     print(f"whiteouts and opaque markers in the root: {n_whiteouts}")
+    if args.staged:
+        offline = statistics.median(t[0] for t in results["run (hardlink)"])
+        cutover = statistics.median(t[0] for t in results["cutover (run)"])
+        per_round = [c[0] / o[0] for c, o in zip(results["cutover (run)"], results["run (hardlink)"])]
+        print(f"cutover after stage: median {cutover:.2f} s, {100 * cutover / offline:.1f}% of the offline run "
+              f"({offline:.2f} s); per round {', '.join(f'{100 * x:.1f}%' for x in per_round)}")
     print("image store staging (from the run's log), median: " + ", ".join(
         f"{name} {statistics.median(rows):.2f} s" for name, rows in staging.items())
         + f"; cp -al of image/aufs {statistics.median(image_copy):.2f} s")

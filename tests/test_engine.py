@@ -11,17 +11,23 @@ The tests in this module run in order and share one engine root.
 
 import hashlib
 import io
+import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import tarfile
 import tempfile
+import time
 
 import pytest
 
+from migrator.scan.proof import RACY_NS
 from tests.conftest import STRATEGIES, WORKDIR, cli, unpack_fixture
 from tests.support import dockerd as dk
-from tests.support.aufsbuilder import build_aufs_root
+from tests.support import engineops
+from tests.support.aufsbuilder import build_aufs_root, chain_ids
 from tests.support.dockerd import assert_balena_root_runs, saved_layer_digests
 from tests.support.manifest import diff_manifests, link_groups, manifest
 
@@ -40,6 +46,10 @@ RUN rm -r /data/keep && echo top > /data/top
 """
 OTHER_DOCKERFILE = """FROM a2o/base
 RUN echo other > /other && rm -r /tmp
+"""
+# Pulled while ``stage`` runs, in the staging test (its own layer sits on the app's, whiteouts included).
+THIRD_DOCKERFILE = """FROM a2o/app
+RUN echo third > /third && rm -r /data/d1 && mkdir -p /data/keep3 && echo k > /data/keep3/k
 """
 # What a container sees, minus what the engine mounts afresh at every start (/proc, /sys, /dev, /etc/hosts…).
 VIEW = ("find / -xdev ! -path / ! -path /proc ! -path /sys ! -path /dev ! -path /etc/hosts ! -path /etc/hostname "
@@ -95,7 +105,8 @@ def world():
     try:
         engine.start()
         engine.docker("import", "-", "a2o/base:latest", input=make_base_rootfs(os.path.join(base, "rootfs")))
-        for tag, dockerfile in (("a2o/app:latest", APP_DOCKERFILE), ("a2o/other:latest", OTHER_DOCKERFILE)):
+        for tag, dockerfile in (("a2o/app:latest", APP_DOCKERFILE), ("a2o/other:latest", OTHER_DOCKERFILE),
+                                ("a2o/third:latest", THIRD_DOCKERFILE)):
             ctx = os.path.join(base, "ctx-" + tag.split("/")[1].split(":")[0])
             os.makedirs(ctx)
             with open(os.path.join(ctx, "Dockerfile"), "w") as f:
@@ -110,13 +121,13 @@ def world():
         facts["images"] = image_ids(engine)
         facts["saves"] = {}
         facts["digests"] = {}
-        for ref in ("a2o/base:latest", "a2o/app:latest", "a2o/other:latest"):
+        for ref in ("a2o/base:latest", "a2o/app:latest", "a2o/other:latest", "a2o/third:latest"):
             data, digests, diff_ids = saved_layer_digests(engine, ref)
             assert digests == diff_ids
             facts["saves"][ref] = data
             facts["digests"][ref] = digests
         facts["views"] = {ref: engine.out("run", "--rm", ref, "sh", "-c", VIEW)
-                          for ref in ("a2o/app:latest", "a2o/other:latest")}
+                          for ref in ("a2o/app:latest", "a2o/other:latest", "a2o/third:latest")}
         facts["containers"] = {}
         for name in ("c_new", "c_ran", "c_vol"):
             cid = engine.out("inspect", "-f", "{{.Id}}", name).strip()
@@ -284,3 +295,109 @@ def test_real_balena_root_runs_on_dockerd(tmp_path, strategy):
         shutil.rmtree(root, ignore_errors=True)
 
 
+
+
+def _own_layers(root, repo):
+    """An image's id (hex) and the layers only it holds, ``(cache id, chain hex)`` bottom first."""
+    image_dir = os.path.join(root, "image", "aufs")
+    with open(os.path.join(image_dir, "repositories.json")) as f:
+        repos = json.load(f)["Repositories"]
+    chains_of = {}
+    for name, tags in repos.items():
+        image_hex = next(iter(tags.values())).split(":")[1]
+        with open(os.path.join(image_dir, "imagedb", "content", "sha256", image_hex)) as f:
+            chains_of[name] = (image_hex, [c.split(":")[1] for c in chain_ids(json.load(f)["rootfs"]["diff_ids"])])
+    image_hex, chains = chains_of[repo]
+    shared = {c for name, (_h, cs) in chains_of.items() if name != repo for c in cs}
+    own = []
+    for chain in chains:
+        if chain not in shared:
+            with open(os.path.join(image_dir, "layerdb", "sha256", chain, "cache-id")) as f:
+                own.append((f.read().strip(), chain))
+    return image_hex, own
+
+
+def test_staged_while_the_engine_works_then_the_cutover_runs_on_dockerd(world):
+    """The engine's work while ``stage`` runs, on disk as moby does it (tests/support/engineops.py): a pull of
+    a2o/third (taken out of the root first), an rmi of a2o/other, a write in c_ran's read-write layer; then the
+    cutover, and dockerd 20.10 sees every image (the pulled one too) and container as they were, the removed
+    image gone, ``docker save`` giving the diff ids."""
+    base = tempfile.mkdtemp(prefix="a2o-staged-", dir="/var/tmp")
+    root = os.path.join(base, "docker")
+    subprocess.run(["cp", "-a", world["root"], root], check=True)
+    third_hex, third_own = _own_layers(root, "a2o/third")
+    other_hex, other_own = _own_layers(root, "a2o/other")
+    assert len(third_own) == 1 and len(other_own) == 1
+    stash = engineops.take_out_image(root, "a2o/third", third_hex, third_own, os.path.join(base, "pull"))
+    c_ran = world["containers"]["c_ran"]["id"]
+    with open(os.path.join(root, "image", "aufs", "layerdb", "mounts", c_ran, "mount-id")) as f:
+        ran_layer = f.read().strip()
+    time.sleep(RACY_NS / 1e9 + 0.2)  # the copy's directories are new: stage trusts them after this
+    engine = dk.Dockerd(root)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "migrator", "stage", "--root", root],
+                                env=dict(os.environ, AUFS2OVERLAY_STOP_AT="2"), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        _wait_stopped(proc.pid)
+        engineops.pull(root, stash)
+        engineops.remove_image(root, "a2o/other", other_hex, other_own)
+        engineops.write_in_container(root, ran_layer, "data/written-while-staged", b"staged\n")
+        os.killpg(proc.pid, signal.SIGCONT)
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        res = cli("run", "--root", root, "--engine-pidfile", "/nonexistent", check=0)
+        assert "cutover:" in res.stdout and "staged layers kept" in res.stderr, res.stderr
+        cli("verify", "--root", root, check=0)
+        engine.start()
+        expected = [line for line in world["images"] if "a2o/other" not in line]
+        assert image_ids(engine) == expected
+        assert engine.docker("image", "inspect", "a2o/other", check=False).returncode != 0
+        for ref, digests in world["digests"].items():
+            if ref != "a2o/other:latest":
+                _data, got, diff_ids = saved_layer_digests(engine, ref)
+                assert got == diff_ids == digests, ref
+        for ref in ("a2o/app:latest", "a2o/third:latest"):
+            assert engine.out("run", "--rm", ref, "sh", "-c", VIEW) == world["views"][ref], ref
+        for name, c in world["containers"].items():
+            diff = sorted(engine.out("diff", name).splitlines())
+            if name == "c_ran":
+                assert diff == sorted(c["diff"] + ["A /data/written-while-staged"]), diff
+            else:
+                assert diff == c["diff"], name
+                assert export_listing(engine.docker("export", name).stdout) == c["export"], name
+    finally:
+        engine.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _wait_stopped(pid, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        if state == "T":
+            return
+        assert state != "Z", f"process {pid} ended before it reached the checkpoint"
+        time.sleep(0.02)
+    raise AssertionError(f"process {pid} did not stop")
+
+
+def test_a_staged_root_never_makes_dockerd_refuse(world):
+    """With no storage driver configured, dockerd 20.10 fails on a staged root exactly as on the unstaged one
+    here (no aufs in this kernel), never with "several valid graphdrivers": the staging area is named after
+    no driver."""
+    base = tempfile.mkdtemp(prefix="a2o-staged-", dir="/var/tmp")
+    try:
+        errors = []
+        for name in ("plain", "staged"):
+            root = os.path.join(base, name)
+            subprocess.run(["cp", "-a", world["root"], root], check=True)
+            if name == "staged":
+                time.sleep(RACY_NS / 1e9 + 0.2)
+                cli("stage", "--root", root, "-q", check=0)
+                assert os.listdir(os.path.join(root, ".aufs2overlay", "staging"))
+            errors.append(dk.Dockerd(root).start_error())
+        assert errors[0] == errors[1], errors
+        assert "several valid graphdrivers" not in errors[1]
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -50,12 +50,13 @@ class Dockerd:
         env.update(DOCKER_HOST=f"unix://{self.sock}", DOCKER_BUILDKIT="0", DOCKER_CLI_HINTS="false")
         return env
 
-    def start(self, timeout: float = 60) -> None:
+    def start(self, timeout: float = 60, storage_driver: Optional[str] = "overlay2") -> None:
+        """Start it and wait until it answers (``storage_driver`` None: none configured, the engine picks)."""
+        driver = ["--storage-driver", storage_driver] if storage_driver else []
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [DOCKERD, "--data-root", self.data_root, "--exec-root", self.exec_root, "--pidfile", self.pidfile,
-                 "-H", f"unix://{self.sock}", "--storage-driver", "overlay2", "--iptables=false",
-                 "--ip6tables=false", "--bridge=none"],
+                 "-H", f"unix://{self.sock}", *driver, "--iptables=false", "--ip6tables=false", "--bridge=none"],
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -67,6 +68,17 @@ class Dockerd:
             time.sleep(0.3)
         self.stop()
         raise RuntimeError(f"dockerd did not answer within {timeout}s:\n{self.log_tail()}")
+
+    def start_error(self, timeout: float = 60) -> str:
+        """Start it with no storage driver configured, expecting it to exit: the line that says why."""
+        try:
+            self.start(timeout, storage_driver=None)
+        except RuntimeError:
+            lines = [line for line in self.log_tail(400).splitlines() if "failed to start daemon" in line]
+            return lines[-1] if lines else self.log_tail(5)
+        finally:
+            self.stop()
+        raise AssertionError("dockerd started")
 
     def log_tail(self, n: int = 40) -> str:
         try:
