@@ -254,9 +254,12 @@ def rollback(opts: Options) -> int:
             return _rollback_without_state(paths, opts, progress, str(exc))
         if recorded is None:
             return _rollback_without_state(paths, opts, progress, None)
-        engine.refuse_if_running(paths.root, opts.engine_pidfiles)
+        if not _staged(recorded):  # a staging is not the engine's: it may run while the staging goes
+            engine.refuse_if_running(paths.root, opts.engine_pidfiles)
         with lock.locked_store(paths) as held:
             phase = _held_store(held, paths).run().phase
+            if phase != STAGING and _staged(recorded):  # the cutover began meanwhile
+                engine.refuse_if_running(paths.root, opts.engine_pidfiles)
             if phase == ROLLED_BACK:
                 _say(f"migration of {paths.root} already rolled back")
                 return EXIT_OK

@@ -61,7 +61,7 @@ def test_rollback_at_every_phase_restores_the_exact_root(template, reference, tm
         before = whole_root(root)
         kill_at(root, n, reference["strategy"])
         res = cli("rollback", "--root", root, "--engine-pidfile", "/nonexistent", "-q")
-        if reference["labels"][n - 1] == "recorded phase completed":
+        if n >= reference["labels"].index("recorded phase completed") + 1:  # completed (its cutover time after)
             assert res.returncode == 3 and "--force" in res.stderr
             cli("rollback", "--root", root, "--engine-pidfile", "/nonexistent", "--force", "-q", check=0)
         else:

@@ -13,10 +13,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
 import tests.support.dockerd as dk
+from migrator.scan.proof import RACY_NS
 from tests.conftest import WORKDIR, cli, needs_root, unpack_fixture
 from tests.support.manifest import manifest
 
@@ -167,3 +169,32 @@ def test_a_failing_host_is_rolled_back_later_hosts_untouched_and_a_rerun_complet
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     for h in fleet["hosts"]:
         assert not os.path.exists(os.path.join(h.root, "aufs")), h.name
+
+
+def test_stage_while_serving_then_the_rollout_cuts_over(ansible_playbook, fleet):
+    """``stage.yml`` on every host while the engines serve (none is stopped, nothing they use changes), then
+    ``migrate.yml``: each host's run is the cutover, and every host completes."""
+    time.sleep(RACY_NS / 1e9 + 0.2)  # the roots were just made: stage trusts their directories after this
+    hosts = fleet["hosts"]
+    engine_data = {h.name: (manifest(os.path.join(h.root, "aufs")), manifest(os.path.join(h.root, "image", "aufs")))
+                   for h in hosts}
+    res = rollout(ansible_playbook, fleet, "stage.yml")
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    summary = json.load(open(os.path.join(fleet["summary"], "summary.json")))
+    for h in hosts:
+        assert phase(h) == "staging", h.name
+        assert h.engine_events() == [], "stage stopped an engine"
+        assert (manifest(os.path.join(h.root, "aufs")),
+                manifest(os.path.join(h.root, "image", "aufs"))) == engine_data[h.name], h.name
+        assert summary[h.name]["staged"]["staged"] > 0 and summary[h.name]["cutover_seconds"] is None
+    res = rollout(ansible_playbook, fleet, "stage.yml")  # again: nothing new to stage
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    res = rollout(ansible_playbook, fleet)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    summary = json.load(open(os.path.join(fleet["summary"], "summary.json")))
+    for h in hosts:
+        assert phase(h) == "completed", h.name
+        assert cli("verify", "--root", h.root).returncode == 0, h.name
+        with open(os.path.join(h.dir, "state", "run.log")) as f:
+            assert "staged layers kept" in f.read(), h.name
+        assert summary[h.name]["cutover_seconds"] > 0

@@ -336,3 +336,21 @@ def test_a_schema_2_database_is_upgraded(template, tmp_path):
     cli(*run_args(root), check=0)
     assert status(root)["cutover_seconds"] > 0
     assert tree_signature(root) == offline_reference(template, str(tmp_path / "ref"))
+
+
+def test_stage_and_its_rollback_work_beside_a_running_engine(template, tmp_path):
+    """A mount under the root (a running container's) is an engine at work: ``stage`` and the rollback of a
+    staging go on beside it, the cutover waits for it to stop."""
+    root = aged(copy(template, str(tmp_path / "docker")))
+    mnt = os.path.join(root, "aufs", "mnt", container_layer(root))
+    os.makedirs(mnt, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "a2o-test", mnt], check=True)
+    try:
+        original = whole_root(root)
+        stage(root)
+        res = cli("run", "--root", root, "-q", check=3)
+        assert "an engine is using" in res.stderr
+        cli("rollback", "--root", root, "-q", check=0)
+        assert whole_root(root) == original
+    finally:
+        subprocess.run(["umount", mnt], check=True)
