@@ -113,9 +113,8 @@ def stage(opts: Options) -> int:
     paths = _paths(opts)
     with Reporter(opts.quiet, opts.log_file) as progress:
         _refuse_unless_stageable(lock.peek_run(paths), paths)
-        snap = snapshot.read_root(paths.root)
-        if snap.diff_state != "present":
-            _say(f"nothing to stage: {paths.aufs_diff} is {snap.diff_state}")
+        if not os.path.isdir(paths.aufs_diff) or os.path.islink(paths.aufs_diff):
+            _say(f"nothing to stage: {paths.root} has no aufs/diff/ directory")
             return EXIT_OK
         if opts.nice:
             progress(f"priority: {procs.lower_priority()}")
@@ -127,10 +126,9 @@ def stage(opts: Options) -> int:
                 if held.store is not None:
                     held.store.set_error(str(exc))
                 raise MigratorError(f"{exc}; fix the cause and run 'aufs2overlay stage' again: it resumes") from exc
-            done, total = staging.counts(held.store)
-    layers = aufs.count_layers(paths.aufs_diff)
-    _say(f"staged: {done} of {layers} layers (the rest, containers' layers and layers not yet committed, at the "
-         f"cutover: stop the engine, then 'aufs2overlay run')")
+            done, _in_staging = staging.counts(held.store)
+    _say(f"staged: {done} of {aufs.count_layers(paths.aufs_diff)} layers (the rest, containers' layers and layers "
+         "not yet committed, at the cutover: stop the engine, then 'aufs2overlay run')")
     return EXIT_OK
 
 

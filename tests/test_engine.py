@@ -401,3 +401,72 @@ def test_a_staged_root_never_makes_dockerd_refuse(world):
         assert "several valid graphdrivers" not in errors[1]
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def trixie(tmp_path_factory):
+    """A fresh Debian 13 chroot with its docker.io (dockerd 26, which has no aufs driver), proc, sys and dev
+    mounted; ``/work`` in it is a directory of the host."""
+    if shutil.which("debootstrap") is None:
+        pytest.skip("needs debootstrap (apt-get install debootstrap)")
+    target = str(tmp_path_factory.mktemp("trixie") / "root")
+    res = subprocess.run(["debootstrap", "--variant=minbase", "--include=docker.io,ca-certificates", "trixie", target,
+                          "http://deb.debian.org/debian"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    work = os.path.join(tmp_path_factory.mktemp("trixie-work"))
+    mounted = []
+    try:
+        for what, where, opts in (("proc", "proc", ["-t", "proc"]), ("/dev", "dev", ["--rbind"]),
+                                  ("/sys", "sys", ["--rbind"]), (work, "work", ["--bind"])):
+            os.makedirs(os.path.join(target, where), exist_ok=True)
+            subprocess.run(["mount", *opts, what, os.path.join(target, where)], check=True)
+            mounted.append(os.path.join(target, where))
+        yield {"target": target, "work": work}
+    finally:
+        for path in reversed(mounted):
+            subprocess.run(["umount", "-R", "-l", path], check=False)
+
+
+def _dockerd_in_chroot(trixie, root_in_chroot):
+    """Start the chroot's dockerd on ``root_in_chroot`` with no storage driver configured; what it reports
+    (its version, its driver, its images), then stop it by its pid."""
+    chroot = ["chroot", trixie["target"]]
+    run = f"/run/a2o-{os.path.basename(root_in_chroot)}"
+    docker = chroot + ["docker", "-H", f"unix://{run}.sock"]
+    log = open(os.path.join(trixie["work"], os.path.basename(root_in_chroot) + ".log"), "wb")
+    proc = subprocess.Popen(chroot + ["dockerd", "--data-root", root_in_chroot, "--exec-root", run + "-exec",
+                                      "--pidfile", run + ".pid", "-H", f"unix://{run}.sock", "--iptables=false",
+                                      "--ip6tables=false", "--bridge=none"],
+                            stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while subprocess.run(docker + ["version"], capture_output=True).returncode != 0:
+            assert proc.poll() is None and time.monotonic() < deadline, open(log.name).read()[-3000:]
+            time.sleep(0.3)
+        version = subprocess.run(docker + ["version", "--format", "{{.Server.Version}}"], capture_output=True,
+                                 text=True, check=True).stdout.strip()
+        driver = subprocess.run(docker + ["info", "--format", "{{.Driver}}"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        images = subprocess.run(docker + ["images", "-q"], capture_output=True, text=True, check=True).stdout.split()
+        return version, driver, images
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+        log.close()
+
+
+def test_dockerd_26_starts_on_a_staged_root_as_on_the_unstaged_one(world, trixie):
+    """Debian 13's dockerd (26, no aufs driver) on a root that is staged starts exactly as on the same root
+    unstaged: it knows no driver there but overlay2, and the staging area is named after none."""
+    seen = []
+    for name in ("plain", "staged"):
+        root = os.path.join(trixie["work"], name)
+        subprocess.run(["cp", "-a", world["root"], root], check=True)
+        if name == "staged":
+            time.sleep(RACY_NS / 1e9 + 0.2)
+            cli("stage", "--root", root, "-q", check=0)
+            staged = manifest(os.path.join(root, ".aufs2overlay", "staging"))
+        seen.append(_dockerd_in_chroot(trixie, f"/work/{name}"))
+    assert seen[0] == seen[1], seen
+    assert seen[1][0].startswith("26.") and seen[1][1] == "overlay2", seen
+    assert manifest(os.path.join(trixie["work"], "staged", ".aufs2overlay", "staging")) == staged

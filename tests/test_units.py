@@ -212,3 +212,33 @@ def test_plan_text_names_a_probe_that_did_not_run_and_says_content_once():
     result.probe = probe.ProbeResult(ran=True, d_type=True, trusted_xattrs=True, whiteout_devices=True,
                                      overlay_mount=True)
     assert "overlay probe:  d_type yes, trusted.* xattrs yes, whiteout devices yes, mount yes" in plan.render(result)
+
+
+def test_a_layer_proof_holds_until_a_directory_changes(tmp_path):
+    """``scan/proof.py``: every kind of change to a directory breaks the proof, a change to a file's content does
+    not (the staged file is the same inode), and a directory changed too recently is not trusted."""
+    import time
+
+    from migrator.scan import proof
+
+    layer = tmp_path / "layer"
+    for d in ("a/b", "a/c/d", "e"):
+        (layer / d).mkdir(parents=True)
+    (layer / "a" / "f").write_bytes(b"one")
+    os.symlink("a", layer / "s")
+    assert proof.take(str(layer)) is None  # just made: racily clean
+    later = time.time_ns() + 10 * proof.RACY_NS
+    taken = proof.take(str(layer), now_ns=later)
+    assert taken.dirs.split(proof.SEP) == [b"", b"a", b"a/b", b"a/c", b"a/c/d", b"e"]
+    assert proof.holds(str(layer), taken) is None
+    (layer / "a" / "f").write_bytes(b"two")  # content in place: the staged hardlink shows it too
+    assert proof.holds(str(layer), taken) is None
+    changes = [lambda: (layer / "a" / "c" / "new").write_bytes(b""), lambda: os.chmod(layer / "e", 0o700),
+               lambda: os.rename(layer / "a" / "b", layer / "a" / "b2"),
+               lambda: (os.rmdir(layer / "e"), os.symlink("a", layer / "e"))]
+    for change in changes:
+        again = proof.take(str(layer), now_ns=later)
+        change()
+        assert proof.holds(str(layer), again) is not None
+    assert "not there" in proof.holds(str(tmp_path / "gone"), taken)
+    assert proof.holds(str(layer), proof.Proof(b"x\0y", "0")) == "its proof is malformed"
