@@ -432,7 +432,7 @@ def _dockerd_in_chroot(trixie, root_in_chroot):
     (its version, its driver, its images), then stop it by its pid."""
     chroot = ["chroot", trixie["target"]]
     run = f"/run/a2o-{os.path.basename(root_in_chroot)}"
-    docker = chroot + ["docker", "-H", f"unix://{run}.sock"]
+    docker = [dk.DOCKER, "-H", f"unix://{trixie['target']}{run}.sock"]  # the host's client: the API negotiates
     log = open(os.path.join(trixie["work"], os.path.basename(root_in_chroot) + ".log"), "wb")
     proc = subprocess.Popen(chroot + ["dockerd", "--data-root", root_in_chroot, "--exec-root", run + "-exec",
                                       "--pidfile", run + ".pid", "-H", f"unix://{run}.sock", "--iptables=false",
