@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from migrator.scan.proof import RACY_NS
 from tests.conftest import WORKDIR, cli, needs_root, run_args
 from tests.support import engineops
@@ -354,3 +356,28 @@ def test_stage_and_its_rollback_work_beside_a_running_engine(template, tmp_path)
         assert whole_root(root) == original
     finally:
         subprocess.run(["umount", mnt], check=True)
+
+
+def test_stage_refuses_to_crowd_the_engine_off_its_disk(template, tmp_path):
+    """On a filesystem nearly full, ``stage`` refuses (exit 3) before it stages anything: the running engine
+    needs the space; the root is as it was."""
+    from tests.support.loopfs import LoopFS, can_loop
+
+    if can_loop() is not None:
+        pytest.skip(str(can_loop()))
+    fs = LoopFS.create(str(tmp_path), size_mb=64)
+    try:
+        root = aged(copy(template, os.path.join(fs.mountpoint, "docker")))
+        original = whole_root(root)
+        filler = os.path.join(fs.mountpoint, "filler")
+        with open(filler, "wb") as f:
+            vfs = os.statvfs(fs.mountpoint)
+            os.posix_fallocate(f.fileno(), 0, vfs.f_bavail * vfs.f_frsize - int(vfs.f_blocks * vfs.f_frsize * 0.05))
+        res = stage(root, check=3)
+        assert "stage leaves 5% of it to the running engine" in res.stderr, res.stderr
+        assert whole_root(root) == original
+        assert not os.path.exists(os.path.join(root, WORKDIR.decode(), "staging"))
+        os.unlink(filler)
+        stage(root)
+    finally:
+        fs.destroy()

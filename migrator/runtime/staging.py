@@ -30,7 +30,7 @@ from migrations_state.machine import COMMITTED, DISCOVERED, LOWERS_WRITTEN, STAG
 from migrations_state.schema import FindingRecord, LayerRecord, WhiteoutDirRecord
 from migrations_state.store import Store
 from migrator import checkpoints, interrupts
-from migrator.errors import MigratorError
+from migrator.errors import MigratorError, Refused
 from migrator.formats import aufs, overlay2, snapshot
 from migrator.formats.linkid import new_link_id
 from migrator.fs import fsio
@@ -44,6 +44,8 @@ from migrator.ui.progress import Reporter
 
 STRATEGY = "hardlink"  # the in-place strategy moves aufs data: it never runs beside an engine
 PASSES = 20  # stage passes in one command when the engine keeps removing layers under it
+ENGINE_SHARE = 0.05  # of the filesystem's inodes and blocks, left free for the running engine by stage
+LAYER_FILES = 5  # a staged layer's own inodes besides its directories: its directory, link, lower, work/, l/
 
 
 @dataclass
@@ -110,6 +112,21 @@ def judge(paths: Paths, records: Sequence[LayerRecord], proofs: Dict[str, Tuple[
         else:
             dropped.append((record, why))
     return kept, dropped
+
+
+def refuse_if_crowding(paths: Paths, proofs: Sequence[proof.Proof]) -> None:
+    """Refused when staging these layers would leave the engine less than ``ENGINE_SHARE`` of the filesystem's
+    inodes or blocks: the engine is serving, and a full disk is its failure, not ours.  Each layer's need is
+    its directories (a new inode and block each) and ``LAYER_FILES`` more."""
+    inodes = sum(len(p.dirs.split(proof.SEP)) + LAYER_FILES for p in proofs)
+    vfs = os.statvfs(paths.root)
+    need_bytes = inodes * vfs.f_bsize
+    keep_inodes, keep_bytes = int(vfs.f_files * ENGINE_SHARE), int(vfs.f_blocks * vfs.f_frsize * ENGINE_SHARE)
+    if inodes + keep_inodes > vfs.f_favail or need_bytes + keep_bytes > vfs.f_bavail * vfs.f_frsize:
+        raise Refused(f"staging {len(proofs)} layer(s) needs about {inodes} inodes and {need_bytes >> 20} MiB, and "
+                      f"the filesystem has {vfs.f_favail} inodes and {vfs.f_bavail * vfs.f_frsize >> 20} MiB free; "
+                      f"stage leaves {ENGINE_SHARE:.0%} of it to the running engine: free space, or migrate "
+                      "offline ('aufs2overlay plan' counts each strategy's need)")
 
 
 def remove_dropped(paths: Paths, dropped: Sequence[Tuple[LayerRecord, str]], progress: Reporter) -> None:
@@ -185,6 +202,7 @@ def refresh(paths: Paths, held: Held, progress: Reporter) -> Store:
     if staging_run and not dropped and not added:
         return store
     remove_dropped(paths, dropped, progress)
+    refuse_if_crowding(paths, [taken for _layer, taken in added])
     findings = (_kept_findings(store, {r.id for r in kept}) if staging_run else []) + findings
     findings += [(None, "staged-layer-dropped", f"{r.id}: {why}") for r, why in dropped]
     parents = {ancestors[0] for ancestors in (listed.ancestors for listed in snap.layers.values())
