@@ -30,6 +30,7 @@ from tests.support import engineops
 from tests.support.aufsbuilder import build_aufs_root, chain_ids
 from tests.support.dockerd import assert_balena_root_runs, saved_layer_digests
 from tests.support.manifest import diff_manifests, link_groups, manifest
+from tests.support.rootstate import wait_stopped
 
 pytestmark = [pytest.mark.engine, pytest.mark.skipif(dk.available() is not None, reason=str(dk.available()))]
 
@@ -338,7 +339,7 @@ def test_staged_while_the_engine_works_then_the_cutover_runs_on_dockerd(world):
         proc = subprocess.Popen([sys.executable, "-m", "migrator", "stage", "--root", root],
                                 env=dict(os.environ, AUFS2OVERLAY_STOP_AT="2"), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
-        _wait_stopped(proc.pid)
+        wait_stopped(proc)
         engineops.pull(root, stash)
         engineops.remove_image(root, "a2o/other", other_hex, other_own)
         engineops.write_in_container(root, ran_layer, "data/written-while-staged", b"staged\n")
@@ -368,18 +369,6 @@ def test_staged_while_the_engine_works_then_the_cutover_runs_on_dockerd(world):
     finally:
         engine.cleanup()
         shutil.rmtree(base, ignore_errors=True)
-
-
-def _wait_stopped(pid, timeout=60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-        if state == "T":
-            return
-        assert state != "Z", f"process {pid} ended before it reached the checkpoint"
-        time.sleep(0.02)
-    raise AssertionError(f"process {pid} did not stop")
 
 
 def test_a_staged_root_never_makes_dockerd_refuse(world):

@@ -21,7 +21,8 @@ import pytest
 from migrator.scan.proof import RACY_NS
 from tests.conftest import WORKDIR, cli, needs_root, run_args
 from tests.support import engineops
-from tests.support.manifest import diff_manifests, link_groups, manifest
+from tests.support.manifest import diff_manifests, link_groups
+from tests.support.rootstate import aufs_side, wait_stopped, whole_root
 from tests.support.signature import tree_signature
 
 pytestmark = needs_root
@@ -43,13 +44,8 @@ def stage(root, *extra, env=None, check=0):
 
 
 def engine_data(root):
-    """What the engine uses, which ``stage`` must leave exactly as it was."""
-    return (manifest(os.path.join(root, "aufs")), manifest(os.path.join(root, "image", "aufs")),
-            link_groups(root, skip={WORKDIR}))
-
-
-def whole_root(root):
-    return manifest(root, skip={WORKDIR}), link_groups(root, skip={WORKDIR})
+    """What the engine uses, which ``stage`` must leave exactly as it was (its files' link counts aside)."""
+    return aufs_side(root), link_groups(root, skip={WORKDIR})
 
 
 def offline_reference(root, dest):
@@ -196,7 +192,7 @@ def test_a_layer_removed_while_it_is_staged_is_dropped(template, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "migrator", "stage", "--root", root, "--no-nice", "-j", "1"],
                             env=dict(os.environ, AUFS2OVERLAY_STOP_AT=str(walked[0])), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    _wait_stopped(proc.pid)
+    wait_stopped(proc)
     engineops.remove_layer(root, leaf, chain)
     os.killpg(proc.pid, signal.SIGCONT)
     out, err = proc.communicate(timeout=120)
@@ -206,18 +202,6 @@ def test_a_layer_removed_while_it_is_staged_is_dropped(template, tmp_path):
     reference = offline_reference(root, str(tmp_path / "ref"))
     cli(*run_args(root), check=0)
     assert tree_signature(root) == reference
-
-
-def _wait_stopped(pid, timeout=60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-        if state == "T":
-            return
-        assert state != "Z", f"process {pid} ended before it reached the checkpoint"
-        time.sleep(0.02)
-    raise AssertionError(f"process {pid} did not stop")
 
 
 def test_kill_stage_at_every_checkpoint(template, tmp_path):
@@ -314,7 +298,7 @@ def test_stage_runs_at_the_lowest_priority(template, tmp_path):
         proc = subprocess.Popen([sys.executable, "-m", "migrator", "stage", "--root", root, "-q", *extra],
                                 env=dict(os.environ, AUFS2OVERLAY_STOP_AT="1"), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        _wait_stopped(proc.pid)
+        wait_stopped(proc)
         with open(f"/proc/{proc.pid}/stat") as f:
             assert int(f.read().rsplit(")", 1)[1].split()[16]) == nice
         if io_class is not None:
