@@ -49,13 +49,18 @@ def take(layer_dir: str, now_ns: Optional[int] = None) -> Optional[Proof]:
     try:
         fd, rel = fsio.open_dir(layer_dir, noatime=True), b""
         while True:
-            st = os.fstat(fd)
-            if st.st_ctime_ns > limit:
+            try:
+                st = os.fstat(fd)
+                children = _child_dirs(fd) if st.st_ctime_ns <= limit else None
+            except BaseException:
+                os.close(fd)
+                raise
+            if children is None:
                 os.close(fd)
                 return None
             paths.append(rel)
             digest.update(_fingerprint(st))
-            stack.append((rel, fd, iter(_child_dirs(fd))))
+            stack.append((rel, fd, iter(children)))
             fd = -1
             while stack and fd < 0:
                 top_rel, top_fd, children = stack[-1]
