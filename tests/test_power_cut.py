@@ -9,9 +9,11 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
+from migrator.scan.proof import RACY_NS
 from tests.conftest import WORKDIR, run_args
 from tests.support.loopfs import LoopFS, can_loop
 from tests.support.manifest import diff_manifests, link_groups, manifest
@@ -159,3 +161,61 @@ def test_harness_catches_truncate_and_write(template, reference, disk, tmp_path)
     first, second, _before = power_cut_at(disk, template, n, str(tmp_path), strategy=strategy)
     second.destroy()
     assert resume_problem(first, reference["signature"], strategy) is None
+
+
+def test_power_cut_during_stage(template, disk, tmp_path):
+    """``stage`` frozen at each checkpoint outside a layer's walk and at 12 inside, the disk copied as it stands:
+    on one copy ``stage`` resumes and the cutover gives the offline run's tree; on the other ``rollback --force``
+    gives back the exact root.  The copies are block copies, so the aufs directories keep their inodes and
+    ctimes: the staged layers' proofs must still hold where their states were recorded."""
+    reference = str(tmp_path / "offline")
+    subprocess.run(["cp", "-a", template, reference], check=True)
+    subprocess.run([sys.executable, "-m", "migrator", *run_args(reference)], check=True, capture_output=True)
+    expected = tree_signature(reference)
+    root = os.path.join(disk.mountpoint, "docker")
+    subprocess.run(["rm", "-rf", root], check=True)
+    subprocess.run(["cp", "-a", template, root], check=True)
+    time.sleep(RACY_NS / 1e9 + 0.2)  # the copy's directories are new: stage trusts them after this
+    subprocess.run(["sync", "-f", root], check=True)
+    before = manifest(root, skip={WORKDIR}), link_groups(root, skip={WORKDIR})
+    trace = str(tmp_path / "trace")
+    subprocess.run([sys.executable, "-m", "migrator", "stage", "--root", root, "-q"], check=True,
+                   env=dict(os.environ, AUFS2OVERLAY_CHECKPOINT_TRACE=trace), capture_output=True)
+    with open(trace) as f:
+        labels = [line.rstrip("\n").split(" ", 1)[1] for line in f]
+    boundaries = [n for n, label in enumerate(labels, 1) if not label.startswith(INSIDE)]
+    inside = [n for n, label in enumerate(labels, 1) if label.startswith(INSIDE)]
+    points = sorted(set(boundaries) | set(inside[::max(1, len(inside) // 12)][:12]))
+    assert len(points) >= 20
+    failures = []
+    for n in points:
+        run_cli("rollback", "--root", root, "--engine-pidfile", "/nonexistent", "--force", "-q")
+        subprocess.run(["rm", "-rf", os.path.join(root, WORKDIR.decode())], check=True)
+        subprocess.run(["sync", "-f", root], check=True)
+        proc = subprocess.Popen([sys.executable, "-m", "migrator", "stage", "--root", root, "-q"],
+                                env=dict(os.environ, AUFS2OVERLAY_STOP_AT=str(n)), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        try:
+            wait_stopped(proc)
+            first = disk.power_cut_copy(os.path.join(str(tmp_path), "cut-1.img"))
+            second = disk.power_cut_copy(os.path.join(str(tmp_path), "cut-2.img"))
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        first.mount()
+        try:
+            copy = os.path.join(first.mountpoint, "docker")
+            for args in (("stage", "--root", copy, "-q"), run_args(copy)):
+                res = run_cli(*args)
+                if res.returncode != 0:
+                    failures.append((n, labels[n - 1], args[0], res.stderr.strip()))
+                    break
+            else:
+                if tree_signature(copy) != expected:
+                    failures.append((n, labels[n - 1], "cutover", "tree differs from the offline run's"))
+        finally:
+            first.destroy()
+        problem = rollback_problem(second, before)
+        if problem:
+            failures.append((n, labels[n - 1], "rollback", problem))
+    assert not failures, failures[:5]
