@@ -177,7 +177,6 @@ def test_power_cut_during_stage(template, disk, tmp_path):
     subprocess.run(["cp", "-a", template, root], check=True)
     time.sleep(RACY_NS / 1e9 + 0.2)  # the copy's directories are new: stage trusts them after this
     subprocess.run(["sync", "-f", root], check=True)
-    before = manifest(root, skip={WORKDIR}), link_groups(root, skip={WORKDIR})
     trace = str(tmp_path / "trace")
     subprocess.run([sys.executable, "-m", "migrator", "stage", "--root", root, "-q"], check=True,
                    env=dict(os.environ, AUFS2OVERLAY_CHECKPOINT_TRACE=trace), capture_output=True)
@@ -190,8 +189,9 @@ def test_power_cut_during_stage(template, disk, tmp_path):
     failures = []
     for n in points:
         run_cli("rollback", "--root", root, "--engine-pidfile", "/nonexistent", "--force", "-q")
-        subprocess.run(["rm", "-rf", os.path.join(root, WORKDIR.decode())], check=True)
+        subprocess.run(["rm", "-rf", os.path.join(root, WORKDIR.decode())], check=True)  # a root never staged
         subprocess.run(["sync", "-f", root], check=True)
+        before = manifest(root, skip={WORKDIR}), link_groups(root, skip={WORKDIR})
         proc = subprocess.Popen([sys.executable, "-m", "migrator", "stage", "--root", root, "-q"],
                                 env=dict(os.environ, AUFS2OVERLAY_STOP_AT=str(n)), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE)

@@ -365,3 +365,26 @@ def test_stage_refuses_to_crowd_the_engine_off_its_disk(template, tmp_path):
         stage(root)
     finally:
         fs.destroy()
+
+
+def test_the_two_step_procedure_runs_as_written(template, tmp_path):
+    """The operator guide's two-step block, verbatim, on a fresh root (``systemctl`` a stub that logs): it
+    stages, shows the count, stages again, and the cutover completes."""
+    import re
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "operator-guide.md")) as f:
+        section = f.read().split("## Two steps", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    root = aged(copy(template, str(tmp_path / "docker")))
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "systemctl").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/systemctl.log\n")
+    os.chmod(stubs / "systemctl", 0o755)
+    path = os.pathsep.join([str(stubs), os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    env = dict(os.environ, ROOT=root, LOG=str(tmp_path / "guide.log"), PATH=path)
+    res = subprocess.run(["bash", "-e", "-c", block], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, f"{block}\n{res.stdout}\n{res.stderr}"
+    assert "staged:     4 of 6 layers" in res.stdout and "(cutover: " in res.stdout
+    assert (tmp_path / "systemctl.log").read_text().split("\n")[:2] == ["stop docker.service docker.socket",
+                                                                        "start docker.service"]
+    assert status(root)["phase"] == "completed"
