@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 from migrator import interrupts
@@ -91,13 +92,17 @@ def io_priority_class(pid: int = 0) -> int:
     return value >> IOPRIO_CLASS_SHIFT if value >= 0 else -1
 
 
+_IMPORTED = time.monotonic()
+
+
 def seconds_since_start() -> float:
-    """How long ago this process started (from /proc: the interpreter's own start-up included), or -1."""
+    """How long ago this process started (from /proc: the interpreter's own start-up included); without
+    /proc, since this module was imported."""
     try:
         with open("/proc/self/stat", "rb") as f:
             fields = f.read().rsplit(b")", 1)[1].split()
         with open("/proc/uptime", "rb") as f:
             uptime = float(f.read().split()[0])
+        return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))
     except (OSError, IndexError, ValueError):
-        return -1.0
-    return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))
+        return time.monotonic() - _IMPORTED
