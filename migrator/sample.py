@@ -107,7 +107,8 @@ APP: List[Entry] = [  # an image layer on BASE: whiteouts, opaque dirs (nested),
     (b"names/caf\xe9-latin1", "wh", {}),
 ]
 
-APP_TOP: List[Entry] = [  # a name and its whiteout in one layer, a directory whited out and re-made
+APP_TOP: List[Entry] = [  # a name and its whiteout in one layer, a directory whited out and re-made, and aufs
+    #                        names below the root: one holding data (its tar names it: kept), an rmdir cut off
     (b"etc", "dir", {}),
     (b"etc/conf", "file", {"data": b"top conf"}),
     (b"etc/conf", "wh", {}),
@@ -115,6 +116,8 @@ APP_TOP: List[Entry] = [  # a name and its whiteout in one layer, a directory wh
     (b"srv", "wh", {}),
     (b"srv/top-srv", "file", {"data": b"top srv"}),
     (b"etc/.wh..wh.strange", "file", {"data": b"aufs metadata"}),
+    (b"etc/.wh..wh.gone.0a1b", "dir", {}),
+    (b"etc/.wh..wh.gone.0a1b/old", "wh", {}),
 ]
 
 OTHER: List[Entry] = [  # a second image sharing BASE

@@ -291,7 +291,30 @@ def test_whiteout_actions(entries, expected):
 
 def test_every_action_has_its_finding():
     assert set(aufs.FINDING) == {aufs.MAKE_WHITEOUT, aufs.SET_OPAQUE, aufs.OPAQUE_CHILD, aufs.KEEP_ENTRY,
-                                 aufs.DROP_BAD, aufs.DROP_INTERNAL, aufs.DROP_UNNEEDED}
+                                 aufs.DROP_BAD, aufs.DROP_INTERNAL, aufs.DROP_UNNEEDED, aufs.KEEP_INTERNAL}
+
+
+def test_a_kept_internal_stays_and_a_finding_names_the_entry_whose_view_differs():
+    entries = {b".wh..wh.x.1a2b": True, b".wh..wh.y.0001": False, b"k": False, b".wh.k": False}
+    got = [(a.name, a.action, a.named) for a in aufs.whiteout_actions(entries, kept={b".wh..wh.x.1a2b"})]
+    assert got == [(b".wh..wh.x.1a2b", aufs.KEEP_INTERNAL, b".wh..wh.x.1a2b"),
+                   (b".wh..wh.y.0001", aufs.DROP_INTERNAL, b".wh..wh.y.0001"),
+                   (b".wh.k", aufs.KEEP_ENTRY, b"k")]  # the finding names k, which aufs hid and overlay2 shows
+
+
+def test_an_internal_is_kept_only_where_the_tar_split_reads_data(tmp_path):
+    """A copy-up or an rmdir cut off leaves ``.wh..wh.<name>.<4 hex>``; ``docker save`` reads only files that
+    hold data, so only those (and the directories on their way) are kept."""
+    top = _tree(tmp_path / "layer", [".wh..wh.e.0001", ".wh..wh.d.0002/", ".wh..wh.d.0002/.wh.gone",
+                                     ".wh..wh.f.0003/sub/"])
+    with open(os.path.join(top, ".wh..wh.full.0004"), "wb") as f:
+        f.write(b"partial copy")
+    os.makedirs(os.path.join(top, ".wh..wh.g.0005", "sub"))
+    with open(os.path.join(top, ".wh..wh.g.0005", "sub", "data"), "wb") as f:
+        f.write(b"x")
+    os.symlink("target", os.path.join(top, ".wh..wh.l.0006"))
+    kept = {n for n in os.listdir(top) if aufs.kept_in(top, n)}
+    assert kept == {".wh..wh.full.0004", ".wh..wh.g.0005"}
 
 
 def test_whiteouts_of_a_directory_merged_with_nothing_are_dropped():
@@ -337,12 +360,81 @@ MERGED = [  # (layer, ancestors nearest first, directory, merged?)
 
 
 @pytest.mark.parametrize("layer,ancestors,rel,merged", MERGED, ids=[str(i) for i in range(len(MERGED))])
-def test_a_directory_is_merged_as_aufs_looks_it_up(tmp_path, layer, ancestors, rel, merged):
+def test_a_directory_is_merged_as_overlayfs_looks_it_up(tmp_path, layer, ancestors, rel, merged):
     from migrator.formats import lowerview
 
     top = _tree(tmp_path / "layer", layer)
     lowers = [lowerview.Lower(_tree(tmp_path / f"a{i}", paths)) for i, paths in enumerate(ancestors)]
     assert lowerview.is_merged(top, lowers, rel) is merged
+
+
+DIFFERS = [  # (layer, ancestors nearest first, directory, what aufs did otherwise, or None)
+    (["a/"], [["a/"], ["a"]], b"a", None),  # a file below, nothing under it: both stop there
+    (["a/"], [["a"], ["a/", "a/b"]], b"a", "aufs-merged-through-non-directory"),  # aufs skips the file
+    (["a/"], [["a"], [".wh.a"], ["a/"]], b"a", None),  # a whiteout ends aufs's lookup as well
+    (["a/"], [["a"], ["b/"]], b"a", None),  # nothing to merge below the file
+    (["a/"], [["a/"], ["a"], ["a/"]], b"a", "aufs-merged-through-non-directory"),
+    (["a/", "a/.wh..wh..opq"], [["a/"]], b"a", None),  # one opaque directory: both stop at it
+    (["a/", "a/.wh..wh..opq"], [["a/"], ["a/", "a/.wh..wh..opq"]], b"a", "aufs-merged-below-opaque"),
+    (["a/"], [["a/", "a/.wh..wh..opq"], ["a/"], ["a/", "a/.wh..wh..opq"]], b"a", "aufs-merged-below-opaque"),
+    (["a/"], [["a/", "a/.wh..wh..opq"], ["a/"], [".wh.a"], ["a/", "a/.wh..wh..opq"]], b"a", None),
+    (["a/", ".wh.a"], [["a"], ["a/"]], b"a", None),  # whited out beside itself: its own finding says so
+    (["a/b/"], [["a"], ["a/b/"]], b"a/b", None),  # below a directory that differs: named there only
+    (["a/b/"], [["a/b"], ["a/b/"]], b"a/b", "aufs-merged-through-non-directory"),
+]
+
+
+@pytest.mark.parametrize("layer,ancestors,rel,differs", DIFFERS, ids=[str(i) for i in range(len(DIFFERS))])
+def test_where_aufs_merged_further_than_overlayfs(tmp_path, layer, ancestors, rel, differs):
+    """aufs's lookup skips a lower entry of another type, and ends a directory's merge at the lowest opaque
+    directory it met, not the first (``au_lkup_dentry``; the real aufs in the VM agrees:
+    tests/test_real_aufs.py)."""
+    from migrator.formats import lowerview
+
+    top = _tree(tmp_path / "layer", layer)
+    lowers = [lowerview.Lower(_tree(tmp_path / f"a{i}", paths)) for i, paths in enumerate(ancestors)]
+    merge = lowerview.at(top, lowers, rel)
+    try:
+        assert merge.differs == differs
+    finally:
+        merge.close()
+
+
+def test_a_walk_names_each_directory_where_aufs_merged_further(tmp_path):
+    """The survey (what plan and the in-place link step read) and the hardlink link step find the same."""
+    from migrator.formats import lowerview
+    from migrator.scan import survey
+    from migrator.strategies import linker
+
+    top = _tree(tmp_path / "layer", ["x/", "x/a", "x/deeper/", "y/", "y/.wh..wh..opq", "z/"])
+    lowers = [_tree(tmp_path / "a0", ["x", "y/", "y/.wh..wh..opq", "z/"]),
+              _tree(tmp_path / "a1", ["x/", "x/b", "x/deeper/", "y/", "y/m", "z/"])]
+    expected = {("aufs-merged-through-non-directory", "/x"), ("aufs-merged-below-opaque", "/y")}
+    walked = survey.scan_layer(top, False, [lowerview.Lower(d) for d in lowers])
+    assert {f for f in walked.findings if f[0].startswith("aufs-merged")} == expected
+    os.makedirs(tmp_path / "tree")
+    linked = linker.build_layer_tree(top, str(tmp_path / "tree"), "layer", lower_dirs=lowers)
+    assert {f for f in linked.findings if f[0].startswith("aufs-merged")} == expected
+
+
+def test_a_copy_up_pseudo_link_is_named_by_both_walks(tmp_path):
+    """``.wh..wh.plnk/<aufs inode>.<inode>`` is a hardlink of a file copied up into a container's layer: its other
+    names below show the lower file after a remount without ``auplink flush``, as after the migration."""
+    from migrator.scan import survey
+    from migrator.strategies import linker
+
+    top = _tree(tmp_path / "layer", [".wh..wh.plnk/", "d/", "other"])
+    with open(os.path.join(top, "d", "copied"), "wb") as f:
+        f.write(b"changed in the container")
+    os.link(os.path.join(top, "d", "copied"), os.path.join(top, "d", "second-name"))
+    ino = os.lstat(os.path.join(top, "d", "copied")).st_ino
+    os.link(os.path.join(top, "d", "copied"), os.path.join(top, ".wh..wh.plnk", f"90210.{ino}"))
+    expected = {("pseudo-link-not-flushed", "/d/copied"), ("pseudo-link-not-flushed", "/d/second-name")}
+    walked = survey.scan_layer(top, True)
+    assert {f for f in walked.findings if f[0] == "pseudo-link-not-flushed"} == expected
+    os.makedirs(tmp_path / "tree")
+    copied = linker.build_layer_tree(top, str(tmp_path / "tree"), "layer", copy=True)
+    assert {f for f in copied.findings if f[0] == "pseudo-link-not-flushed"} == expected
 
 
 def test_a_journaled_ancestor_is_read_as_aufs_had_it(tmp_path):
@@ -355,7 +447,7 @@ def test_a_journaled_ancestor_is_read_as_aufs_had_it(tmp_path):
     deeper = lowerview.Lower(_tree(tmp_path / "deeper", ["a/b/", "c/"]))
     assert lowerview.is_merged(top, [lowerview.Lower(below), deeper], b"a/b") is True
     assert lowerview.is_merged(top, [lowerview.Lower(below), deeper], b"c") is True
-    journal = {b"a": lowerview.JournaledDir(moved={b".wh..wh..opq"}), b"": lowerview.JournaledDir(moved={b".wh.c"})}
+    journal = {b"/a": lowerview.JournaledDir(moved={b".wh..wh..opq"}), b"": lowerview.JournaledDir(moved={b".wh.c"})}
     assert lowerview.is_merged(top, [lowerview.Lower(below, journal), deeper], b"a/b") is False  # a/ was opaque
     assert lowerview.is_merged(top, [lowerview.Lower(below, journal), deeper], b"c") is False  # c was whited out
 

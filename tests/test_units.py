@@ -95,9 +95,12 @@ def test_early_walk_finds_what_the_plan_walk_finds(tmp_path, monkeypatch, cold):
     assert sorted(early) == [f"layer{i}" for i in range(7)]
     for name, found in early.items():
         walked = survey.scan_layer(str(diff / name))
-        assert (found.entries, found.directories, found.whiteouts, found.opaque, sorted(found.whiteout_dirs)) == \
-               (walked.entries, walked.directories, walked.whiteouts, walked.opaque, sorted(walked.whiteout_dirs))
-        assert found.whiteouts == int(name[-1]) + 1
+        assert (found.entries, found.directories, found.whiteouts, found.opaque, sorted(found.whiteout_dirs),
+                sorted(found.converting)) == (walked.entries, walked.directories, walked.whiteouts, walked.opaque,
+                                              sorted(walked.whiteout_dirs), sorted(walked.converting))
+        # base layers: nothing below, so the whiteouts hide nothing and no device is made (counted as such)
+        assert found.whiteouts == 0
+        assert sum(kind == "whiteout-hides-nothing" for kind, _ in found.converting) == int(name[-1]) + 1
 
 
 @pytest.mark.parametrize("budget", [1, 5, 17])
@@ -168,7 +171,8 @@ def test_big_layers_shared_out_to_workers_in_pieces_build_what_one_walk_builds(t
     paths = Paths.for_root(str(root))
     os.makedirs(os.path.join(paths.temp_tree, "l"))
     strategy = hardlink.HardlinkStrategy()
-    tasks = [strategy.task(types.SimpleNamespace(id=lid, writable=False), types.SimpleNamespace(paths=paths), [])
+    conv = types.SimpleNamespace(paths=paths)
+    tasks = [strategy.task(types.SimpleNamespace(id=lid, writable=False, ancestors=""), conv, [])
              for lid in ("one", "two", "three")]
     with procs.pool(2) as pool:
         outcomes = hardlink.share_out(pool, 2, tasks)

@@ -8,7 +8,7 @@ import os
 from typing import Dict, List
 
 from migrator.errors import Refused
-from migrator.formats import aufs
+from migrator.formats import aufs, images
 from migrator.formats.overlay2 import MAX_LOWERS
 from migrator.formats.snapshot import RootSnapshot
 
@@ -70,6 +70,8 @@ def _candidates(snap: RootSnapshot, result: aufs.Discovery) -> Dict[str, List[st
             without_layers_file.append(name)
         elif snap.layers[name].ancestors is None:
             raise Refused(f"aufs/layers/{name} is garbled ({snap.layers[name].problem})")
+        elif not snap.layers[name].ancestors and name in snap.store.references():
+            candidates[name] = _repaired(snap, name, result)
         else:
             candidates[name] = list(snap.layers[name].ancestors)
     used = snap.store.references()
@@ -79,6 +81,17 @@ def _candidates(snap: RootSnapshot, result: aufs.Discovery) -> Dict[str, List[st
                           "its ancestry is unknown")
         result.findings.append(("skipped-layer-without-layers-file", f"aufs/diff/{name}"))
     return candidates
+
+
+def _repaired(snap: RootSnapshot, name: str, result: aufs.Discovery) -> List[str]:
+    """An empty ``aufs/layers/<id>`` of a layer the layer store names: a base layer, unless the store records
+    ancestors for it.  moby's aufs driver writes the file without fsync, so a power cut can empty it; the store
+    writes its own atomically, so where they disagree the store is right.  aufs itself mounted such a layer
+    alone (the view its containers had after the cut differs: the finding says so)."""
+    ancestors = images.store_ancestry(os.path.join(snap.root, "image", "aufs"), snap.store, name)
+    if ancestors:
+        result.layer_findings.append(("layers-file-repaired", name, "/"))
+    return ancestors
 
 
 def _check_ancestry(candidates: Dict[str, List[str]]) -> None:

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Tuple
 from migrations_state.machine import PENDING
 from migrator.checks import consistency, discovery, engine, probe
 from migrator.errors import Refused
-from migrator.formats import aufs, containers, images, overlay2, snapshot
+from migrator.formats import aufs, containers, images, lowerview, overlay2, snapshot
 from migrator.formats.snapshot import RootSnapshot
 from migrator.fs import fsio
 from migrator.options import Options
@@ -60,6 +60,7 @@ class Plan:
     staged: Optional[Dict[str, int]] = None  # a staged root: {"staged": N, "layers": in the staging run}
     problems: List[str] = field(default_factory=list)
     findings: List[Tuple[str, str]] = field(default_factory=list)
+    layer_findings: List[Tuple[str, str, str]] = field(default_factory=list)  # (kind, layer, detail), walked
     # What run takes over from the plan (not shown):
     snapshot: Optional[RootSnapshot] = None
     discovery: Optional[aufs.Discovery] = None
@@ -105,7 +106,8 @@ class Plan:
                 "missing_metadata": len(self.storage.missing_metadata),
                 "accepted": self.accept_missing_storage},
             "content": self.content, "staged": self.staged,
-            "findings": [{"kind": k, "detail": d} for k, d in self.findings],
+            "findings": [{"kind": k, "detail": d} for k, d in self.findings]
+            + [{"kind": k, "layer": lid, "detail": d} for k, lid, d in self.layer_findings],
             "problems": self.problems, "verdict": "yes" if self.verdict else "no",
         }
 
@@ -192,6 +194,7 @@ def check_root(paths: Paths, plan: Plan, snap: RootSnapshot) -> None:
     if not plan.storage.complete and not plan.accept_missing_storage:
         raise Refused(plan.storage.refusal())
     plan.discovery = discovery.discover(snap, skip_broken_chains=plan.accept_missing_storage)
+    plan.layer_findings = list(plan.discovery.layer_findings)
     for path, what in ((paths.tree, "overlay2/"), (paths.image_overlay2, "image/overlay2/")):
         if fsio.lexists(path):
             raise Refused(f"{what} already exists in {paths.root} and is not this migration's (an engine ran "
@@ -213,9 +216,12 @@ def survey_layers(paths: Paths, layers: List[aufs.AufsLayer], jobs: int,
                   early: Optional[EarlyWalk] = None) -> Dict[str, LayerSurvey]:
     """Walk every layer, read-only, in ``jobs`` processes (but those the CLI's early walkers did already)."""
     known = early.take() if early is not None else {}
-    todo = [layer for layer in layers if layer.id not in known]
+    lowers = {layer.id: [lowerview.Lower(os.path.join(paths.aufs_diff, a)) for a in layer.ancestors]
+              for layer in layers}
+    todo = [layer for layer in layers if layer.id not in known or known[layer.id].writable != layer.writable
+            or known[layer.id].lowers != tuple(lower.path for lower in lowers[layer.id])]
     results = survey.scan_layers([os.path.join(paths.aufs_diff, layer.id) for layer in todo],
-                                 [layer.writable for layer in todo], jobs)
+                                 [layer.writable for layer in todo], [lowers[layer.id] for layer in todo], jobs)
     known.update((layer.id, result) for layer, result in zip(todo, results))
     return {layer.id: known[layer.id] for layer in layers}
 
@@ -238,7 +244,7 @@ def _count(paths: Paths, plan: Plan, chosen: Strategy) -> None:
         plan.directories += s.directories
         plan.whiteouts += s.whiteouts
         plan.opaque += s.opaque
-        plan.findings.extend(s.findings)
+        plan.layer_findings.extend((kind, layer.id, detail) for kind, detail in s.findings + s.converting)
         # <id>/, link, l/<LINKID>; lower and work/ with a parent; the committed marker (empty) with a child
         files = 3 + (2 if layer.ancestors else 0)
         symlink_inline = len(f"../{layer.id}/diff") < 60
@@ -300,6 +306,8 @@ def render(plan: Plan) -> str:
         lines.append(f"content:        {text.removeprefix('content: ')}")
     for kind, detail in plan.findings:
         lines.append(f"note:           {kind}: {detail}")
+    for kind, layer, detail in plan.layer_findings:
+        lines.append(f"note:           {kind}: layer {layer}: {detail}")
     for problem in plan.problems:
         lines.append(f"problem:        {problem}")
     lines.append(f"verdict:        {'yes: run can go ahead' if plan.verdict else 'no: run would refuse'}")

@@ -31,17 +31,27 @@ def _read(path: str) -> "bytes | None":
         return f"<{exc}>".encode()
 
 
-def aufs_residue(diff_dir: str) -> List[str]:
-    """Names that must not survive into overlay2: any ``.wh.`` entry (whiteout, opaque marker, aufs internal)."""
+def aufs_residue(diff_dir: str, image: bool = False) -> List[str]:
+    """Names that must not survive into overlay2: any ``.wh.`` entry (whiteout, opaque marker, aufs internal),
+    but in an image's layer an internal below the root that holds data (``aufs.keeps_for_tar_split``)."""
     found = []
-    for top, dirs, files in os.walk(os.fsencode(diff_dir)):
+    top_b = os.fsencode(diff_dir)
+    for top, dirs, files in os.walk(top_b):
+        kept = set()
         for name in dirs + files:
-            if aufs.whiteout_kind(name) is not None:
-                found.append(os.path.join(top, name).decode("utf-8", "backslashreplace"))
+            kind = aufs.whiteout_kind(name)
+            if kind is None:
+                continue
+            if image and top != top_b and kind == aufs.INTERNAL and aufs.kept_in(top, name):
+                kept.add(name)
+                continue
+            found.append(os.path.join(top, name).decode("utf-8", "backslashreplace"))
+        dirs[:] = [d for d in dirs if aufs.whiteout_kind(d) is None or d in kept]
     return found
 
 
-def layer_problems(tree: str, layer_id: str, link_id: str, ancestor_links: List[str], has_child: bool) -> List[str]:
+def layer_problems(tree: str, layer_id: str, link_id: str, ancestor_links: List[str], has_child: bool,
+                   image: bool = False) -> List[str]:
     problems = []
     ldir = os.path.join(tree, layer_id)
     if not os.path.isdir(os.path.join(ldir, overlay2.DIFF)):
@@ -64,7 +74,7 @@ def layer_problems(tree: str, layer_id: str, link_id: str, ancestor_links: List[
         problems.append(f"{layer_id}: a base layer with a lower file")
     if has_child and _read(os.path.join(ldir, overlay2.COMMITTED)) is None:
         problems.append(f"{layer_id}: no committed marker")
-    residue = aufs_residue(os.path.join(ldir, overlay2.DIFF))
+    residue = aufs_residue(os.path.join(ldir, overlay2.DIFF), image)
     problems += [f"{layer_id}: aufs entry left in the tree: {p}" for p in residue]
     return problems
 
@@ -90,7 +100,7 @@ def mounted_chain(tree: str, layer_id: str, ancestor_links: List[str]) -> Iterat
 
 
 def chain_problems(paths: Paths, layer_id: str, ancestors: List[str], ancestor_links: List[str],
-                   limit: int = 20) -> List[str]:
+                   images: List[bool], limit: int = 20) -> List[str]:
     """Mount the chain; when every layer of it is still in ``aufs/diff``, compare what it shows with the
     aufs view of the same chain."""
     chain = [os.path.join(paths.aufs_diff, i) for i in [layer_id] + ancestors]
@@ -103,7 +113,7 @@ def chain_problems(paths: Paths, layer_id: str, ancestors: List[str], ancestor_l
             got = views.mounted_view(mnt)
     except MigratorError as exc:
         return [str(exc)]
-    found = list(itertools.islice(views.differences(views.aufs_view(chain), got), limit + 1))
+    found = list(itertools.islice(views.differences(views.aufs_view(chain, images), got), limit + 1))
     more = [f"{layer_id}: more differences not shown"] if len(found) > limit else []
     return [f"{layer_id}: {d}" for d in found[:limit]] + more
 
@@ -117,15 +127,16 @@ def verify(paths: Paths, store: Store, progress: Optional[Reporter] = None) -> L
     problems: List[str] = []
     records = store.layers()
     links: Dict[str, str] = {r.id: r.link_id for r in records}
+    image: Dict[str, bool] = {r.id: not r.writable for r in records}
     can_mount = os.geteuid() == 0
     if progress is not None:
         progress.start(len(records), 0)
     for r in records:
         ancestors = r.ancestors.split("\n") if r.ancestors else []
         ancestor_links = [links[a] for a in ancestors]
-        found = layer_problems(paths.tree, r.id, r.link_id, ancestor_links, r.has_child)
+        found = layer_problems(paths.tree, r.id, r.link_id, ancestor_links, r.has_child, image[r.id])
         if not found and can_mount:
-            found = chain_problems(paths, r.id, ancestors, ancestor_links)
+            found = chain_problems(paths, r.id, ancestors, ancestor_links, [image[i] for i in [r.id] + ancestors])
         problems += found
         if progress is not None:
             progress.layer_checked("verify")

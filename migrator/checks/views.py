@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 from migrator.formats import aufs
 from migrator.fs import tree
@@ -47,9 +47,11 @@ def _xattr_names(path: bytes) -> List[bytes]:
         return []
 
 
-def aufs_view(layers: List[str]) -> Dict[bytes, Meta]:
-    """The merged view of ``layers`` (topmost first) under aufs's rules."""
+def aufs_view(layers: List[str], images: Sequence[bool] = ()) -> Dict[bytes, Meta]:
+    """The merged view of ``layers`` (topmost first) under aufs's rules, as the migration keeps them
+    (``images``: which layers are images', whose aufs internals holding data stay: ``aufs.keeps_for_tar_split``)."""
     roots = [os.fsencode(p) for p in layers]
+    image_roots = {r for r, image in zip(roots, images) if image}
     view: Dict[bytes, Meta] = {b".": describe(roots[0])}
     pending = [(b"", roots)]
     while pending:
@@ -59,6 +61,8 @@ def aufs_view(layers: List[str]) -> Dict[bytes, Meta]:
         for directory in contributors:
             names = os.listdir(directory)
             kinds = {n: aufs.whiteout_kind(n) for n in names}
+            if rel and any(directory.startswith(r + b"/") for r in image_roots):
+                kinds.update((n, None) for n, k in kinds.items() if k == aufs.INTERNAL and aufs.kept_in(directory, n))
             hidden = {aufs.whiteout_target(n) for n in names if kinds[n] == aufs.WHITEOUT}
             for name in names:
                 if kinds[name] is not None or name in blocked:

@@ -58,12 +58,36 @@ KEEP_ENTRY = "keep-entry"  # .wh.<name> beside its own non-directory <name>: the
 DROP_BAD = "drop-bad"  # .wh. of "", "." or "..": whites out nothing
 DROP_INTERNAL = "drop-internal"  # .wh..wh.<other>: aufs's own bookkeeping, not carried over
 DROP_UNNEEDED = "drop-unneeded"  # .wh.<name> in a directory merged with nothing below: hides nothing (lowerview)
+KEEP_INTERNAL = "keep-internal"  # .wh..wh.<other> below an image layer's root holding data: the layer's tar
+#                                  names it, and ``docker save`` reads it (``keeps_for_tar_split``)
 
 # The finding each action is reported as (None: none).
 FINDING = {MAKE_WHITEOUT: None, SET_OPAQUE: None, OPAQUE_CHILD: "whiteout-beside-entry",
            KEEP_ENTRY: "whiteout-beside-entry", DROP_BAD: "ignored-bad-whiteout",
-           DROP_INTERNAL: "dropped-aufs-internal", DROP_UNNEEDED: "whiteout-hides-nothing"}
+           DROP_INTERNAL: "dropped-aufs-internal", DROP_UNNEEDED: "whiteout-hides-nothing",
+           KEEP_INTERNAL: "aufs-internal-kept-for-tar-split"}
 _BAD_TARGETS = {str: ("", ".", ".."), bytes: (b"", b".", b"..")}
+
+# aufs looks up no name longer than this (``AUFS_MAX_NAMELEN``: room for ``.wh..wh.<name>.<4 hex>``): it
+# lists such a name and answers ENAMETOOLONG to every lookup of it.
+MAX_NAMELEN = 255 - 2 * len(WH_PREFIX) - 1 - 4
+
+# The findings that name a path whose view after the migration is not what aufs showed (docs/design.md,
+# "Where the view differs from aufs"): where overlayfs cannot show aufs's view without changing what the
+# layer holds, the migration keeps what the layer's own tar says, as every other engine shows it, and says so.
+VIEW_DIFFERS = (
+    "whiteout-beside-entry",  # aufs hides <name> (EIO in a container's own layer); the layer's <name> is kept
+    "ignored-bad-whiteout",  # aufs lists ".wh." itself and cannot open it; not carried over
+    "device-0-0-reads-as-whiteout",  # aufs shows the device; overlayfs reads it as a whiteout
+    "name-too-long-for-aufs",  # aufs lists it and cannot open it (ENAMETOOLONG); overlayfs shows it
+    "opaque-marker-not-a-regular-file",  # aufs answers EIO for the directory; it is migrated opaque
+    "whiteout-not-a-regular-file",  # aufs answers EIO for the name (in a layer above too); it is whited out
+    "aufs-merged-through-non-directory",  # aufs merges the directory past a lower non-directory; overlayfs stops
+    "aufs-merged-below-opaque",  # aufs merges an opaque directory down to the lowest opaque one below it
+    "aufs-internal-kept-for-tar-split",  # aufs hides it; the layer's tar names its data, so it is kept
+    "layers-file-repaired",  # aufs mounted the layer with the ancestry its broken layers file gave
+    "hardlink-into-another-layer-copied",  # aufs showed one inode; a container's layer is copied, not linked
+)
 
 
 @dataclass(frozen=True)
@@ -79,11 +103,18 @@ class WhiteoutAction:
     def finding(self) -> "str | None":
         return FINDING[self.action]
 
+    @property
+    def named(self) -> "str | bytes":
+        """The name the finding names: the entry whose view it is about (the kept entry beside a whiteout),
+        else the aufs entry itself."""
+        return self.target if self.action in (OPAQUE_CHILD, KEEP_ENTRY) else self.name
 
-def whiteout_actions(entries: Mapping, merged: bool = True) -> List[WhiteoutAction]:
+
+def whiteout_actions(entries: Mapping, merged: bool = True, kept: Set = frozenset()) -> List[WhiteoutAction]:
     """The actions for the aufs entries of one directory, from ``entries``: every name in it (str or bytes)
     and whether it is a directory, and whether the directory is ``merged`` with one below it (``lowerview``;
-    where it is not, a whiteout device would be listed as an entry, and it would hide nothing).  Pure: it reads
+    where it is not, a whiteout device would be listed as an entry, and it would hide nothing); ``kept``:
+    the aufs internals below an image layer's root that hold data (``keeps_for_tar_split``).  Pure: it reads
     nothing, so every caller decides alike."""
     actions = []
     for name in entries:
@@ -94,7 +125,7 @@ def whiteout_actions(entries: Mapping, merged: bool = True) -> List[WhiteoutActi
         if kind == OPAQUE:
             action = SET_OPAQUE
         elif kind == INTERNAL:
-            action = DROP_INTERNAL
+            action = KEEP_INTERNAL if name in kept else DROP_INTERNAL
         else:
             target = whiteout_target(name)
             if target in _BAD_TARGETS[type(name)]:
@@ -105,6 +136,65 @@ def whiteout_actions(entries: Mapping, merged: bool = True) -> List[WhiteoutActi
                 action = MAKE_WHITEOUT if merged else DROP_UNNEEDED
         actions.append(WhiteoutAction(name, action, target))
     return actions
+
+
+def keeps_for_tar_split(dir_fd: int, name: "str | bytes") -> bool:
+    """Whether the aufs internal ``name`` (below a layer's root) holds data: a regular file that is not empty,
+    or a directory with one somewhere below it.
+
+    aufs names the copy it makes during a copy-up, and a directory it is removing, ``.wh..wh.<name>.<4 hex>``;
+    a power cut in between leaves it, and ``docker commit`` puts it into an image layer, since moby's aufs
+    ``Diff`` leaves out ``.wh..wh.*`` only at the layer's root.  ``docker save`` on overlay2 then reads every
+    file of the layer's tar-split that has data, through the layer's mounted view: drop it, and the image can
+    no longer be saved or pushed.  Empty files and directories are never read, so only data keeps it."""
+    try:
+        st = os.lstat(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return False
+    if stat.S_ISREG(st.st_mode):
+        return st.st_size > 0
+    if not stat.S_ISDIR(st.st_mode):
+        return False
+    fd = fsio.open_dir(os.fsdecode(name), dir_fd, noatime=True)
+    try:
+        with os.scandir(fd) as it:
+            return any(keeps_for_tar_split(fd, e.name) for e in it
+                       if e.is_dir(follow_symlinks=False) or e.is_file(follow_symlinks=False))
+    finally:
+        os.close(fd)
+
+
+PLINK_DIR = WH_META_PREFIX + "plnk"
+
+
+def pseudo_link_inodes(layer_fd: int) -> Set[int]:
+    """The inodes of a writable layer that hold a pseudo-link (``.wh..wh.plnk/<aufs inode>.<inode>``, aufs's
+    ``plink.c``): a hardlinked lower file copied up into the layer, whose other names aufs showed as the copy
+    while mounted.  moby runs ``auplink <mnt> flush`` at unmount to make them real hardlinks in the layer; after
+    a power cut, or without ``auplink`` (moby only warns), they stay, and at the next mount those other names
+    show the lower file again.  The migration shows what that next mount shows; these name the copies."""
+    try:
+        fd = fsio.open_dir(PLINK_DIR, layer_fd, noatime=True)
+    except OSError:
+        return set()
+    try:
+        found = set()
+        for name in os.listdir(fd):
+            inode = name.rpartition(".")[2]
+            if inode.isdigit():
+                found.add(int(inode))
+        return found
+    finally:
+        os.close(fd)
+
+
+def kept_in(directory: "str | bytes", name: "str | bytes") -> bool:
+    """``keeps_for_tar_split`` of ``name`` in the directory at the path ``directory``."""
+    fd = fsio.open_dir(os.fsdecode(directory), noatime=True)
+    try:
+        return keeps_for_tar_split(fd, name)
+    finally:
+        os.close(fd)
 
 
 LAYERS_FILE_MAX = 1 << 20
@@ -167,6 +257,7 @@ class AufsLayer:
 class Discovery:
     layers: List[AufsLayer] = field(default_factory=list)  # parents before children
     findings: List[Tuple[str, str]] = field(default_factory=list)  # (kind, detail), reported and recorded
+    layer_findings: List[Tuple[str, str, str]] = field(default_factory=list)  # (kind, layer id, detail): likewise
 
     @property
     def parents(self) -> Set[str]:

@@ -245,6 +245,44 @@ def _read_entry(fd: int, rel: str, files: Tuple[str, ...], contents: Tuple[str, 
     return ids
 
 
+def store_ancestry(image_dir: str, store: LayerStore, layer_id: str) -> List[str]:
+    """The ancestors of the layer ``layer_id`` (nearest first) as the layer store records them, which it writes
+    atomically: an image layer's chain by its ``parent`` files, a container's ``-init`` layer on its image, its
+    writable layer on the ``-init``.  Empty when the store names no parent (or does not name the layer).
+
+    What for: moby's aufs driver writes ``aufs/layers/<id>`` with no fsync (``aufs.go``, ``Create``), so a
+    power cut can leave it empty, and the layer would look like a base layer.  Read only for such layers."""
+    by_cache = {layer.cache_id: chain for chain, layer in store.layers.items() if layer.cache_id}
+    ancestors: List[str] = []
+    chain: Optional[str] = None
+    for cid, mount in store.mounts.items():
+        if layer_id in (mount.mount_id, mount.init_id):
+            if layer_id == mount.mount_id and mount.init_id:
+                ancestors.append(mount.init_id)
+            chain = _small(os.path.join(image_dir, "layerdb", "mounts", cid, "parent"))
+            break
+    else:
+        if layer_id in by_cache:
+            chain = _small(os.path.join(image_dir, "layerdb", "sha256", by_cache[layer_id], "parent"))
+    seen = set()
+    while chain and chain not in seen:
+        seen.add(chain)
+        hex_id = chain.split(":", 1)[-1]
+        entry = store.layers.get(hex_id)
+        if entry is None or not entry.cache_id:
+            return []  # a chain the store cannot follow: no better than the layers file
+        ancestors.append(entry.cache_id)
+        chain = _small(os.path.join(image_dir, "layerdb", "sha256", hex_id, "parent"))
+    return ancestors
+
+
+def _small(path: str) -> Optional[str]:
+    try:
+        return fsio.read_small(path, ID_MAX)[0].decode("ascii").strip() or None
+    except (OSError, fsio.NotSmallFile, UnicodeDecodeError):
+        return None
+
+
 @dataclass
 class ImageLayer:
     """One entry of the layer store, as the content proof takes it: its chain id, the driver's layer id

@@ -66,6 +66,8 @@ def begin(paths: Paths, plan: planner.Plan, progress: Reporter, engine_config: O
             findings.append(("removed-leftover", os.path.join(parent, name)))
     for kind, detail in findings:
         progress(f"note: {kind}: {detail}")
+    for kind, layer, detail in plan.discovery.layer_findings:
+        progress(f"note: {kind}: layer {layer}: {detail}")
     fsio.ensure_absent_durably(paths.workdir, os.path.basename(paths.stash))  # journals of an earlier run
     containers.keep_originals(paths.originals, found)
     if engine_config:
@@ -106,6 +108,7 @@ def discovered_records(discovery: aufs.Discovery, found: List[containers.FoundCo
         for c in found
     ]
     finding_rows = [FindingRecord(layer_id=None, kind=k, detail=d) for k, d in findings]
+    finding_rows += [FindingRecord(layer_id=lid, kind=k, detail=d) for k, lid, d in discovery.layer_findings]
     return layer_rows, container_rows, finding_rows
 
 

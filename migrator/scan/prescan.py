@@ -17,6 +17,8 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 from migrator import interrupts, procs
+from migrator.formats import aufs, lowerview
+from migrator.fs import fsio
 from migrator.scan import survey
 
 COLD_WALKERS_PER_JOB = 4
@@ -82,6 +84,16 @@ def _cold(aufs_diff: str, names: List[str]) -> bool:
     return time.monotonic() - started > COLD_READ_SECONDS * max(1, len(sample))
 
 
+def _ancestors(aufs_diff: str, name: str) -> List[lowerview.Lower]:
+    """The layer's ancestors as its layers file names them (the plan walks it again if discovery finds
+    otherwise, or the file cannot be read)."""
+    try:
+        data = fsio.read_small(os.path.join(os.path.dirname(aufs_diff), "layers", name), aufs.LAYERS_FILE_MAX)[0]
+        return [lowerview.Lower(os.path.join(aufs_diff, a)) for a in aufs.parse_layers_file(data)]
+    except (OSError, ValueError, fsio.NotSmallFile):
+        return []
+
+
 def _walk(aufs_diff: str, names: List[str], w: int) -> None:
     code = 1
     try:
@@ -91,7 +103,7 @@ def _walk(aufs_diff: str, names: List[str], w: int) -> None:
         for name in names:
             path = os.path.join(aufs_diff, name)
             if os.path.isdir(path) and not os.path.islink(path):
-                found[name] = survey.scan_layer(path)
+                found[name] = survey.scan_layer(path, False, _ancestors(aufs_diff, name))
         with os.fdopen(w, "wb") as out:
             pickle.dump(found, out)
         code = 0

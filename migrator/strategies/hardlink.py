@@ -37,7 +37,8 @@ class HardlinkTask(LayerTask):
 
     def work(self, trigger: str) -> Optional[Work]:
         if trigger == LINK:
-            return linker.build_layer_tree, (self.src, self.paths.temp_tree, self.id, self.record.writable)
+            return linker.build_layer_tree, (self.src, self.paths.temp_tree, self.id, self.record.writable,
+                                             self.lower_dirs)
         if trigger == CONVERT_WHITEOUTS:
             return linker.convert_whiteouts, (self.src, self.paths.temp_tree, self.id, self.whiteout_dirs,
                                               self.lower_dirs)
@@ -79,7 +80,8 @@ def share_out(pool: concurrent.futures.ProcessPoolExecutor, jobs: int, tasks: Li
     workers stay busy until the last piece (no round waits for another).  Small layers go several to a
     chunk.  Each task's outcome: its merged result, or the first error of any of its pieces."""
     found: Dict[LayerTask, List[Outcome]] = {t: [] for t in tasks}
-    queue = [(t, (linker.start_layer, (t.src, t.paths.temp_tree, t.id, t.record.writable, PART_ENTRIES)))
+    queue = [(t, (linker.start_layer, (t.src, t.paths.temp_tree, t.id, t.record.writable, PART_ENTRIES,
+                                        t.lower_dirs)))
              for t in tasks]
     running: Dict[concurrent.futures.Future, list] = {}
     while queue or running:
@@ -94,7 +96,7 @@ def share_out(pool: concurrent.futures.ProcessPoolExecutor, jobs: int, tasks: Li
                 found[task].append((ok, value[0] if ok else value))
                 if ok:
                     queue.extend((task, (linker.link_part, (task.src, task.paths.temp_tree, task.id, rel,
-                                                            PART_ENTRIES))) for rel in value[1])
+                                                            PART_ENTRIES, task.lower_dirs))) for rel in value[1])
     outcomes: Dict[LayerTask, Outcome] = {}
     for task, pieces in found.items():
         failed = next((value for ok, value in pieces if not ok), None)

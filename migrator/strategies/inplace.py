@@ -9,7 +9,7 @@ transaction); rollback undoes each journal and renames the layer back (``inplace
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from migrations_state.machine import CONVERT_WHITEOUTS, DISCOVERED
 from migrations_state.schema import LayerRecord
@@ -28,11 +28,17 @@ class InPlaceTask(LayerTask):
     """The link step moves ``aufs/diff/<id>`` into the tree; the whiteout step applies the layer's journal."""
 
     def __init__(self, record: LayerRecord, paths: Paths, ancestor_links: List[str], store: Store,
-                 scanned: Optional[StepResult]) -> None:
+                 scanned: Optional[StepResult], journaled: bool = False) -> None:
         super().__init__(record, paths, ancestor_links)
         self.store = store
         self.scanned = scanned
+        self.journaled = journaled  # by an earlier run: its findings were recorded with the journal
+        self.walk_findings: List[Tuple[str, str]] = []  # the walk's, recorded with the journal (``journal``)
         self.planned: Optional[tuple] = None  # (changes, dir times) journaled in this run
+
+    def lowers(self, lower_of: Callable[[str], lowerview.Lower]) -> List[lowerview.Lower]:
+        """The ancestors as they stand, nearest first, read by ``lower_of`` (``ancestors_as_they_stand``)."""
+        return [lower_of(a) for a in self.record.ancestors.split("\n") if a]
 
     @property
     def diff(self) -> str:
@@ -43,11 +49,22 @@ class InPlaceTask(LayerTask):
         return os.path.join(self.paths.stash, self.id)
 
     def build_tree(self) -> None:
+        """Move the layer into the tree, with what the walk found.  A layer with aufs entries gets a journal,
+        and the walk's findings are recorded with it, before any entry moves: after a cut, a walk of the half
+        converted layer would find other things (``journal``)."""
+        if self.journaled:  # converted in part already: its journal, recorded, holds the rest
+            inplace_moves.move_layer(self.paths.aufs_diff, self.paths.temp_tree, self.id)
+            self.result = StepResult()
+            return
         if self.scanned is None:
-            self.scanned = survey.scan_layer(inplace_moves.diff_location(self.paths.aufs_diff, self.paths.temp_tree,
-                                                                         self.id))
+            where = inplace_moves.diff_location(self.paths.aufs_diff, self.paths.temp_tree, self.id)
+            lowers = self.lowers(ancestors_as_they_stand(self.paths, self.store))
+            self.scanned = survey.scan_layer(where, self.record.writable, lowers)
         inplace_moves.move_layer(self.paths.aufs_diff, self.paths.temp_tree, self.id)
         self.result = self.scanned
+        if self.scanned.whiteout_dirs:
+            self.walk_findings = list(self.scanned.findings)
+            self.result = StepResult(self.scanned.entries, [], list(self.scanned.whiteout_dirs))
 
     def journal(self, lower_of: Callable[[str], lowerview.Lower]) -> Optional[Journal]:
         """Plan this layer's changes in its whiteout directories and write their journal copy; the journal to
@@ -55,11 +72,12 @@ class InPlaceTask(LayerTask):
         self.planned = ([], [])
         if not self.whiteout_dirs:
             return None
-        lowers = [lower_of(a) for a in self.record.ancestors.split("\n") if a]
-        changes, times, found = inplace_journal.plan_changes(self.diff, self.whiteout_dirs, lowers)
+        changes, times, found = inplace_journal.plan_changes(self.diff, self.whiteout_dirs, self.lowers(lower_of),
+                                                             image=not self.record.writable)
         inplace_journal.write_journal_copy(self.stash, changes, times)
         self.planned = (changes, times)
-        return Journal(self.id, *inplace_journal.rows_from_changes(self.id, changes, times), found.findings)
+        return Journal(self.id, *inplace_journal.rows_from_changes(self.id, changes, times),
+                       self.walk_findings + found.findings)
 
     def convert_whiteouts_in_tree(self) -> None:
         """Apply the journal: planned and recorded before this wave, or recorded by an earlier run."""
@@ -73,6 +91,8 @@ class InPlaceTask(LayerTask):
 
 class InPlaceStrategy(Strategy):
     task_class = InPlaceTask
+    journaled: Set[str] = frozenset()  # layers an earlier run journaled (``prepare``)
+
     def layer_need(self, writable: bool, found: survey.LayerSurvey, block: int) -> Tuple[int, int]:
         return (2, 2 * block) if found.whiteout_dirs else (0, 0)  # the layer's stash and its journal copy
 
@@ -80,16 +100,25 @@ class InPlaceStrategy(Strategy):
         return 1, block  # the stash directory
 
     def task(self, record: LayerRecord, conv: Conversion, ancestor_links: List[str]) -> LayerTask:
-        return self.task_class(record, conv.paths, ancestor_links, conv.store, conv.surveys.get(record.id))
+        return self.task_class(record, conv.paths, ancestor_links, conv.store, conv.surveys.get(record.id),
+                               record.id in self.journaled)
 
     def prepare(self, conv: Conversion, pending: List[LayerRecord]) -> None:
-        """Walk, read-only and in ``jobs`` processes, the layers still to move that the plan did not walk."""
+        """Walk, read-only and in ``jobs`` processes, the layers still to move that the plan did not walk (but
+        those an earlier run journaled: their journals say the rest)."""
         p = conv.paths
-        todo = [r.id for r in pending if r.state == DISCOVERED and r.id not in conv.surveys]
-        where = [inplace_moves.diff_location(p.aufs_diff, p.temp_tree, i) for i in todo]
+        self.journaled = set(conv.store.journaled_layers())
+        todo = [r for r in pending if r.state == DISCOVERED and r.id not in conv.surveys
+                and r.id not in self.journaled]
+        if not todo:
+            return
+        where = [inplace_moves.diff_location(p.aufs_diff, p.temp_tree, r.id) for r in todo]
+        lower_of = ancestors_as_they_stand(p, conv.store)
+        lowers = [[lower_of(a) for a in r.ancestors.split("\n") if a] for r in todo]
         conv.store.release_connections()
         close = [conv.lock_fd] if conv.lock_fd is not None else []
-        conv.surveys.update(zip(todo, survey.scan_layers(where, [False] * len(where), conv.jobs, close)))
+        conv.surveys.update(zip((r.id for r in todo), survey.scan_layers(where, [r.writable for r in todo], lowers,
+                                                                        conv.jobs, close)))
 
     def before_wave(self, conv: Conversion, trigger: str, tasks: List[LayerTask]) -> None:
         """Every journal of the wave before it changes anything: the copies written, one ``syncfs``, one
@@ -97,19 +126,7 @@ class InPlaceStrategy(Strategy):
         if trigger != CONVERT_WHITEOUTS:
             return
         journaled = set(conv.store.journaled_layers())
-        read: Dict[str, Dict[bytes, lowerview.JournaledDir]] = {}
-
-        def lower_of(layer_id: str) -> lowerview.Lower:
-            """An ancestor as it stands: in aufs form unless journaled (then maybe partly converted by an
-            earlier run: its journal says what to read back)."""
-            where = inplace_moves.diff_location(conv.paths.aufs_diff, conv.paths.temp_tree, layer_id)
-            if layer_id not in journaled:
-                return lowerview.Lower(where)
-            if layer_id not in read:
-                changes, _ = inplace_journal.changes_from_rows(*conv.store.changes(layer_id))
-                read[layer_id] = inplace_journal.aufs_entries_by_dir(changes)
-            return lowerview.Lower(where, read[layer_id])
-
+        lower_of = ancestors_as_they_stand(conv.paths, conv.store, journaled)
         journals = [j for j in (t.journal(lower_of) for t in tasks if t.id not in journaled) if j is not None]
         if journals:
             fd = fsio.open_dir(conv.paths.temp_tree)
@@ -145,3 +162,22 @@ class InPlaceStrategy(Strategy):
             changes, times = inplace_journal.read_journal_copy(stash) or ([], [])
             inplace_moves.undo_layer(paths.aufs_diff, diff, stash, layer_id, changes, times, None, progress)
         inplace_moves.sync_moved_back(paths)
+
+
+def ancestors_as_they_stand(paths: Paths, store: Store, journaled: Optional[Set[str]] = None
+                            ) -> Callable[[str], lowerview.Lower]:
+    """How an ancestor is read as it stands now: in aufs form unless journaled (then maybe partly converted by
+    an earlier run or wave: its journal says what to read back); each journal is read once."""
+    journaled = set(store.journaled_layers()) if journaled is None else journaled
+    read: Dict[str, Dict[bytes, lowerview.JournaledDir]] = {}
+
+    def lower_of(layer_id: str) -> lowerview.Lower:
+        where = inplace_moves.diff_location(paths.aufs_diff, paths.temp_tree, layer_id)
+        if layer_id not in journaled:
+            return lowerview.Lower(where)
+        if layer_id not in read:
+            changes, _ = inplace_journal.changes_from_rows(*store.changes(layer_id))
+            read[layer_id] = inplace_journal.aufs_entries_by_dir(changes)
+        return lowerview.Lower(where, read[layer_id])
+
+    return lower_of

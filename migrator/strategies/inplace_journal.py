@@ -68,10 +68,11 @@ class DirTimes:
     mtime_ns: int
 
 
-def plan_changes(diff_dir: str, dirs: Sequence[bytes], lowers: Sequence[lowerview.Lower] = ()
-                 ) -> Tuple[List[Change], List[DirTimes], StepResult]:
+def plan_changes(diff_dir: str, dirs: Sequence[bytes], lowers: Sequence[lowerview.Lower] = (),
+                 image: bool = True) -> Tuple[List[Change], List[DirTimes], StepResult]:
     """Read the directories the link step listed and decide every change, before any is made; ``lowers`` are
-    the ancestors, for whether each directory is merged with one below it (``lowerview``)."""
+    the ancestors, for whether each directory is merged with one below it (``lowerview``); ``image``: an
+    image's layer, which keeps the aufs internals below its root that hold data (``aufs.keeps_for_tar_split``)."""
     changes: List[Change] = []
     times: List[DirTimes] = []
     result = StepResult()
@@ -82,7 +83,7 @@ def plan_changes(diff_dir: str, dirs: Sequence[bytes], lowers: Sequence[lowervie
             try:
                 st = os.fstat(fd)
                 times.append(DirTimes(rel, st.st_atime_ns, st.st_mtime_ns))
-                _plan_dir(fd, rel, changes, result, lowerview.is_merged(diff_dir, lowers, rel))
+                _plan_dir(fd, rel, changes, result, lowerview.is_merged(diff_dir, lowers, rel), image)
             finally:
                 os.close(fd)
     finally:
@@ -92,13 +93,18 @@ def plan_changes(diff_dir: str, dirs: Sequence[bytes], lowers: Sequence[lowervie
     return changes, times, result
 
 
-def _plan_dir(fd: int, rel: bytes, changes: List[Change], result: StepResult, merged: bool) -> None:
+def _plan_dir(fd: int, rel: bytes, changes: List[Change], result: StepResult, merged: bool, image: bool) -> None:
     for name in tree.list_xattrs(fd):
         if name.startswith(tree.OVERLAY_XATTR_PREFIX):
             changes.append(Change(rel, None, DROP_XATTR, name, None, xattr_before=xattr.get(fd, name)))
             result.note("dropped-overlay-xattr", rel, name.decode("ascii", "replace"))
-    for found in aufs.whiteout_actions(tree.entry_kinds(fd, as_bytes=True), merged):
+    entries = tree.entry_kinds(fd, as_bytes=True)
+    kept = {n for n in entries if image and rel and aufs.whiteout_kind(n) == aufs.INTERNAL
+            and aufs.keeps_for_tar_split(fd, n)}
+    for found in aufs.whiteout_actions(entries, merged, kept):
         name, target = found.name, found.target
+        if found.action == aufs.KEEP_INTERNAL:  # an entry of the layer now: the walk reported it
+            continue
         st = os.stat(name, dir_fd=fd, follow_symlinks=False)
         entry = dict(kind=stat.S_IFMT(st.st_mode), xattrs=_entry_xattrs(fd, name),
                      mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid, atime_ns=st.st_atime_ns,
@@ -117,8 +123,8 @@ def _plan_dir(fd: int, rel: bytes, changes: List[Change], result: StepResult, me
             changes.append(Change(rel, name, WHITEOUT, target, None, **entry))
         else:  # kept entry, bad whiteout, aufs internal: the aufs entry is only moved to the stash
             changes.append(Change(rel, name, STASH, None, None, **entry))
-        if found.finding:
-            result.note(found.finding, rel, os.fsdecode(name))
+        if found.finding and found.action != aufs.DROP_INTERNAL:  # the walk noted the internals
+            result.note(found.finding, rel, os.fsdecode(found.named))
         if found.action not in (aufs.DROP_INTERNAL, aufs.DROP_BAD, aufs.DROP_UNNEEDED):
             result.entries += 1
 

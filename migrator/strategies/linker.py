@@ -20,20 +20,24 @@ from migrator.fs import fsio, tree
 from migrator.scan.findings import StepResult
 
 
-def build_layer_tree(src_dir: str, tree_root: str, layer_id: str, copy: bool = False) -> StepResult:
+def build_layer_tree(src_dir: str, tree_root: str, layer_id: str, copy: bool = False,
+                     lower_dirs: Sequence[str] = ()) -> StepResult:
     """Step ``discovered → linked``: rebuild ``<tree>/<id>/diff`` from scratch, hardlinking every entry
     (``copy``: copying it with its metadata, for a container's writable layer, which overlay2 changes in place).
 
-    Whiteouts and aufs internals are left out here; the directories holding whiteouts or opaque markers are
-    listed in the result, for the next step to convert (and to give their times, which a new whiteout device
-    changes).  Every other directory gets its times here, bottom-up.  A partial tree from an earlier, cut-off
-    attempt is removed first, which is what makes the step idempotent.
+    Whiteouts and aufs internals are left out here (but an internal below an image layer's root that holds
+    data: ``aufs.keeps_for_tar_split``); the directories holding whiteouts or opaque markers are listed in the
+    result, for the next step to convert (and to give their times, which a new whiteout device changes).
+    Every other directory gets its times here, bottom-up.  A partial tree from an earlier, cut-off attempt is
+    removed first, which is what makes the step idempotent.  ``lower_dirs``, the ancestors' aufs data
+    (nearest first), are read to name each directory aufs merged further than overlayfs will
+    (``lowerview.Merge``).
     """
-    return start_layer(src_dir, tree_root, layer_id, copy=copy)[0]
+    return start_layer(src_dir, tree_root, layer_id, copy=copy, lower_dirs=lower_dirs)[0]
 
 
 def start_layer(src_dir: str, tree_root: str, layer_id: str, copy: bool = False,
-                budget: Optional[int] = None) -> Tuple[StepResult, List[bytes]]:
+                budget: Optional[int] = None, lower_dirs: Sequence[str] = ()) -> Tuple[StepResult, List[bytes]]:
     """The link step, or with a ``budget`` of entries its first part: remove a partial tree, make
     ``<id>/diff``, and link the layer until about ``budget`` entries are done; the subtrees it did not enter
     are left to ``link_part`` (each one's directory made, empty), so that several workers share a big layer.
@@ -53,13 +57,13 @@ def start_layer(src_dir: str, tree_root: str, layer_id: str, copy: bool = False,
             os.close(lfd)
     finally:
         os.close(tfd)
-    return _link_walk(src_dir, tree_root, layer_id, b"", copy, budget)
+    return _link_walk(src_dir, tree_root, layer_id, b"", copy, budget, lower_dirs)
 
 
-def link_part(src_dir: str, tree_root: str, layer_id: str, rel: bytes,
-              budget: Optional[int] = None) -> Tuple[StepResult, List[bytes]]:
+def link_part(src_dir: str, tree_root: str, layer_id: str, rel: bytes, budget: Optional[int] = None,
+              lower_dirs: Sequence[str] = ()) -> Tuple[StepResult, List[bytes]]:
     """Link the subtree ``rel`` that an earlier walk left (its directory exists, empty), within ``budget``."""
-    return _link_walk(src_dir, tree_root, layer_id, rel, False, budget)
+    return _link_walk(src_dir, tree_root, layer_id, rel, False, budget, lower_dirs)
 
 
 def merge(result: StepResult, part_results: Sequence[StepResult]) -> StepResult:
@@ -72,8 +76,9 @@ def merge(result: StepResult, part_results: Sequence[StepResult]) -> StepResult:
 
 
 def _link_walk(src_dir: str, tree_root: str, layer_id: str, rel: bytes, copy: bool,
-               budget: Optional[int]) -> Tuple[StepResult, List[bytes]]:
+               budget: Optional[int], lower_dirs: Sequence[str]) -> Tuple[StepResult, List[bytes]]:
     result = StepResult()
+    merges = lowerview.Tracker(src_dir, [lowerview.Lower(d) for d in lower_dirs], rel)
     parts: List[bytes] = []
     src_root = fsio.open_dir(src_dir, noatime=True)
     try:
@@ -87,19 +92,22 @@ def _link_walk(src_dir: str, tree_root: str, layer_id: str, rel: bytes, copy: bo
         finally:
             os.close(dst_root)
         try:
-            carry = _Copier(dst_fd, result) if copy else _link_entry
-            visit, leave = _linker(result, carry, rel)
+            carry = _Copier(dst_fd, src_fd, result) if copy else _link_entry
+            visit, leave = _linker(result, carry, rel, merges, image=not copy)
             cut = (lambda: result.entries >= budget) if budget is not None and not copy else None
             tree.walk_pair(src_fd, dst_fd, visit, leave, label=f"link {layer_id}", root_rel=rel, cut=cut,
                            left=parts)
+            if copy:
+                carry.note_links_outside(result)
         finally:
             os.close(dst_fd)
     finally:
         os.close(src_fd)
+        merges.close()
     return result, parts
 
 
-def _linker(result: StepResult, carry, root_rel: bytes):
+def _linker(result: StepResult, carry, root_rel: bytes, merges: lowerview.Tracker, image: bool):
     """The link walk's two callbacks.  A directory is made with mode 0755 and owned by the migrator (root),
     so its owner and mode are set only where the source's differ (most are root's and 0755): the source's
     own ``fstat``, taken once on the way in, also gives its times on the way out."""
@@ -122,16 +130,11 @@ def _linker(result: StepResult, carry, root_rel: bytes):
         for dropped in tree.copy_xattrs(s_fd, d_fd):
             result.note("dropped-overlay-xattr", rel, dropped.decode("ascii", "replace"))
         subdirs = []
-        has_whiteouts = False
+        marks = result.marks(rel, image)
         with os.scandir(s_fd) as it:
             for entry in it:
                 name = entry.name
-                kind = aufs.whiteout_kind(name)
-                if kind is not None:
-                    if kind == aufs.INTERNAL:
-                        result.note(aufs.FINDING[aufs.DROP_INTERNAL], rel, name)
-                    else:
-                        has_whiteouts = True
+                if not marks.ordinary(s_fd, entry):
                     continue
                 result.entries += 1
                 if entry.is_dir(follow_symlinks=False):
@@ -139,14 +142,18 @@ def _linker(result: StepResult, carry, root_rel: bytes):
                     continue
                 result.note_zero_device(entry, rel)
                 carry(s_fd, d_fd, name, rel, result)
+        differs = merges.enter(rel, marks.opaque, marks.whited).differs
+        if differs:
+            result.note(differs, rel)
         for name in subdirs:
             os.mkdir(name, 0o755, dir_fd=d_fd)
-        if has_whiteouts:
+        if marks.whiteouts:
             result.whiteout_dirs.append(rel)
             converting.add(rel)
         return subdirs
 
     def leave(s_fd: int, d_fd: int, rel: bytes) -> None:
+        merges.leave(rel)
         made.pop(rel, None)
         dir_times = times.pop(rel)
         if rel not in converting:
@@ -170,21 +177,37 @@ class _Copier:
     """Copies entries of a writable layer, keeping its hardlink groups: the second name of an inode is
     linked to the first copy (by its path below the layer root, through directories this step created)."""
 
-    def __init__(self, root_fd: int, result: StepResult) -> None:
+    def __init__(self, root_fd: int, src_root_fd: int, result: StepResult) -> None:
         self.root_fd = root_fd
         self.first_copy: Dict[Tuple[int, int], bytes] = {}
+        self.names: Dict[Tuple[int, int], List[bytes]] = {}  # names of each linked inode found in the layer
+        self.links: Dict[Tuple[int, int], int] = {}  # and its link count
         result.note("copied-writable-layer", b"")
+        result.plinks = aufs.pseudo_link_inodes(src_root_fd)
 
     def __call__(self, s_fd: int, d_fd: int, name: str, rel: bytes, result: StepResult) -> None:
         st = os.stat(name, dir_fd=s_fd, follow_symlinks=False)
+        result.note_pseudo_link(st, rel, name)
         key = (st.st_dev, st.st_ino)
         here = (rel + b"/" + os.fsencode(name)).lstrip(b"/")
+        if st.st_nlink > 1:
+            self.names.setdefault(key, []).append(here)
+            self.links[key] = st.st_nlink
         if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode) and key in self.first_copy:
             os.link(self.first_copy[key], name, src_dir_fd=self.root_fd, dst_dir_fd=d_fd, follow_symlinks=False)
             return
         tree.copy_entry(s_fd, d_fd, name)
         if st.st_nlink > 1:
             self.first_copy[key] = here
+
+    def note_links_outside(self, result: StepResult) -> None:
+        """A file of the layer that is also a name outside it (a hardlink into another layer: aufs showed both
+        names as one inode) is copied like the rest, since overlay2 writes this layer in place: the copy is
+        another inode.  Its pseudo-link (``.wh..wh.plnk``) is the one name outside that is not counted."""
+        for key, names in self.names.items():
+            if self.links[key] - len(names) - (1 if key[1] in result.plinks else 0) > 0:
+                for here in names:
+                    result.note("hardlink-into-another-layer-copied", b"/" + here)
 
 
 def convert_whiteouts(src_dir: str, tree_root: str, layer_id: str, whiteout_dirs: Sequence[bytes],
@@ -227,7 +250,7 @@ def _convert_dir(s_fd: int, d_fd: int, rel: bytes, result: StepResult, merged: b
     """Apply ``aufs.whiteout_actions`` of one directory in the new tree (aufs internals were left out by the
     link walk, which reported them)."""
     for found in aufs.whiteout_actions(tree.entry_kinds(s_fd), merged):
-        if found.action == aufs.DROP_INTERNAL:
+        if found.action == aufs.DROP_INTERNAL:  # reported by the link walk, which also linked those it kept
             continue
         if found.action == aufs.SET_OPAQUE:
             xattr.set(d_fd, overlay2.OPAQUE_XATTR, b"y")
@@ -238,5 +261,5 @@ def _convert_dir(s_fd: int, d_fd: int, rel: bytes, result: StepResult, merged: b
             overlay2.make_whiteout_device(d_fd, found.target, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
                                           (st.st_atime_ns, st.st_mtime_ns))
         if found.finding:
-            result.note(found.finding, rel, found.name)
+            result.note(found.finding, rel, found.named)
         result.entries += 1

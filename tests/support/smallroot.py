@@ -37,8 +37,10 @@ class SmallRoot:
         os.makedirs(self.path("image", "aufs", "layerdb", "sha256"), exist_ok=True)
         os.makedirs(self.path("image", "aufs", "imagedb", "content", "sha256"), exist_ok=True)
         image_layers = [lid for lid in layers if lid not in container_layers]
-        for n, lid in enumerate(image_layers):
-            self.store_entry(chain_id(n), cache_id=lid, parent=chain_id(n - 1) if n else None)
+        chains = {lid: chain_id(n) for n, lid in enumerate(image_layers)}
+        for lid in image_layers:  # the store's chain follows the aufs ancestry, as an engine's does
+            parent = layers[lid][0] if layers[lid] else None
+            self.store_entry(chains[lid], cache_id=lid, parent=chains.get(parent))
         if images and image_layers:
             write(self.path("image", "aufs", "imagedb", "content", "sha256", "c" * 64), b"{}")
         for cid, mount_id, driver in containers:
