@@ -103,6 +103,25 @@ def binary():
     return path
 
 
+@pytest.fixture(scope="session")
+def aufs_guest():
+    """One boot of the aufs kernel for the session (tests/support/aufsvm.py): what aufs shows is decided by it.
+    Skipped only without root; where qemu or the kernel is missing the test fails with the line that says so
+    (the README's test command installs qemu-system-x86: CI runs these)."""
+    from tests.support import aufsvm
+
+    if not IS_ROOT:
+        pytest.skip("the aufs VM needs root (9p passthrough of owners and devices, loop mounts)")
+    reason = aufsvm.missing()
+    if reason:
+        pytest.fail(reason)
+    guest = aufsvm.Guest(time_limit=float(os.environ.get("A2O_GUEST_MINUTES", "50")) * 60).start()
+    try:
+        yield guest
+    finally:
+        guest.cleanup()
+
+
 @pytest.fixture
 def copy_root():
     def copy(src, dst):

@@ -10,7 +10,13 @@ import pytest
 from tests.conftest import cli, needs_root, run_args
 from tests.support import hostile as h
 from tests.support.manifest import diff_manifests, manifest
-from tests.support.rootstate import assert_chains_match, aufs_views, whole_root
+from tests.support.rootstate import (
+    assert_chains_match,
+    assert_real_aufs_agrees,
+    aufs_views,
+    copy_for_the_guest,
+    whole_root,
+)
 from tests.support.smallroot import NOT_SMALL_FILES
 
 pytestmark = needs_root
@@ -52,7 +58,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("name,build,expected", CASES, ids=[c[0] for c in CASES])
-def test_hostile_input(tmp_path, strategy, name, build, expected):
+def test_hostile_input(tmp_path, strategy, name, build, expected, aufs_guest):
     root, outside = build(tmp_path)
     if not os.path.exists(outside):
         h.make_outside(outside)
@@ -60,7 +66,8 @@ def test_hostile_input(tmp_path, strategy, name, build, expected):
     root_before = manifest(root)
     aufs_before = manifest(os.path.join(root, "aufs"))
     whole = whole_root(root)
-    views = aufs_views(root) if expected[0] == "migrated" else None
+    views = aufs_views(root) if expected[0].startswith("migrated") else None
+    pre = copy_for_the_guest(root, str(tmp_path / "pre")) if views is not None else None
     res = cli("run", "--root", root, "--engine-pidfile", "/nonexistent", "--strategy", strategy)
     assert "Traceback" not in res.stderr
     if expected[0] == "refused":
@@ -78,6 +85,8 @@ def test_hostile_input(tmp_path, strategy, name, build, expected):
             assert manifest(os.path.join(root, "aufs")) == aufs_before
         if views is not None:
             assert_chains_match(root, views)
+        if pre is not None:  # the real aufs judges too
+            assert_real_aufs_agrees(aufs_guest, pre, root, views)
         if expected[0] == "migrated-differs" and strategy == "hardlink":
             # verify compares with the aufs view while aufs is there, and names the difference
             res = cli("verify", "--root", root)

@@ -184,7 +184,7 @@ def test_accepted_missing_storage_migrates_the_rest(tmp_path, strategy):
     """The override: the layers that are there migrate and mount right, the broken chain is left out, every
     missing piece is a finding in status --json, and (in place) rollback gives the root back exactly."""
     root = _sample(tmp_path)
-    views = {BASE: aufs_views(root)[BASE]}
+    views = aufs_views(root).only(BASE)
     shutil.rmtree(os.path.join(root, "aufs", "diff", OTHER))
     shutil.rmtree(os.path.join(root, "aufs", "diff", APP))  # TOP, the -init and the container stand on it
     whole = whole_root(root)

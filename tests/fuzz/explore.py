@@ -41,8 +41,9 @@ def kind_of(exc: BaseException) -> str:
 
 
 def explore(strategy: str, examples: int, crash: bool = False, seed_value: Optional[int] = 0,
-            tally: Optional[Tally] = None, shrink: bool = True, max_layers: int = 12) -> Tally:
-    """Judge ``examples`` generated roots; ``seed_value`` None draws a fresh seed (the long run)."""
+            tally: Optional[Tally] = None, shrink: bool = True, max_layers: int = 12, guest=None) -> Tally:
+    """Judge ``examples`` generated roots; ``seed_value`` None draws a fresh seed (the long run); ``guest``: the
+    real aufs judges too (``judge.judge``)."""
     tally = tally or Tally()
     phases = [Phase.explicit, Phase.generate] + ([Phase.shrink] if shrink else [])
 
@@ -52,7 +53,7 @@ def explore(strategy: str, examples: int, crash: bool = False, seed_value: Optio
            kill_fraction=st.floats(0, 0.999) if crash else st.none())
     def one(spec, jobs, kill_fraction):
         try:
-            done = judge.judge(spec, strategy, jobs=jobs, kill_fraction=kill_fraction)
+            done = judge.judge(spec, strategy, jobs=jobs, kill_fraction=kill_fraction, guest=guest)
         except Exception as exc:  # a divergence, or the oracle tripping over what the migrator made
             kind = kind_of(exc)
             if kind in tally.known:

@@ -63,6 +63,9 @@ def directory(draw, depth: int) -> List[Tuple[bytes, str, dict]]:
         name = draw(names)
         kind = draw(st.sampled_from(["file", "file", "dir", "dir", "link", "wh", "wh", "hard", "empty",
                                      "sparse", "fifo", "sock", "chr", "blk"]))
+        if draw(st.integers(0, 15)) == 15:  # now and then a state only aufs itself, or a cut, leaves
+            out.extend(_odd(draw, name, used))
+            continue
         if kind == "wh":
             name = name[:251]  # ".wh." + name must fit in NAME_MAX
             if WH + name not in used:
@@ -77,8 +80,8 @@ def directory(draw, depth: int) -> List[Tuple[bytes, str, dict]]:
             out.append((name, "dir", opts))
             if depth < 3:
                 out.extend((name + b"/" + rel, k, o) for rel, k, o in draw(directory(depth + 1)))
-            if draw(st.integers(0, 2)) == 2:
-                out.append((name + b"/.wh..wh..opq", "opq", {}))
+            if draw(st.integers(0, 2)) == 2:  # now and then a directory, not the regular file aufs makes
+                out.append((name + b"/.wh..wh..opq", "dir" if draw(st.integers(0, 9)) == 9 else "opq", {}))
         elif kind in ("file", "empty"):
             data = b"" if kind == "empty" else draw(st.binary(max_size=64))
             out.append((name, "file", _owned(draw, {"data": data}, True)))
@@ -96,6 +99,34 @@ def directory(draw, depth: int) -> List[Tuple[bytes, str, dict]]:
         else:
             out.append((name, kind, _owned(draw, {}, True, special=True)))
     return out
+
+
+def _odd(draw, name: bytes, used: set) -> List[Tuple[bytes, str, dict]]:
+    """What aufs or a power cut leaves that no image build makes on purpose: a copy-up or an rmdir cut off
+    (``.wh..wh.<name>.<4 hex>``, holding data or only whiteouts; at a layer's root it is aufs's own), a whiteout
+    that is not a regular file, ``.wh.`` itself, a name longer than aufs looks up."""
+    odd = draw(st.sampled_from(["whtmp-file", "whtmp-dir", "whtmp-empty", "wh-dir", "wh-link", "wh-itself",
+                                "long-name"]))
+    tmp = b".wh..wh." + name[:200] + b".%04x" % draw(st.integers(0, 0xffff))
+    if odd == "long-name":
+        made = [(b"n" * draw(st.sampled_from([243, 250, 255])), "file", {"data": b"long"})]
+    elif odd == "whtmp-file":
+        made = [(tmp, "file", {"data": draw(st.binary(min_size=1, max_size=16))})]
+    elif odd == "whtmp-dir":
+        made = [(tmp, "dir", {}), (tmp + b"/" + name, "file", {"data": b"copied up"}), (tmp + b"/gone", "wh", {})]
+    elif odd == "whtmp-empty":
+        made = [(tmp, "dir", {}), (tmp + b"/" + name[:251], "wh", {})]
+    elif odd == "wh-dir":
+        made = [(b".wh." + name[:251], "dir", {})]
+    elif odd == "wh-link":
+        made = [(b".wh." + name[:251], "link", {"to": b"nowhere"})]
+    else:
+        made = [(b".wh.", "file", {"data": b""})]
+    top = made[0][0]
+    if top in used:
+        return []
+    used.add(top)
+    return made
 
 
 def _resolve(entries: List[Tuple[bytes, str, dict]]) -> List[Tuple[bytes, str, dict]]:
@@ -153,7 +184,18 @@ def roots(draw, max_layers: int = 12) -> dict:
     for _ in range(draw(st.integers(0, 2))):
         containers.append({"image": draw(st.sampled_from(leaves)), "init": draw(layer()),
                            "rw": draw(layer(writable=True))})
-    return {"layers": layers, "containers": containers}
+    spec = {"layers": layers, "containers": containers}
+    if draw(st.integers(0, 7)) == 7:  # a power cut emptied a layers file (moby writes it without fsync)
+        spec["emptied"] = [draw(st.sampled_from(layer_ids(spec) + all_container_layers(spec)))]
+    return spec
+
+
+def all_container_layers(spec: dict) -> List[str]:
+    ids = []
+    for n in range(len(spec["containers"])):
+        cid = sample.layer_id(f"fuzz-container-{n}")
+        ids += [f"{cid}-init", cid]
+    return ids
 
 
 def _chain(spec: dict, index: int) -> List[int]:
@@ -186,6 +228,8 @@ def build(spec: dict, root: str) -> None:
         layers[cid] = ([f"{cid}-init"] + image_chain, c["rw"])
         containers[cid] = (f"img{c['image']}", "aufs")
     sample.build_aufs_root(root, layers, images, containers)
+    for lid in spec.get("emptied", ()):
+        open(os.path.join(root, "aufs", "layers", lid), "wb").close()
 
 
 def entry_count(spec: dict) -> int:

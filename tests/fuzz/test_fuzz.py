@@ -1,7 +1,9 @@
-"""Differential fuzzing: generated aufs roots, migrated by both strategies, judged by the kernel against the
-independent aufs model (``judge.py``); the CI budget (``A2O_FUZZ_EXAMPLES`` roots per strategy, default 300, and
-``A2O_FUZZ_KILLS`` with a kill, default 100, from a fixed seed so a red CI is reproducible; ``run-long`` draws
-fresh seeds).  Kept regression cases in ``examples/`` run first; two planted bugs must be caught."""
+"""Differential fuzzing: generated aufs roots, migrated by both strategies, judged by the real aufs (the kernel
+in tests/support/aufsvm.py mounts every chain before the run, and overlayfs in the same guest every migrated
+one) and by the model of aufs, which must agree with it (``judge.py``); the CI budget (``A2O_FUZZ_EXAMPLES``
+roots per strategy, default 300, and ``A2O_FUZZ_KILLS`` with a kill, default 100, from a fixed seed so a red
+CI is reproducible; ``run-long`` draws fresh seeds).  Kept regression cases in ``examples/`` run first; two
+planted bugs must be caught (by the model's judge on this machine, which the real one vouches for)."""
 
 import ast
 import os
@@ -27,13 +29,13 @@ def kept_examples():
 
 @pytest.mark.parametrize("path", kept_examples(), ids=os.path.basename)
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_kept_example(path, strategy):
+def test_kept_example(path, strategy, aufs_guest):
     from tests.fuzz import judge
 
     with open(path, encoding="ascii") as f:
         spec = ast.literal_eval(f.read())
-    judge.judge(spec, strategy)
-    judge.judge(spec, strategy, kill_fraction=0.5)
+    judge.judge(spec, strategy, guest=aufs_guest)
+    judge.judge(spec, strategy, kill_fraction=0.5, guest=aufs_guest)
 
 
 def _keeping_failures(tally, fn, *args, **kwargs):
@@ -52,21 +54,22 @@ def _keeping_failures(tally, fn, *args, **kwargs):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_generated_roots(strategy):
+def test_generated_roots(strategy, aufs_guest):
     from tests.fuzz.explore import Tally, explore
 
-    tally = _keeping_failures(Tally(), explore, strategy, EXAMPLES, seed_value=SEED)
+    tally = _keeping_failures(Tally(), explore, strategy, EXAMPLES, seed_value=SEED, guest=aufs_guest)
     print(f"{strategy}: {tally.roots} roots, {tally.entries} entries, {tally.chains} chains")
     assert tally.roots >= EXAMPLES
 
 
-def test_generated_roots_with_a_kill():
+def test_generated_roots_with_a_kill(aufs_guest):
     """Half the kills per strategy, at a checkpoint drawn over the whole run."""
     from tests.fuzz.explore import Tally, explore
 
     tally = Tally()
     for n, strategy in enumerate(STRATEGIES):
-        _keeping_failures(tally, explore, strategy, KILLS // 2, crash=True, seed_value=SEED + 1 + n)
+        _keeping_failures(tally, explore, strategy, KILLS // 2, crash=True, seed_value=SEED + 1 + n,
+                          guest=aufs_guest)
     print(f"{tally.roots} roots killed and resumed, {tally.entries} entries")
     assert tally.kills >= KILLS
 

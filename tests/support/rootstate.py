@@ -5,8 +5,8 @@ import os
 import time
 
 from tests.conftest import WORKDIR
-from tests.support.aufsview import aufs_view
-from tests.support.manifest import diff_manifests, link_groups, manifest
+from tests.support import realaufs
+from tests.support.manifest import link_groups, manifest
 from tests.support.overlaymount import mounted_chain
 
 
@@ -22,31 +22,46 @@ def aufs_side(root):
 
 
 def aufs_chains(root):
-    layers_dir = os.path.join(root, "aufs", "layers")
-    chains = {}
-    for lid in os.listdir(os.path.join(root, "aufs", "diff")):
-        lfile = os.path.join(layers_dir, lid)
-        if not os.path.exists(lfile):
-            continue
-        with open(lfile) as f:
-            ancestors = [line for line in f.read().split("\n") if line]
-        chains[lid] = [os.path.join(root, "aufs", "diff", x) for x in [lid] + ancestors]
-    return chains
+    """Every layer's chain as aufs mounts it: its directory and its ancestors', top first."""
+    return {lid: [os.path.join(root, d) for d in chain.dirs] for lid, chain in realaufs.chains_of(root).items()}
 
 
 def aufs_views(root):
-    """What aufs shows for every layer's chain, read before the run (the in-place strategy moves the data)."""
-    chains = aufs_chains(root)
+    """What aufs shows for every layer's chain (the model, ``aufsview.py``, which the real aufs judges in the
+    fuzzer), read before the run (the in-place strategy moves the data)."""
+    chains = realaufs.chains_of(root)
     assert chains, "no layers to check"
-    return {lid: aufs_view(chain) for lid, chain in chains.items()}
+    return realaufs.RootViews(chains, realaufs.model_views(root, chains))
 
 
 def assert_chains_match(root, views):
+    """Every migrated chain, mounted, shows what aufs showed, but where a finding of the run says the view
+    differs (``realaufs.VIEW_DIFFERS``)."""
     tree = os.path.join(root, "overlay2")
-    for lid, expected in views.items():
+    findings = realaufs.findings_of(root)
+    for lid, expected in views.views.items():
         with mounted_chain(tree, lid) as mnt:
             got = manifest(mnt)
-        assert got == expected, f"layer {lid}: {diff_manifests(expected, got)}"
+        allowed = realaufs.allowed_paths(findings, views.chains[lid])
+        wrong = realaufs.differences(expected.entries, got, allowed)
+        assert not wrong, f"layer {lid}: (path, aufs, overlay) {wrong}"
+
+
+def copy_for_the_guest(root, dest):
+    """The root as it is now, kept for the real aufs to mount after the run (the in-place strategy moves it)."""
+    realaufs.copy_tree(root, dest)
+    return dest
+
+
+def assert_real_aufs_agrees(guest, pre, root, views):
+    """The real aufs (tests/support/aufsvm.py) mounts every chain of ``pre`` (the root before the run) and
+    overlayfs in the same guest every migrated chain of ``root``: the model shows what the kernel shows, and
+    the migrated chains what aufs showed, but where a finding of the run says otherwise."""
+    seen = realaufs.ask(guest, pre, root, views.chains).views()
+    judged = realaufs.judge_root(seen, views.chains, views.views, realaufs.findings_of(root))
+    assert not judged.model, "the model and the real aufs disagree:\n" + realaufs.describe_differences(judged.model)
+    assert not judged.migration, ("the migrated tree and the real aufs disagree:\n"
+                                  + realaufs.describe_differences(judged.migration))
 
 
 def wait_stopped(proc, timeout=60):
