@@ -115,7 +115,7 @@ def aufs_guest():
     reason = aufsvm.missing()
     if reason:
         pytest.fail(reason)
-    guest = aufsvm.Guest(time_limit=float(os.environ.get("A2O_GUEST_MINUTES", "50")) * 60).start()
+    guest = aufsvm.Guest(time_limit=float(os.environ.get("A2O_GUEST_MINUTES", "180")) * 60).start()
     try:
         yield guest
     finally:

@@ -81,8 +81,11 @@ class Guest:
         python = os.path.realpath(os.path.join(REPO, ".venv", "bin", "python"))
         venv_python = os.path.join(REPO, ".venv", "bin", "python")
         python = venv_python if os.path.exists(venv_python) else python
+        # cache=loose: the guest keeps what it read of this machine's root (which does not change under it), so
+        # an interpreter's thousands of lookups cost one round trip each once, not at every start
         append = (f"console=ttyS0 root=hostroot rootfstype=9p rootflags=trans=virtio,version=9p2000.L,"
-                  f"msize=262144 ro init={HERE}/guest/init panic=-1 quiet a2o.python={python} a2o.repo={REPO}")
+                  f"msize=262144,cache=loose ro init={HERE}/guest/init panic=-1 quiet a2o.python={python} "
+                  f"a2o.repo={REPO}")
         cmd = [QEMU, "-accel", "tcg", "-smp", str(self.cpus), "-m", str(self.memory_mb), "-no-reboot",
                "-display", "none", "-monitor", "none", "-serial", f"file:{self.console}",
                "-kernel", KERNEL, "-append", append,

@@ -19,7 +19,7 @@ import stat
 import subprocess
 import tempfile
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Set, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from tests.support.aufsview import View, aufs_view, normalized
 
@@ -163,31 +163,32 @@ def _without_top_mtime(entries: Dict[bytes, tuple]) -> Dict[bytes, tuple]:
     return out
 
 
-def allowed_paths(findings: Iterable[Tuple[str, str, str]], chain: Chain) -> Set[str]:
-    """The paths of ``chain`` whose view the findings say may differ (as the findings spell them: relative,
-    bytes that are not UTF-8 as ``\\xNN``)."""
-    layers = {os.path.basename(d) for d in chain.dirs}
-    return {detail.strip("/") or "." for kind, layer, detail in findings if kind in VIEW_DIFFERS and layer in layers}
+def allowed_paths(findings: Iterable[Tuple[str, str, str]], chain: "Chain | Iterable[str]") -> Dict[str, str]:
+    """The paths of ``chain`` (a ``Chain``, or its layer ids) whose view the findings say may differ, each
+    with the finding that says so (paths as the findings spell them: relative, bytes that are not UTF-8 as
+    ``\\xNN``)."""
+    layers = {os.path.basename(d) for d in chain.dirs} if isinstance(chain, Chain) else set(chain)
+    return {detail.strip("/") or ".": f"{kind} in {layer[:12]}" for kind, layer, detail in findings
+            if kind in VIEW_DIFFERS and layer in layers}
 
 
-def _covered(path: bytes, allowed: Set[str]) -> bool:
-    if "." in allowed:
-        return True
+def covered(path: bytes, allowed: Dict[str, str]) -> Optional[str]:
+    """The finding of ``allowed`` that names ``path`` or a directory above it (None: none does)."""
     text = path.decode("utf-8", "backslashreplace")
     while text:
         if text in allowed:
-            return True
+            return allowed[text]
         text = text.rpartition("/")[0]
-    return False
+    return allowed.get(".")
 
 
-def differences(expected: Dict[bytes, tuple], got: Dict[bytes, tuple], allowed: Set[str] = frozenset(),
+def differences(expected: Dict[bytes, tuple], got: Dict[bytes, tuple], allowed: Optional[Dict[str, str]] = None,
                 limit: int = 8) -> List[tuple]:
     """(path, expected, got) where the two views differ, outside the ``allowed`` paths and what is below them."""
     out = []
     for path in sorted(set(expected) | set(got)):
         a, b = expected.get(path), got.get(path)
-        if a != b and not _covered(path, allowed):
+        if a != b and not covered(path, allowed or {}):
             out.append((path, a, b))
             if len(out) >= limit:
                 break
@@ -236,10 +237,10 @@ def judge_root(views: Dict[str, object], chains: Dict[str, Chain], models: Dict[
     return Judgement(model_diffs, migration_diffs, len(chains))
 
 
-def _groups(groups: List[List[bytes]], allowed: Set[str]) -> List[List[bytes]]:
+def _groups(groups: List[List[bytes]], allowed: Dict[str, str]) -> List[List[bytes]]:
     out = []
     for group in groups:
-        kept = [p for p in group if not _covered(p, allowed)]
+        kept = [p for p in group if not covered(p, allowed)]
         if len(kept) > 1:
             out.append(kept)
     return sorted(out)
