@@ -8,10 +8,12 @@ migration got: the in-memory state machines are rebuilt from these rows on every
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Sequence, Tuple
 
 from sqlalchemy import ForeignKey, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from migrations_state.machine import DISCOVERED
 
 SCHEMA_VERSION = 3  # 3: staging (the layer's proof, the run's cutover time); a 2 is upgraded on open
 
@@ -30,7 +32,8 @@ class RunRecord(Base):
     root: Mapped[str] = mapped_column(Text)
     created_at: Mapped[str] = mapped_column(String(40))
     updated_at: Mapped[str] = mapped_column(String(40))
-    image_staged: Mapped[bool] = mapped_column(default=False)
+    # The image store's copy (``image/overlay2.temp/``) is complete (the column keeps its first name).
+    image_copied: Mapped[bool] = mapped_column("image_staged", default=False)
     rollback_from: Mapped[Optional[str]] = mapped_column(String(32), nullable=True)
     last_error: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
     # Seconds from the start of the ``run`` that completed the migration to its completion: the engine's
@@ -63,6 +66,24 @@ class LayerRecord(Base):
     # the cutover reads them.
     proof_dirs: Mapped[Optional[bytes]] = mapped_column(LargeBinary, nullable=True, deferred=True)
     proof: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
+
+    @classmethod
+    def discovered(cls, layer_id: str, seq: int, ancestors: Sequence[str], link_id: str, has_child: bool,
+                   writable: bool, times: Tuple[int, int], **more: object) -> "LayerRecord":
+        """A layer's row as discovery (or ``stage``) first records it: state ``discovered``."""
+        return cls(id=layer_id, seq=seq, parent=ancestors[0] if ancestors else None,
+                   ancestors=encode_ancestors(ancestors), link_id=link_id, has_child=has_child, writable=writable,
+                   atime_ns=times[0], mtime_ns=times[1], state=DISCOVERED, **more)
+
+    @property
+    def ancestor_ids(self) -> List[str]:
+        """The ancestors, nearest first (``ancestors`` as stored, decoded: ``encode_ancestors``)."""
+        return self.ancestors.split("\n") if self.ancestors else []
+
+
+def encode_ancestors(ancestors: Sequence[str]) -> str:
+    """``LayerRecord.ancestors`` as stored: nearest first, one per line, as ``aufs/layers/<id>`` lists them."""
+    return "\n".join(ancestors)
 
 
 class ContainerRecord(Base):

@@ -303,10 +303,10 @@ class Store:
         except SQLAlchemyError as exc:
             raise StateDatabaseError(f"state database {self.path}: {_cause(exc)}{filesystem_hint(self.path)}") from exc
 
-    def set_image_staged(self, staged: bool) -> None:
+    def set_image_copied(self, copied: bool) -> None:
         with self._transaction() as s:
-            s.execute(update(RunRecord).where(RunRecord.id == 1).values(image_staged=staged, updated_at=_now()))
-        self._recorded(f"recorded image_staged={staged}")
+            s.execute(update(RunRecord).where(RunRecord.id == 1).values(image_copied=copied, updated_at=_now()))
+        self._recorded(f"recorded image_copied={copied}")
 
     def set_cutover_seconds(self, seconds: float) -> None:
         with self._transaction() as s:

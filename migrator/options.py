@@ -29,6 +29,12 @@ class Options:
     keep: bool = False  # demo --keep
     nice: bool = True  # stage: lowest CPU and I/O priority (--no-nice to keep the caller's)
 
+    def __post_init__(self) -> None:
+        """An option record names a known strategy, whoever built it (the CLI's choices, a test, a script)."""
+        from migrator.strategies import registry
+
+        registry.check_name(self.strategy)
+
     @classmethod
     def from_args(cls, args: Any) -> "Options":
         """The options a parsed command line holds (an option a command does not take keeps its default)."""

@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
+# Names below the root: ``Paths`` joins them to it, and a reader holding a descriptor of the root opens them
+# relative to it (``formats/snapshot.py``).
 WORKDIR = ".aufs2overlay"
 STATE_DB = "state.db"
+ORIGINALS = os.path.join(WORKDIR, "originals")
+STAGING_AREA = os.path.join(WORKDIR, "staging")  # named after no storage driver: no engine takes it for one
+AUFS = "aufs"
+AUFS_DIFF = os.path.join(AUFS, "diff")
+IMAGE_AUFS = os.path.join("image", "aufs")
 TEMP_TREE = "overlay2.temp"
-STAGING = "staging"  # in WORKDIR: named after no storage driver, so no engine ever takes it for one
+TREE = "overlay2"
+IMAGE_TEMP = os.path.join("image", "overlay2.temp")
+IMAGE_OVERLAY2 = os.path.join("image", "overlay2")
+BUILT_TREES = (STAGING_AREA, TEMP_TREE, TREE, IMAGE_TEMP, IMAGE_OVERLAY2)  # in the order a rollback without
+#                                                                         state removes them
 
 
 @dataclass(frozen=True)
@@ -37,11 +48,78 @@ class Paths:
         """The same root, with the tree a conversion builds (``temp_tree``) in the staging area."""
         return StagingPaths(self.root, self.state_db)
 
-    def __getattr__(self, name: str) -> str:
-        rel = _RELATIVE.get(name)
-        if rel is None:
-            raise AttributeError(name)
-        return os.path.join(self.root, *rel)
+    def _at(self, *parts: str) -> str:
+        return os.path.join(self.root, *parts)
+
+    # -- the migrator's work area -------------------------------------------------------------------------
+
+    @property
+    def workdir(self) -> str:
+        return self._at(WORKDIR)
+
+    @property
+    def lock(self) -> str:
+        return self._at(WORKDIR, "lock")
+
+    @property
+    def stash(self) -> str:
+        """The in-place strategy's: the aufs entries it moved out of the layers, by layer."""
+        return self._at(WORKDIR, "stash")
+
+    @property
+    def originals(self) -> str:
+        """The containers' ``config.v2.json`` as found, kept for a rollback without the database."""
+        return self._at(ORIGINALS)
+
+    @property
+    def staging(self) -> str:
+        return self._at(STAGING_AREA)
+
+    # -- the aufs driver's data ---------------------------------------------------------------------------
+
+    @property
+    def aufs(self) -> str:
+        return self._at(AUFS)
+
+    @property
+    def aufs_diff(self) -> str:
+        return self._at(AUFS_DIFF)
+
+    def aufs_layer(self, layer_id: str) -> str:
+        """``aufs/diff/<id>``: a layer's aufs data."""
+        return self._at(AUFS_DIFF, layer_id)
+
+    @property
+    def image_dir(self) -> str:
+        return self._at("image")
+
+    @property
+    def image_aufs(self) -> str:
+        return self._at(IMAGE_AUFS)
+
+    # -- what a migration builds --------------------------------------------------------------------------
+
+    @property
+    def temp_tree(self) -> str:
+        """The overlay2 tree being built (renamed to ``tree`` by the switch)."""
+        return self._at(TEMP_TREE)
+
+    @property
+    def tree(self) -> str:
+        return self._at(TREE)
+
+    @property
+    def image_temp(self) -> str:
+        """The copy of the image store being made (renamed to ``image_overlay2`` by the switch)."""
+        return self._at(IMAGE_TEMP)
+
+    @property
+    def image_overlay2(self) -> str:
+        return self._at(IMAGE_OVERLAY2)
+
+    def built_trees(self) -> Tuple[str, ...]:
+        """Every tree a migration (or a staging) builds, in the order a rollback without state removes them."""
+        return tuple(self._at(name) for name in BUILT_TREES)
 
 
 @dataclass(frozen=True)
@@ -52,20 +130,3 @@ class StagingPaths(Paths):
     @property
     def temp_tree(self) -> str:
         return self.staging
-
-
-_RELATIVE = {
-    "workdir": (WORKDIR,),
-    "lock": (WORKDIR, "lock"),
-    "stash": (WORKDIR, "stash"),
-    "originals": (WORKDIR, "originals"),
-    "aufs": ("aufs",),
-    "aufs_diff": ("aufs", "diff"),
-    "temp_tree": (TEMP_TREE,),
-    "staging": (WORKDIR, STAGING),
-    "tree": ("overlay2",),
-    "image_dir": ("image",),
-    "image_aufs": ("image", "aufs"),
-    "image_stage": ("image", "overlay2.temp"),
-    "image_overlay2": ("image", "overlay2"),
-}

@@ -9,7 +9,36 @@ import pytest
 FIXTURE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "balena-aufs-root.tar.gz")
 IS_ROOT = os.geteuid() == 0
 
-needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root: mknod, chown, trusted.* xattrs and overlay mounts")
+# The tiers.  A test that needs root (mounts, mknod, chown to other users, trusted.* xattrs, loop devices,
+# dockerd, the aufs VM, the single-file build) carries the ``root`` marker: from its module's
+# ``pytestmark = needs_root``, from ``@needs_root``, or from a fixture of ROOT_FIXTURES it uses
+# (``pytest_collection_modifyitems`` below).  Not run as root, such a test is skipped with the reason;
+# ``pytest -m "not root"`` leaves them out instead and runs the rest, which any user can run.
+ROOT_REASON = "needs root: mknod, chown, trusted.* xattrs and overlay mounts"
+needs_root = pytest.mark.root
+ROOT_FIXTURES = {
+    "template": "the sample root holds device nodes and files of other owners",
+    "sample_root": "the sample root holds device nodes and files of other owners",
+    "reference": "a migration of the sample root (the overlay probe mounts)",
+    "fixture_root": "the real balena root is unpacked with its owners",
+    "binary": "the single-file build installs with apt, its tests run in chroots",
+    "aufs_guest": "the aufs VM (9p passthrough of owners and devices, loop mounts)",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        marker = item.get_closest_marker("root")
+        reason = marker.kwargs.get("reason", ROOT_REASON) if marker else None
+        if marker is None:
+            fixture = next((f for f in item.fixturenames if f in ROOT_FIXTURES), None)
+            if fixture is None:
+                continue
+            reason = f"needs root: {ROOT_FIXTURES[fixture]} (fixture {fixture})"
+            item.add_marker(pytest.mark.root(reason=reason))
+        if not IS_ROOT:
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 def cli(*args, env=None, check=None, timeout=None):

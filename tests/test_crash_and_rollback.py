@@ -44,7 +44,7 @@ def phase_boundaries(labels):
 
 def test_checkpoints_cover_every_phase(reference):
     labels = reference["labels"]
-    for needed in ("recorded discovery", "recorded phase switching", "recorded image_staged=True",
+    for needed in ("recorded discovery", "recorded phase switching", "recorded image_copied=True",
                    "rename overlay2.temp -> overlay2", "recorded phase completed"):
         assert needed in labels
     # A batch of layers is recorded once, at its last state, after all of its waves and one syncfs
@@ -201,3 +201,65 @@ def test_a_lost_state_database_is_not_read_as_not_started(template, reference, t
     assert cli("status", "--root", root).returncode == 0
     cli(*run_args(root, strategy=reference["strategy"]), check=0)
     assert tree_signature(root) == reference["signature"]
+
+
+def _name_journals_as_earlier_releases_did(root):
+    """Rewrite every journal of the root, in the database and in the stash copies, with the action names an
+    earlier release stored (``inplace_journal.EARLIER_NAMES``); returns how many changes were renamed."""
+    import sqlite3
+
+    from migrator.strategies.inplace_journal import EARLIER_NAMES, JOURNAL_FILE
+
+    renamed = 0
+    db = sqlite3.connect(os.path.join(root, ".aufs2overlay", "state.db"))
+    with db:
+        for old, new in EARLIER_NAMES.items():
+            renamed += db.execute("UPDATE change SET action = ? WHERE action = ?", (old, new)).rowcount
+    db.close()
+    stash = os.path.join(root, ".aufs2overlay", "stash")
+    for layer in os.listdir(stash):
+        path = os.path.join(stash, layer, JOURNAL_FILE)
+        if os.path.exists(path):
+            with open(path) as f:
+                doc = json.load(f)
+            for change in doc["changes"]:
+                change["action"] = {new: old for old, new in EARLIER_NAMES.items()}.get(change["action"],
+                                                                                         change["action"])
+            with open(path, "w") as f:
+                json.dump(doc, f)
+    return renamed
+
+
+@pytest.mark.parametrize("then", ["resume", "rollback", "rollback without the database"])
+def test_journals_an_earlier_release_wrote_are_read(template, tmp_path, then):
+    """An in-place migration cut off by an upgrade of the migrator: the journals its earlier release wrote (the
+    actions under their old names) still resume to the same tree and roll back to the exact root."""
+    trace = str(tmp_path / "trace")
+    reference = fresh(template, tmp_path, "reference")
+    cli(*run_args(reference, strategy="inplace"), env={"AUFS2OVERLAY_CHECKPOINT_TRACE": trace}, check=0)
+    with open(trace) as f:
+        labels = [line.rstrip("\n").split(" ", 1)[1] for line in f]
+    second_journals = [n for n, label in enumerate(labels, 1) if label.startswith("recorded journals")][1]
+    root = fresh(template, tmp_path)
+    before = whole_root(root)
+    kill_at(root, second_journals + 3, "inplace")  # one batch committed, the next one's changes under way
+    assert _name_journals_as_earlier_releases_did(root) > 0
+    if then == "resume":
+        cli(*run_args(root, strategy="inplace"), check=0)
+        assert tree_signature(root) == tree_signature(reference)
+        return
+    if then == "rollback without the database":
+        os.unlink(os.path.join(root, ".aufs2overlay", "state.db"))
+    cli("rollback", "--root", root, "--engine-pidfile", "/nonexistent", "-q",
+        *(["--force"] if then == "rollback without the database" else []), check=0)
+    after = whole_root(root)
+    if then == "rollback without the database":  # the times these directories had lived in the lost database
+        timeless = {b".", b"image", b"aufs/diff"} | {k for k in before[0] if k.startswith(b"containers/")
+                                                      and k.count(b"/") == 1}
+        before, after = _without_mtimes(before, timeless), _without_mtimes(after, timeless)
+    assert after == before, diff_manifests(before[0], after[0])
+
+
+def _without_mtimes(state, paths):
+    entries, groups = state
+    return {k: (v[:4] + (None,) + v[5:] if k in paths else v) for k, v in entries.items()}, groups

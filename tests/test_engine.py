@@ -24,7 +24,7 @@ import time
 import pytest
 
 from migrator.scan.proof import RACY_NS
-from tests.conftest import STRATEGIES, WORKDIR, cli, unpack_fixture
+from tests.conftest import STRATEGIES, WORKDIR, cli, needs_root, unpack_fixture
 from tests.support import dockerd as dk
 from tests.support import engineops
 from tests.support.aufsbuilder import build_aufs_root, chain_ids
@@ -32,7 +32,8 @@ from tests.support.dockerd import assert_balena_root_runs, saved_layer_digests
 from tests.support.manifest import diff_manifests, link_groups, manifest
 from tests.support.rootstate import wait_stopped
 
-pytestmark = [pytest.mark.engine, pytest.mark.skipif(dk.available() is not None, reason=str(dk.available()))]
+pytestmark = [needs_root, pytest.mark.engine,
+              pytest.mark.skipif(dk.available() is not None, reason=str(dk.available()))]
 
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 

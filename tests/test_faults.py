@@ -12,13 +12,13 @@ import time
 
 import pytest
 
-from tests.conftest import WORKDIR, cli, run_args
+from tests.conftest import WORKDIR, cli, needs_root, run_args
 from tests.support.loopfs import LoopFS, can_loop
 from tests.support.manifest import diff_manifests, manifest
 from tests.support.rootstate import aufs_side, wait_stopped, whole_root
 from tests.support.signature import tree_signature
 
-pytestmark = pytest.mark.skipif(can_loop() is not None, reason=str(can_loop()))
+pytestmark = [needs_root, pytest.mark.skipif(can_loop() is not None, reason=str(can_loop()))]
 
 
 

@@ -21,7 +21,8 @@ from tests.support.loopfs import LoopFS, can_loop
 from tests.support.manifest import manifest
 from tests.support.rootstate import whole_root
 
-pytestmark = needs_root
+# No pytestmark: the tests on the sample root need root through their fixture (``ROOT_FIXTURES`` in conftest.py),
+# those that build their own root say so (``@needs_root``), and the docs' tests run as any user.
 DOCS = os.path.join(os.path.dirname(__file__), "..", "docs")
 STAMP = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00 "
 
@@ -117,6 +118,7 @@ def test_plan_says_no_for_too_few_inodes_and_run_refuses(template, tmp_path):
         disk.destroy()
 
 
+@needs_root
 @pytest.mark.skipif(can_loop() is not None, reason=str(can_loop()))
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_plan_estimates_match_a_measured_run(tmp_path, strategy):
@@ -180,6 +182,7 @@ def test_a_resumed_run_says_where_it_resumes(template, reference, tmp_path):
     assert "aufs2overlay: resuming the migration (converting): 1 of 6 layers committed" in res.stderr, res.stderr
 
 
+@needs_root
 def test_thousands_of_layers_without_a_terminal_stay_under_a_line_per_layer(tmp_path):
     """3,000 layers: at most one line per layer (numbered), a summary now and then, the final lines there."""
     from tests.support.smallroot import SmallRoot

@@ -14,13 +14,13 @@ import time
 import pytest
 
 from migrator.scan.proof import RACY_NS
-from tests.conftest import WORKDIR, run_args
+from tests.conftest import WORKDIR, needs_root, run_args
 from tests.support.loopfs import LoopFS, can_loop
 from tests.support.manifest import diff_manifests, link_groups, manifest
 from tests.support.rootstate import wait_stopped
 from tests.support.signature import tree_signature
 
-pytestmark = [pytest.mark.skipif(can_loop() is not None, reason=str(can_loop())), pytest.mark.slow]
+pytestmark = [needs_root, pytest.mark.skipif(can_loop() is not None, reason=str(can_loop())), pytest.mark.slow]
 
 BAD_CONFIG_WRITER = r"""
 import os, sys

@@ -28,7 +28,7 @@ def verdict(root, accept=False):
     """("refused", the line) or ("ok", the plan) for ``root``."""
     plan = planner.Plan(root=root, strategy=registry.DEFAULT, accept_missing_storage=accept)
     try:
-        planner.check_root(Paths.for_root(root), plan, snapshot.read_root(root))
+        planner.check_root(plan, snapshot.read_root(Paths.for_root(root)))
     except Refused as exc:
         return "refused", str(exc)
     return "ok", plan
@@ -244,14 +244,14 @@ def test_verify_reads_a_layer_file_that_is_a_fifo_without_blocking(tmp_path):
 def test_two_snapshots_say_what_changed(tmp_path):
     r = chain3(tmp_path)
     r.container(CID, "aufs")
-    before = snapshot.read_root(r.root)
-    assert not snapshot.changes(before, snapshot.read_root(r.root))
+    before = snapshot.read_root(Paths.for_root(r.root))
+    assert not snapshot.changes(before, snapshot.read_root(Paths.for_root(r.root)))
     write(r.path("aufs", "diff", LID("new"), "f"), b"x")  # a pull
     write(r.path("aufs", "layers", LID("new")), f"{TOP}\n".encode())
     r.store_entry(chain_id(9), LID("new"), chain_id(2))
     os.rename(r.path("aufs", "diff", MID, "f"), r.path("aufs", "diff", MID, "g"))  # the layer's directory changed
     shutil.rmtree(r.path("containers", CID))
-    found = snapshot.changes(before, snapshot.read_root(r.root))
+    found = snapshot.changes(before, snapshot.read_root(Paths.for_root(r.root)))
     assert found.added == (f"aufs/diff/{LID('new')}", f"aufs/layers/{LID('new')}",
                            f"image/aufs/layerdb/sha256/{chain_id(9)}")
     assert found.removed == (f"containers/{CID}",)
@@ -262,7 +262,7 @@ def test_reading_leaves_access_times_alone(tmp_path):
     r = chain3(tmp_path)
     layers_file = r.path("aufs", "layers", TOP)
     os.utime(layers_file, ns=(1, 2))
-    snapshot.read_root(r.root)
+    snapshot.read_root(Paths.for_root(r.root))
     assert os.stat(layers_file).st_atime_ns == 1
 
 

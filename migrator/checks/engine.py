@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 from migrator.errors import Refused
 
@@ -58,6 +58,17 @@ def live_engine_pids(pidfiles: Iterable[str]) -> List[str]:
 def running_engine(root: str, pidfiles: Iterable[str]) -> List[str]:
     """Every sign that an engine runs on ``root``; empty when none."""
     return [f"mounted: {m}" for m in mounts_under(root)] + live_engine_pids(pidfiles)
+
+
+def kind(root: str) -> Tuple[str, str]:
+    """docker or balena-engine, and why: balena-engine's roots are named after it (/var/lib/balena-engine;
+    balenaOS's /mnt/data/docker is a docker-named root of balena-engine but its pidfile says so)."""
+    if "balena" in os.path.basename(os.path.normpath(root)):
+        return "balena-engine", f"the root is named {os.path.basename(os.path.normpath(root))}"
+    for pidfile in (p for p in DEFAULT_PIDFILES if "balena" in p):
+        if os.path.exists(pidfile):
+            return "balena-engine", f"{pidfile} exists"
+    return "docker", "the root is not named after balena-engine and no balena-engine pidfile exists"
 
 
 def pidfiles_or_default(pidfiles: Optional[Sequence[str]]) -> Sequence[str]:

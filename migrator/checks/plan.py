@@ -1,35 +1,50 @@
 """``plan``: everything ``run`` would check and do, without changing anything, and a verdict.
 
-``run`` makes the same plan before it starts a migration and refuses when the verdict is no; the plan's
-walk of the layers is then reused (the in-place strategy's link step takes its whiteout directories from it).
-The space estimates count what each strategy leaves on the filesystem: new inodes and the blocks they take.
+A plan is a function of what was read: the root's snapshot (``formats/snapshot.py``), the machine's facts
+(``Machine``: the engine's signs, the filesystem's ``statvfs``, what copying the image store takes, the
+overlay probe), and the walk of every layer when there is one (``scan/survey.py``); this module reads nothing.
+``runtime/start.py`` reads those facts, in the order a plan needs them (no probe for a root refused already, no
+walk where the filesystem's room settles the space check), and ``run`` makes the same plan before it starts a
+migration and refuses when the verdict is no; the walk is then reused (the in-place strategy's link step takes
+its whiteout directories from it).  The space estimates count what each strategy leaves on the filesystem: new
+inodes and the blocks they take.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 from migrations_state.machine import PENDING
-from migrator.checks import consistency, discovery, engine, probe
+from migrator.checks import consistency, probe
 from migrator.errors import Refused
-from migrator.formats import aufs, containers, images, lowerview, overlay2, snapshot
+from migrator.formats import aufs, containers, overlay2
+from migrator.formats import discovery as layer_graph
 from migrator.formats.snapshot import RootSnapshot
-from migrator.fs import fsio
-from migrator.options import Options
-from migrator.paths import Paths
-from migrator.scan import survey
-from migrator.scan.prescan import EarlyWalk
+from migrator.paths import IMAGE_OVERLAY2, TREE
 from migrator.scan.survey import LayerSurvey
-from migrator.strategies import registry
-from migrator.strategies.base import Strategy
+
+if TYPE_CHECKING:
+    from migrator.strategies.base import Strategy
 
 # Free space a run must keep beyond its estimate: SQLite's journal during a commit, rounding.
 RESERVE_BYTES = 1 << 20
 RESERVE_INODES = 16
 _DB_BASE = 18 * 4096  # an empty state database: one page per table and index (18 of them)
 _DB_PER_LAYER = 512
+
+
+@dataclass
+class Machine:
+    """What a plan judges besides the root: which engine this is and whether it runs, the filesystem's room,
+    what a copy of the image store takes (inodes, bytes), and the overlay probe (None: not run yet)."""
+
+    engine: Tuple[str, str]  # (docker or balena-engine, why)
+    engine_running: List[str]
+    vfs: os.statvfs_result
+    image_copy: Tuple[int, int] = (0, 0)
+    probe: Optional[probe.ProbeResult] = None
 
 
 @dataclass
@@ -68,13 +83,13 @@ class Plan:
     container_findings: List[Tuple[str, str]] = field(default_factory=list)
     surveys: Dict[str, LayerSurvey] = field(default_factory=dict)
 
-    def add_content(self, proofs: list, summary: dict, lines: List[str]) -> None:
-        """The content proof of the layers on aufs (``plan --content``): a damaged layer makes the verdict no."""
+    def add_content(self, checked: list, summary: dict, lines: List[str]) -> None:
+        """The content check of the layers on aufs (``plan --content``): a damaged layer makes the verdict no."""
         self.content, self.content_lines = summary, lines
-        for proof in proofs:
-            if proof.status == "failed":
-                self.problems.append(f"layer {proof.chain_id} (cache-id {proof.cache_id}) is damaged on aufs "
-                                     f"already ({proof.reason}); re-pull the image that uses it, or remove it, "
+        for layer in checked:
+            if layer.status == "failed":
+                self.problems.append(f"layer {layer.chain_id} (cache-id {layer.cache_id}) is damaged on aufs "
+                                     f"already ({layer.reason}); re-pull the image that uses it, or remove it, "
                                      "before migrating")
 
     def recorded_findings(self) -> List[Tuple[str, str]]:
@@ -112,121 +127,98 @@ class Plan:
         }
 
 
-def engine_kind(root: str) -> Tuple[str, str]:
-    """docker or balena-engine, and why: balena-engine's roots are named after it (/var/lib/balena-engine,
-    balenaOS's /mnt/data/docker is a docker-named root of balena-engine but its pidfile says so)."""
-    if "balena" in os.path.basename(os.path.normpath(root)):
-        return "balena-engine", f"the root is named {os.path.basename(os.path.normpath(root))}"
-    for pidfile in ("/var/run/balena-engine.pid", "/run/balena-engine.pid", "/var/run/balena.pid"):
-        if os.path.exists(pidfile):
-            return "balena-engine", f"{pidfile} exists"
-    return "docker", "the root is not named after balena-engine and no balena-engine pidfile exists"
-
-
-def make_plan(paths: Paths, opts: Options, walk: bool = True, early: Optional[EarlyWalk] = None,
-              snap: Optional[RootSnapshot] = None) -> Plan:
-    """Read everything ``run`` needs and say whether it can go ahead; writes nothing (the probe's temporary
-    directory is removed and the root's times put back).
-
-    ``walk=False`` (what ``run`` asks for) leaves out the walk of every layer when the filesystem has more room
-    free than it uses in all: nothing a migration makes can then exceed it (every directory, file and block it
-    could copy is part of what is used), and the walk would cost a tenth of the run.  A strategy whose
-    conversion starts from the walk (``walks_first``) is always walked for; ``early`` is the walk the CLI
-    started before the heavy imports, whose results are taken first.
-
-    ``opts.accept_missing_storage``: layers and image metadata that the root names but does not hold (a filesystem
-    that did not mount, a partial restore: ``consistency.py``) are reported instead of refused.
-
-    ``snap``: the root as the caller read it already (``snapshot.read_root``); read here when not given.
-    """
-    strategy = opts.strategy or registry.DEFAULT
-    chosen = registry.get(strategy)
-    plan = Plan(root=paths.root, strategy=strategy, accept_missing_storage=opts.accept_missing_storage)
-    plan.engine, plan.engine_reason = engine_kind(paths.root)
-    plan.engine_running = engine.running_engine(paths.root, engine.pidfiles_or_default(opts.engine_pidfiles))
+def assess(snap: RootSnapshot, strategy: "Strategy", machine: Machine, accept_missing_storage: bool = False) -> Plan:
+    """The plan's judgement of ``snap`` before any layer is walked: discovery and every refusal, the engine,
+    and the space bound (``count`` adds the walk, or settles for the bound; ``probed`` the probe).  A refused
+    root's plan has its problem and no discovery."""
+    plan = Plan(root=snap.root, strategy=strategy.name, accept_missing_storage=accept_missing_storage)
+    plan.engine, plan.engine_reason = machine.engine
+    plan.engine_running = list(machine.engine_running)
+    plan.free_inodes, plan.free_bytes = machine.vfs.f_ffree, machine.vfs.f_bfree * machine.vfs.f_frsize
     if plan.engine_running:
-        plan.problems.append(f"an engine is using {paths.root} ({plan.engine_running[0]}); stop it first")
+        plan.problems.append(f"an engine is using {snap.root} ({plan.engine_running[0]}); stop it first")
     try:
-        check_root(paths, plan, snap or snapshot.read_root(paths.root))
+        check_root(plan, snap)
     except Refused as exc:
         plan.problems.append(str(exc))
-        return plan
-    vfs = os.statvfs(paths.root)
-    plan.free_inodes, plan.free_bytes = vfs.f_ffree, vfs.f_bfree * vfs.f_frsize
-    bound = _upper_bound(vfs, plan)
-    plan.walked = (walk or chosen.walks_first or not plan.discovery.layers or bound[0] > plan.free_inodes
-                   or bound[1] > plan.free_bytes)
-    if plan.walked:
-        plan.surveys = survey_layers(paths, plan.discovery.layers, opts.jobs, early)
-    _count(paths, plan, chosen)
-    if not plan.walked:
-        plan.need_inodes, plan.need_bytes = bound
-    alternative = registry.frugal_alternative(strategy)
-    if plan.need_inodes + RESERVE_INODES > plan.free_inodes:
-        plan.problems.append(f"not enough free inodes: the {strategy} strategy needs about {plan.need_inodes}, "
-                             f"the filesystem has {plan.free_inodes}"
-                             + (f"; --strategy {alternative} needs far fewer" if alternative else ""))
-    if plan.need_bytes + RESERVE_BYTES > plan.free_bytes:
-        plan.problems.append(f"not enough free space: the {strategy} strategy needs about "
-                             f"{mib(plan.need_bytes)}, the filesystem has {mib(plan.free_bytes)}"
-                             + (f"; --strategy {alternative} needs far less" if alternative else ""))
-    plan.probe = probe.probe(paths.root)
-    plan.problems.extend(plan.probe.problems)
     return plan
 
 
-def check_root(paths: Paths, plan: Plan, snap: RootSnapshot) -> None:
+def check_root(plan: Plan, snap: RootSnapshot) -> None:
     """Discovery and every refusal of a new run, before anything is written: all from one snapshot."""
     plan.snapshot = snap
-    for strategy in registry.every():
-        moved = strategy.taken_from_aufs(paths)
-        if moved:
-            raise Refused(f"layer {moved[0][0]} was moved out of aufs/diff by a --strategy {strategy.name} migration "
-                          f"whose state database is gone ({moved[0][1]}); 'aufs2overlay rollback --force' moves it "
-                          "back")
+    if snap.moved:
+        layer_id, where = snap.moved[0]
+        raise Refused(f"layer {layer_id} was moved out of aufs/diff by a --strategy inplace migration whose state "
+                      f"database is gone ({os.path.join(snap.root, where)}); 'aufs2overlay rollback --force' moves "
+                      "it back")
     refusal = snap.unreadable_refusal()
     if refusal:
         raise Refused(refusal)
-    plan.found, plan.container_findings = containers.find_containers(
-        snap.containers, lambda c: containers.kept_original(paths.originals, c))
+    plan.found, plan.container_findings = containers.find_containers(snap.containers, snap.kept.get)
     plan.storage = consistency.check(snap, [c.id for c in plan.found if c.state == PENDING])
     plan.findings = plan.storage.findings()
     if not plan.storage.complete and not plan.accept_missing_storage:
         raise Refused(plan.storage.refusal())
-    plan.discovery = discovery.discover(snap, skip_broken_chains=plan.accept_missing_storage)
+    plan.discovery = layer_graph.discover(snap, skip_broken_chains=plan.accept_missing_storage)
     plan.layer_findings = list(plan.discovery.layer_findings)
-    for path, what in ((paths.tree, "overlay2/"), (paths.image_overlay2, "image/overlay2/")):
-        if fsio.lexists(path):
-            raise Refused(f"{what} already exists in {paths.root} and is not this migration's (an engine ran "
+    for built in (TREE, IMAGE_OVERLAY2):
+        if built in snap.built:
+            raise Refused(f"{built}/ already exists in {snap.root} and is not this migration's (an engine ran "
                           "with overlay2, or a migration lost its state database: 'aufs2overlay rollback --force' "
                           "removes it); move it away, then run again")
     plan.findings = plan.recorded_findings()
 
 
-def _upper_bound(vfs: os.statvfs_result, plan: Plan) -> Tuple[int, int]:
+def needs_walk(plan: Plan, strategy: "Strategy", machine: Machine, walk: bool) -> bool:
+    """Whether the plan must walk every layer: asked to (``plan`` always is), a strategy that starts from the
+    walk, or a filesystem that may not have room for the migration's upper bound (``_upper_bound``).
+
+    ``run`` leaves the walk out when the filesystem has more room free than it uses in all: nothing a
+    migration makes can then exceed it (every directory, file and block it could copy is part of what is used),
+    and the walk would cost a tenth of the run."""
+    if plan.discovery is None or not plan.discovery.layers:
+        return False
+    bound = _upper_bound(machine.vfs, len(plan.discovery.layers))
+    return walk or strategy.walks_first or bound[0] > plan.free_inodes or bound[1] > plan.free_bytes
+
+
+def count(plan: Plan, strategy: "Strategy", machine: Machine,
+          surveys: Optional[Dict[str, LayerSurvey]] = None) -> None:
+    """The plan's counts and the space it needs: from ``surveys`` (the walk of every layer), else the upper
+    bound; a problem where the filesystem lacks the room."""
+    if plan.discovery is None:
+        return
+    plan.walked = surveys is not None
+    plan.surveys = surveys or {}
+    _count(plan, strategy, machine)
+    if not plan.walked:
+        plan.need_inodes, plan.need_bytes = _upper_bound(machine.vfs, len(plan.discovery.layers))
+    alternative = strategy.frugal_alternative
+    if plan.need_inodes + RESERVE_INODES > plan.free_inodes:
+        plan.problems.append(f"not enough free inodes: the {strategy.name} strategy needs about "
+                             f"{plan.need_inodes}, the filesystem has {plan.free_inodes}"
+                             + (f"; --strategy {alternative} needs far fewer" if alternative else ""))
+    if plan.need_bytes + RESERVE_BYTES > plan.free_bytes:
+        plan.problems.append(f"not enough free space: the {strategy.name} strategy needs about "
+                             f"{mib(plan.need_bytes)}, the filesystem has {mib(plan.free_bytes)}"
+                             + (f"; --strategy {alternative} needs far less" if alternative else ""))
+
+
+def probed(plan: Plan, result: probe.ProbeResult) -> None:
+    plan.probe = result
+    plan.problems.extend(result.problems)
+
+
+def _upper_bound(vfs: os.statvfs_result, layers: int) -> Tuple[int, int]:
     """(inodes, bytes) no migration of this root can exceed, without walking it: everything the filesystem
     uses now, plus the few files per layer and the state database, plus the run's reserve."""
-    layers = len(plan.discovery.layers)
     inodes = (vfs.f_files - vfs.f_ffree) + 8 * layers + 16 + RESERVE_INODES
     used = (vfs.f_blocks - vfs.f_bfree) * vfs.f_frsize + 8 * layers * vfs.f_bsize + (4 << 20) + RESERVE_BYTES
     return inodes, used
 
 
-def survey_layers(paths: Paths, layers: List[aufs.AufsLayer], jobs: int,
-                  early: Optional[EarlyWalk] = None) -> Dict[str, LayerSurvey]:
-    """Walk every layer, read-only, in ``jobs`` processes (but those the CLI's early walkers did already)."""
-    known = early.take() if early is not None else {}
-    lowers = {layer.id: [lowerview.Lower(os.path.join(paths.aufs_diff, a)) for a in layer.ancestors]
-              for layer in layers}
-    todo = [layer for layer in layers if layer.id not in known or known[layer.id].writable != layer.writable
-            or known[layer.id].lowers != tuple(lower.path for lower in lowers[layer.id])]
-    results = survey.scan_layers([os.path.join(paths.aufs_diff, layer.id) for layer in todo],
-                                 [layer.writable for layer in todo], [lowers[layer.id] for layer in todo], jobs)
-    known.update((layer.id, result) for layer, result in zip(todo, results))
-    return {layer.id: known[layer.id] for layer in layers}
-
-
-def _count(paths: Paths, plan: Plan, chosen: Strategy) -> None:
+def _count(plan: Plan, chosen: "Strategy", machine: Machine) -> None:
     layers = plan.discovery.layers
     parents = plan.discovery.parents
     pending = [c for c in plan.found if c.state == PENDING]
@@ -234,7 +226,7 @@ def _count(paths: Paths, plan: Plan, chosen: Strategy) -> None:
     plan.containers = len(pending)
     plan.deepest_chain = max((len(layer.ancestors) + 1 for layer in layers), default=0)
     plan.images = plan.snapshot.store.images
-    block = os.statvfs(paths.root).f_bsize
+    block = machine.vfs.f_bsize
     inodes, used = 2, 2 * block  # overlay2.temp/ and l/
     for layer in layers:
         s = plan.surveys.get(layer.id)
@@ -245,17 +237,15 @@ def _count(paths: Paths, plan: Plan, chosen: Strategy) -> None:
         plan.whiteouts += s.whiteouts
         plan.opaque += s.opaque
         plan.layer_findings.extend((kind, layer.id, detail) for kind, detail in s.findings + s.converting)
-        # <id>/, link, l/<LINKID>; lower and work/ with a parent; the committed marker (empty) with a child
-        files = 3 + (2 if layer.ancestors else 0)
-        symlink_inline = len(f"../{layer.id}/diff") < 60
-        inodes += files + (1 if layer.id in parents else 0) + s.whiteouts
-        used += (files - (1 if symlink_inline else 0)) * block
+        files = overlay2.layer_files(bool(layer.ancestors), layer.id in parents)
+        inline = 1 if len(f"../{layer.id}/diff") < 60 else 0  # a short symlink and the empty marker take no block
+        inodes += files + s.whiteouts
+        used += (files - inline - (1 if layer.id in parents else 0)) * block
         more_inodes, more_bytes = chosen.layer_need(layer.writable, s, block)
         inodes += more_inodes
         used += more_bytes
-    image_inodes, image_bytes = images.stage_need(paths.image_aufs)
-    inodes += image_inodes
-    used += image_bytes
+    inodes += machine.image_copy[0]
+    used += machine.image_copy[1]
     # The work area: itself, the lock, the state database, the strategy's own, the kept container configs.
     area_inodes, area_bytes = chosen.work_area_need(block)
     inodes += 3 + area_inodes + (1 + len(pending) if pending else 0)

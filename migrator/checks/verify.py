@@ -103,7 +103,7 @@ def chain_problems(paths: Paths, layer_id: str, ancestors: List[str], ancestor_l
                    images: List[bool], limit: int = 20) -> List[str]:
     """Mount the chain; when every layer of it is still in ``aufs/diff``, compare what it shows with the
     aufs view of the same chain."""
-    chain = [os.path.join(paths.aufs_diff, i) for i in [layer_id] + ancestors]
+    chain = [paths.aufs_layer(i) for i in [layer_id] + ancestors]
     compare = all(os.path.isdir(d) and not os.path.islink(d) for d in chain)
     try:
         with mounted_chain(paths.tree, layer_id, ancestor_links) as mnt:
@@ -132,7 +132,7 @@ def verify(paths: Paths, store: Store, progress: Optional[Reporter] = None) -> L
     if progress is not None:
         progress.start(len(records), 0)
     for r in records:
-        ancestors = r.ancestors.split("\n") if r.ancestors else []
+        ancestors = r.ancestor_ids
         ancestor_links = [links[a] for a in ancestors]
         found = layer_problems(paths.tree, r.id, r.link_id, ancestor_links, r.has_child, image[r.id])
         if not found and can_mount:

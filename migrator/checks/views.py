@@ -1,22 +1,25 @@
-"""What a container sees, for ``verify``: the aufs union of a chain, and a mounted overlay, as comparable lists.
+"""What a container sees, for ``verify``: the view a chain of aufs layers must give once migrated, and what a
+mounted overlay shows, as comparable lists.
 
 Both views describe each path by type, permission bits, owner, mtime (not of symlinks), size, symlink target,
 device numbers and xattrs (but ``trusted.overlay.*``, which overlayfs hides).  File content is not compared:
 image layers are hardlinks (the same inode on both sides) and a writable layer is a copy made with its data.
-aufs's rules: for each name the topmost layer that has it decides; ``.wh.<name>`` hides ``<name>`` below its
-own layer, ``.wh..wh..opq`` hides a directory's content below (not at a layer's root, which aufs never looks
-up, so never tests for the marker: ``fs/aufs/dentry.c``), a directory merges with the directories of the
-same name below until a non-directory is met, and every ``.wh.`` name is invisible.
+The expected view follows the one merge model of the migration (``formats/lowerview.py``: which directories
+of the ancestors each directory merges with); within a directory, the topmost layer that has a name decides
+it, ``.wh.<name>`` hides ``<name>`` below its own layer (the layer's own ``<name>`` beside it stays), and every
+``.wh.`` name is left out but an aufs internal an image layer keeps (``aufs.keeps_for_tar_split``).  Where aufs
+itself showed otherwise, the migration says so in a finding (docs/design.md, "Where the view differs from
+aufs"): ``verify`` checks the conversion, not aufs's quirks.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
-from migrator.formats import aufs
-from migrator.fs import tree
+from migrator.formats import aufs, lowerview
+from migrator.fs import fsio, tree
 
 Meta = Tuple
 
@@ -48,44 +51,56 @@ def _xattr_names(path: bytes) -> List[bytes]:
 
 
 def aufs_view(layers: List[str], images: Sequence[bool] = ()) -> Dict[bytes, Meta]:
-    """The merged view of ``layers`` (topmost first) under aufs's rules, as the migration keeps them
-    (``images``: which layers are images', whose aufs internals holding data stay: ``aufs.keeps_for_tar_split``)."""
-    roots = [os.fsencode(p) for p in layers]
-    image_roots = {r for r, image in zip(roots, images) if image}
-    view: Dict[bytes, Meta] = {b".": describe(roots[0])}
-    pending = [(b"", roots)]
-    while pending:
-        rel, contributors = pending.pop()
-        decided: Dict[bytes, list] = {}
-        blocked: set = set()
-        for directory in contributors:
-            names = os.listdir(directory)
-            kinds = {n: aufs.whiteout_kind(n) for n in names}
-            if rel and any(directory.startswith(r + b"/") for r in image_roots):
-                kinds.update((n, None) for n, k in kinds.items() if k == aufs.INTERNAL and aufs.kept_in(directory, n))
-            hidden = {aufs.whiteout_target(n) for n in names if kinds[n] == aufs.WHITEOUT}
-            for name in names:
-                if kinds[name] is not None or name in blocked:
-                    continue
-                path = os.path.join(directory, name)
-                is_dir = stat.S_ISDIR(os.lstat(path).st_mode)
-                if name not in decided:
-                    decided[name] = [path, is_dir]
-                    if not is_dir:
-                        blocked.add(name)
-                elif is_dir:
-                    decided[name].append(path)
-                else:
-                    blocked.add(name)
-            blocked |= hidden
-            if aufs.OPAQUE in kinds.values() and rel:  # aufs never honours the marker at a branch's root
-                break
-        for name, (path, is_dir, *below) in decided.items():
-            child = os.path.join(rel, name) if rel else name
-            view[child] = describe(path)
-            if is_dir:
-                pending.append((child, [path] + below))
+    """The view the migrated chain ``layers`` (aufs data, topmost first) must give (``images``: which layers
+    are images', whose aufs internals holding data stay)."""
+    top = fsio.open_dir(layers[0], noatime=True)
+    merge = lowerview.root([lowerview.Lower(p) for p in layers[1:]])
+    owners = {path: image for path, image in zip(layers, images)}
+    view: Dict[bytes, Meta] = {b".": describe(os.fsencode(layers[0]))}
+    try:
+        _view_of(top, merge, b"", view, owners, bool(images and images[0]))
+    finally:
+        os.close(top)
+        merge.close()
     return view
+
+
+def _view_of(own: Optional[int], merge: lowerview.Merge, rel: bytes, view: Dict[bytes, Meta],
+             owners: Dict[str, bool], own_image: bool) -> None:
+    """The entries of directory ``rel``: from the layer's own directory ``own`` (None: it has none there) and
+    the ancestors' directories ``merge`` holds, nearest first."""
+    sources = ([(own, own_image)] if own is not None else []) + [(fd, owners.get(lower.path, False))
+                                                                   for fd, lower in merge.dirs]
+    decided: Dict[bytes, Tuple[int, int, bool]] = {}  # name -> (source index, its directory fd, a directory?)
+    hidden: set = set()
+    whited_in_own: set = set()
+    for i, (fd, image) in enumerate(sources):
+        names = tree.entry_kinds(fd, as_bytes=True)
+        kinds = {n: aufs.whiteout_kind(n) for n in names}
+        kept = {n for n, k in kinds.items() if k == aufs.INTERNAL and image and rel and aufs.keeps_for_tar_split(fd, n)}
+        for name, kind in kinds.items():
+            if (kind is None or name in kept) and name not in decided and name not in hidden:
+                decided[name] = (i, fd, names[name])
+        whiteouts = {aufs.whiteout_target(n) for n, k in kinds.items() if k == aufs.WHITEOUT}
+        if i == 0 and own is not None:
+            whited_in_own = whiteouts
+        hidden |= whiteouts
+    for name, (i, fd, is_dir) in sorted(decided.items()):
+        child = rel + b"/" + name if rel else name
+        view[child] = describe(b"/proc/self/fd/%d/%s" % (fd, name))
+        if not is_dir:
+            continue
+        own_child = fsio.open_dir(os.fsdecode(name), fd, noatime=True) if i == 0 and own is not None else None
+        try:
+            opaque = own_child is not None and lowerview.layer_marks(own, name, own_child)[1]
+            sub = merge.child(name, own_child is not None and name in whited_in_own, opaque)
+            try:
+                _view_of(own_child, sub, child, view, owners, own_image)
+            finally:
+                sub.close()
+        finally:
+            if own_child is not None:
+                os.close(own_child)
 
 
 def mounted_view(top: str) -> Dict[bytes, Meta]:

@@ -280,9 +280,10 @@ def parse_layers_file(data: bytes) -> List[str]:
     return lines
 
 
-def read_diff_dir(root: str) -> Tuple[str, Dict[str, DiffEntry]]:
-    """``aufs/diff/``: whether it is ``present``, ``missing`` or ``not a directory``, and its entries by name."""
-    fd, state = fsio.open_dir_found(os.path.join(root, "aufs", "diff"))
+def read_diff_dir(root_fd: int) -> Tuple[str, Dict[str, DiffEntry]]:
+    """``aufs/diff/`` of the root open as ``root_fd``: whether it is ``present``, ``missing`` or ``not a
+    directory``, and its entries by name."""
+    fd, state = fsio.open_dir_found(os.path.join("aufs", "diff"), root_fd)
     if fd is None:
         return state, {}
     entries = {}
@@ -298,10 +299,10 @@ def read_diff_dir(root: str) -> Tuple[str, Dict[str, DiffEntry]]:
     return "present", dict(sorted(entries.items()))
 
 
-def read_layers_files(root: str, unreadable: List[Tuple[str, str]]) -> Dict[str, LayersFile]:
-    """Every ``aufs/layers/<id>`` (those being removed left out), parsed; a file that is not a small regular
-    file is added to ``unreadable`` (its path, why)."""
-    fd, _state = fsio.open_dir_found(os.path.join(root, "aufs", "layers"))
+def read_layers_files(root_fd: int, unreadable: List[Tuple[str, str]]) -> Dict[str, LayersFile]:
+    """Every ``aufs/layers/<id>`` of the root open as ``root_fd`` (those being removed left out), parsed; a file
+    that is not a small regular file is added to ``unreadable`` (its path, why)."""
+    fd, _state = fsio.open_dir_found(os.path.join("aufs", "layers"), root_fd)
     if fd is None:
         return {}
     found = {}

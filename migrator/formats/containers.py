@@ -98,25 +98,26 @@ class ContainerFacts:
         return self.driver in AUFS_DRIVER_VALUES
 
 
-def read_containers(root: str, unreadable: List[Tuple[str, str]]) -> Dict[str, ContainerFacts]:
-    """Every ``containers/<id>/``, its config read through ``fsio.read_small``; a config that is not a small
-    regular file is also added to ``unreadable`` (its path, why)."""
-    base = os.path.join(root, "containers")
-    try:
-        names = sorted(os.listdir(base)) if stat.S_ISDIR(os.lstat(base).st_mode) else []
-    except FileNotFoundError:
-        names = []
+def read_containers(root_fd: int, unreadable: List[Tuple[str, str]]) -> Dict[str, ContainerFacts]:
+    """Every ``containers/<id>/`` of the root open as ``root_fd``, its config read through ``fsio.read_small``;
+    a config that is not a small regular file is also added to ``unreadable`` (its path, why)."""
+    base, _state = fsio.open_dir_found("containers", root_fd)
+    if base is None:
+        return {}
     found = {}
-    for cid in names:
-        fd, state = fsio.open_dir_found(os.path.join(base, cid))
-        if fd is None:
-            if state == fsio.NOT_A_DIRECTORY:
-                found[cid] = ContainerFacts(cid, False)
-            continue
-        try:
-            found[cid] = _read_container(cid, fd, unreadable)
-        finally:
-            os.close(fd)
+    try:
+        for cid in sorted(os.listdir(base)):
+            fd, state = fsio.open_dir_found(cid, base)
+            if fd is None:
+                if state == fsio.NOT_A_DIRECTORY:
+                    found[cid] = ContainerFacts(cid, False)
+                continue
+            try:
+                found[cid] = _read_container(cid, fd, unreadable)
+            finally:
+                os.close(fd)
+    finally:
+        os.close(base)
     return found
 
 
@@ -234,11 +235,12 @@ def keep_originals(originals: str, found: List[FoundContainer]) -> None:
     fsio.fsync_path(os.path.dirname(originals))
 
 
-def kept_original(originals: str, cid: str) -> "tuple | None":
-    """(bytes, stat) of the kept original config of ``cid``, if there is one that says aufs."""
+def kept_original(originals: str, cid: str, dir_fd: Optional[int] = None) -> "tuple | None":
+    """(bytes, stat) of the kept original config of ``cid`` in ``originals`` (below ``dir_fd``), if there is
+    one that says aufs."""
     path = os.path.join(originals, f"{cid}.{CONFIG}")
     try:
-        data, st = read_config(path)
+        data, st = read_config(path, dir_fd)
         driver = locate_driver(data.decode("utf-8"))[0]
     except (OSError, ValueError, UnicodeDecodeError):
         return None

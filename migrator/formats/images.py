@@ -29,7 +29,7 @@ it was.  Everything else is copied: ``layerdb/mounts/`` is written by ``ioutil.W
 and a file this list does not name is one whose writer was not checked."""
 
 
-def stage(src: str, dst: str) -> Tuple[int, int]:
+def copy_store(src: str, dst: str) -> Tuple[int, int]:
     """Build a fresh ``dst`` from ``src``: directories made with the source's modes, owners, times and xattrs,
     the files of ``LINKED_PARTS`` hardlinked, every other entry copied; return (entries linked, entries copied).
 
@@ -88,7 +88,7 @@ def _linked_in(rel: bytes) -> Callable[[str], bool]:
     return lambda _name: False
 
 
-def stage_need(top: str) -> Tuple[int, int]:
+def copy_need(top: str) -> Tuple[int, int]:
     """(inodes, bytes) that ``stage`` of ``top`` adds to the filesystem: each directory, and each entry it
     copies; a hardlinked file adds only its name."""
     inodes = used = 0
@@ -178,50 +178,63 @@ LAYER_FILES = ("cache-id", "diff", "size", "parent")  # the small files of a lay
 MOUNT_FILES = ("mount-id", "init-id", "parent")  # and of a layerdb/mounts/ entry
 
 
-def read_layer_store(image_dir: str, rel: str, unreadable: List[Tuple[str, str]],
+def read_layer_store(base_fd: int, rel: str, unreadable: List[Tuple[str, str]],
                      contents: Tuple[str, ...] = ("cache-id",)) -> LayerStore:
-    """The layer store under ``image_dir`` (shown as ``rel`` in messages).  Every small file of every entry is
-    checked (its type and size, from the entry's listing); those in ``contents`` (and a container's
-    ``mount-id`` and ``init-id``) are read, through ``fsio.read_small``.  One that is not a small regular file
-    is added to ``unreadable`` (its path, why)."""
-    layerdb = os.path.join(image_dir, "layerdb")
+    """The layer store at ``rel`` below the directory open as ``base_fd`` (``rel`` names it in messages too).
+    Every small file of every entry is checked (its type and size, from the entry's listing); those in
+    ``contents`` (and a container's ``mount-id`` and ``init-id``) are read, through ``fsio.read_small``.  One
+    that is not a small regular file is added to ``unreadable`` (its path, why)."""
+    layerdb = os.path.join(rel, "layerdb")
     layers: Dict[str, StoreLayer] = {}
     removing: List[str] = []
-    for chain, ids in _entries(os.path.join(layerdb, "sha256"), f"{rel}/layerdb/sha256", LAYER_FILES, contents,
-                               unreadable, removing):
+    for chain, ids in _entries(base_fd, os.path.join(layerdb, "sha256"), LAYER_FILES, contents, unreadable,
+                               removing):
         layers[chain] = StoreLayer(chain, ids["cache-id"], ids["diff"], ids["size"])
     mounts = {cid: StoreMount(cid, ids["mount-id"], ids["init-id"]) for cid, ids in _entries(
-        os.path.join(layerdb, "mounts"), f"{rel}/layerdb/mounts", MOUNT_FILES, ("mount-id", "init-id"),
-        unreadable)}
-    try:
-        images = len(os.listdir(os.path.join(image_dir, "imagedb", "content", "sha256")))
-    except (FileNotFoundError, NotADirectoryError):
-        images = 0
-    return LayerStore(is_dir(layerdb), is_dir(os.path.join(image_dir, "imagedb")), images,
+        base_fd, os.path.join(layerdb, "mounts"), MOUNT_FILES, ("mount-id", "init-id"), unreadable)}
+    fd, _state = fsio.open_dir_found(os.path.join(rel, "imagedb", "content", "sha256"), base_fd)
+    images = 0
+    if fd is not None:
+        try:
+            images = len(os.listdir(fd))
+        finally:
+            os.close(fd)
+    return LayerStore(_is_dir_at(base_fd, layerdb), _is_dir_at(base_fd, os.path.join(rel, "imagedb")), images,
                       MappingProxyType(layers), tuple(removing), MappingProxyType(mounts))
 
 
-def _entries(base: str, rel: str, files: Tuple[str, ...], contents: Tuple[str, ...],
+def _is_dir_at(base_fd: int, rel: str) -> bool:
+    fd, _state = fsio.open_dir_found(rel, base_fd)
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
+
+
+def _entries(base_fd: int, rel: str, files: Tuple[str, ...], contents: Tuple[str, ...],
              unreadable: List[Tuple[str, str]], removing: "List[str] | None" = None
              ) -> Iterator[Tuple[str, Dict[str, Optional[str]]]]:
-    """Each directory entry of ``base`` with its ``files`` checked and its ``contents`` read; entries being
-    removed go to ``removing``."""
+    """Each directory entry of ``rel`` (below ``base_fd``) with its ``files`` checked and its ``contents`` read;
+    entries being removed go to ``removing``."""
+    top, _state = fsio.open_dir_found(rel, base_fd)
+    if top is None:
+        return
     try:
-        names = sorted(os.listdir(base)) if is_dir(base) else []
-    except FileNotFoundError:
-        names = []
-    for name in names:
-        if aufs.is_removing(name):
-            if removing is not None:
-                removing.append(name)
-            continue
-        fd, _state = fsio.open_dir_found(os.path.join(base, name))
-        if fd is None:
-            continue
-        try:
-            yield name, _read_entry(fd, f"{rel}/{name}", files, contents, unreadable)
-        finally:
-            os.close(fd)
+        names = sorted(os.listdir(top))
+        for name in names:
+            if aufs.is_removing(name):
+                if removing is not None:
+                    removing.append(name)
+                continue
+            fd, _state = fsio.open_dir_found(name, top)
+            if fd is None:
+                continue
+            try:
+                yield name, _read_entry(fd, f"{rel}/{name}", files, contents, unreadable)
+            finally:
+                os.close(fd)
+    finally:
+        os.close(top)
 
 
 def _read_entry(fd: int, rel: str, files: Tuple[str, ...], contents: Tuple[str, ...],
@@ -297,7 +310,11 @@ class ImageLayer:
 
 def image_layers(image_dir: str) -> List[ImageLayer]:
     """Every layer of ``image_dir/layerdb/sha256/`` (entries being removed left out), by chain id."""
-    store = read_layer_store(image_dir, os.path.basename(image_dir), [], contents=("cache-id", "diff", "size"))
+    fd = fsio.open_dir(os.path.dirname(image_dir) or ".")
+    try:
+        store = read_layer_store(fd, os.path.basename(image_dir), [], contents=("cache-id", "diff", "size"))
+    finally:
+        os.close(fd)
     return [ImageLayer(f"sha256:{chain}", layer.cache_id or "", layer.diff_id or "",
                        os.path.join(image_dir, "layerdb", "sha256", chain, TAR_SPLIT), _number(layer.size))
             for chain, layer in store.layers.items()]

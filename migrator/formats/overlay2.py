@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import xattr
 
 from migrator.fs import fsio
+from migrator.paths import AUFS, AUFS_DIFF, TEMP_TREE, TREE, Paths
 
 DIFF = "diff"
 LINK = "link"
@@ -43,8 +44,49 @@ LINKS_DIR_MODE = 0o700
 WORK_MODE = 0o700
 
 
+def layer_files(has_parent: bool, has_child: bool) -> int:
+    """The inodes a layer's own files take beside its content: ``<id>/``, ``link`` and ``l/<LINKID>``; with a
+    parent ``lower`` and ``work/``; with a child ``committed``.  (``diff/`` is the content's root.)"""
+    return 3 + (2 if has_parent else 0) + (1 if has_child else 0)
+
+
 def diff_dir(tree_root: str, layer_id: str) -> str:
     return os.path.join(tree_root, layer_id, DIFF)
+
+
+def layer_ids(tree_root: str, dir_fd: Optional[int] = None) -> List[str]:
+    """The layers of a tree (its entries but ``l/``); ``tree_root`` below ``dir_fd`` when it is given."""
+    fd, _state = fsio.open_dir_found(tree_root, dir_fd)
+    if fd is None:
+        return []
+    try:
+        return sorted(n for n in os.listdir(fd) if n != LINKS_DIR)
+    finally:
+        os.close(fd)
+
+
+def moved_below(root_fd: int) -> List[Tuple[str, str]]:
+    """``(id, diff)`` of each layer of ``overlay2.temp/`` or ``overlay2/`` (``diff`` below the root open as
+    ``root_fd``) whose ``diff/`` is aufs data that left ``aufs/diff/<id>`` while ``aufs/layers/<id>`` stayed: what
+    only the in-place strategy does, and what no tree may be removed with (a rollback without its state
+    database moves them back)."""
+    found = []
+    for tree_root in (TEMP_TREE, TREE):
+        for layer_id in layer_ids(tree_root, root_fd):
+            diff = diff_dir(tree_root, layer_id)
+            if (fsio.lexists(diff, root_fd) and not fsio.lexists(os.path.join(AUFS_DIFF, layer_id), root_fd)
+                    and fsio.lexists(os.path.join(AUFS, "layers", layer_id), root_fd)):
+                found.append((layer_id, diff))
+    return found
+
+
+def moved_from_aufs(paths: Paths) -> List[Tuple[str, str]]:
+    """``moved_below`` the root, each ``diff`` a full path."""
+    fd = fsio.open_dir(paths.root)
+    try:
+        return [(layer_id, os.path.join(paths.root, diff)) for layer_id, diff in moved_below(fd)]
+    finally:
+        os.close(fd)
 
 
 def reads_as_whiteout(st: os.stat_result) -> bool:

@@ -14,6 +14,9 @@ What it reads::
     image/aufs/layerdb/mounts/*/    mount-id, init-id read; parent checked
     image/aufs/imagedb/             whether it is there, and how many images it holds
     containers/<id>/config.v2.json  the bytes and stat, the Driver, whether the container was dying
+    overlay2*/ image/overlay2*/ .aufs2overlay/staging/
+                                    which of the trees a migration builds are there, the layers the staging
+                                    area holds, and the layers an in-place run moved out of aufs/diff
 
 Records are frozen, and two snapshots of the same root can be compared (``changes``): what appeared, what went,
 what changed.  Nothing here writes.
@@ -26,11 +29,12 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Dict, FrozenSet, List, Mapping, Optional, Tuple
 
-from migrator.formats import aufs, containers, images
+from migrator.formats import aufs, containers, images, overlay2
 from migrator.formats.aufs import DiffEntry, LayersFile
 from migrator.formats.containers import ContainerFacts
 from migrator.formats.images import LayerStore
 from migrator.fs import fsio
+from migrator.paths import AUFS, BUILT_TREES, IMAGE_AUFS, ORIGINALS, STAGING_AREA, TEMP_TREE, TREE, Paths
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,12 @@ class RootSnapshot:
     store: LayerStore = field(default_factory=LayerStore)  # image/aufs/
     containers: Mapping[str, ContainerFacts] = field(default_factory=dict)
     unreadable: Tuple[Tuple[str, str], ...] = ()  # (path below the root, why) of small files that are not
+    kept: Mapping[str, Tuple[bytes, os.stat_result]] = field(default_factory=dict)  # containers on overlay2 whose
+    #                                  original (aufs) config an earlier attempt kept: (bytes, stat) by id
+    built: FrozenSet[str] = frozenset()  # the trees a migration builds that are there (``paths.BUILT_TREES``)
+    staged: FrozenSet[str] = frozenset()  # the layer directories of the staging area
+    moved: Tuple[Tuple[str, str], ...] = ()  # (id, diff below the root) of layers moved out of aufs/diff
+    #                                          (``overlay2.moved_below``)
 
     @property
     def present(self) -> FrozenSet[str]:
@@ -55,6 +65,10 @@ class RootSnapshot:
     def being_removed(self) -> FrozenSet[str]:
         """Layer ids whose ``aufs/diff/<id>-removing`` is there."""
         return frozenset(aufs.removed_id(name) for name in self.diff if aufs.is_removing(name))
+
+    def trees_built(self) -> List[str]:
+        """The trees a migration builds that are there, below the root, in ``BUILT_TREES`` order."""
+        return [tree for tree in BUILT_TREES if tree in self.built]
 
     def unreadable_refusal(self) -> Optional[str]:
         """The one line that refuses a root with a small file that is not one, naming the first."""
@@ -104,15 +118,29 @@ def changes(before: RootSnapshot, after: RootSnapshot) -> Changes:
                    tuple(sorted(p for p in old.keys() & new.keys() if old[p] != new[p])))
 
 
-def read_root(root: str) -> RootSnapshot:
-    """Read every fact of ``root`` that a migration depends on, once."""
-    unreadable: List[Tuple[str, str]] = []
-    diff_state, diff = aufs.read_diff_dir(root)
-    layers = aufs.read_layers_files(root, unreadable)
-    store = images.read_layer_store(os.path.join(root, "image", "aufs"), "image/aufs", unreadable)
-    found = containers.read_containers(root, unreadable)
-    return RootSnapshot(root=root, dev=os.lstat(root).st_dev, aufs_present=fsio.lexists(os.path.join(root, "aufs")),
-                        image_aufs_present=fsio.lexists(os.path.join(root, "image", "aufs")), diff_state=diff_state,
-                        diff=MappingProxyType(diff), layers=MappingProxyType(layers), store=store,
-                        containers=MappingProxyType(found), unreadable=tuple(unreadable))
+def read_root(paths: Paths) -> RootSnapshot:
+    """Read every fact of the root that a migration depends on, once, each below one descriptor of the root
+    (a root renamed, or a directory in it replaced by a symlink, while it is read is not read in two places)."""
+    root_fd = fsio.open_dir(paths.root, noatime=True)  # ``Paths.checked``: the root is no symlink
+    try:
+        return _read_below(paths.root, root_fd)
+    finally:
+        os.close(root_fd)
 
+
+def _read_below(root: str, root_fd: int) -> RootSnapshot:
+    unreadable: List[Tuple[str, str]] = []
+    diff_state, diff = aufs.read_diff_dir(root_fd)
+    layers = aufs.read_layers_files(root_fd, unreadable)
+    store = images.read_layer_store(root_fd, IMAGE_AUFS, unreadable)
+    found = containers.read_containers(root_fd, unreadable)
+    kept = {cid: k for cid, k in ((cid, containers.kept_original(ORIGINALS, cid, root_fd))
+                                  for cid, c in found.items() if c.driver == "overlay2") if k is not None}
+    built = frozenset(t for t in BUILT_TREES if fsio.lexists(t, root_fd))
+    staged = frozenset(overlay2.layer_ids(STAGING_AREA, root_fd)) if STAGING_AREA in built else frozenset()
+    moved = tuple(overlay2.moved_below(root_fd)) if TEMP_TREE in built or TREE in built else ()
+    return RootSnapshot(root=root, dev=os.fstat(root_fd).st_dev, aufs_present=fsio.lexists(AUFS, root_fd),
+                        image_aufs_present=fsio.lexists(IMAGE_AUFS, root_fd), diff_state=diff_state,
+                        diff=MappingProxyType(diff), layers=MappingProxyType(layers), store=store,
+                        containers=MappingProxyType(found), unreadable=tuple(unreadable),
+                        kept=MappingProxyType(kept), built=built, staged=staged, moved=moved)

@@ -1,5 +1,5 @@
 """Writing a layer's ``tar-split.json.gz`` and ``diff`` from a directory, as an engine records them when it
-loads a layer: for the sample root (``sample.py``) and the benchmark, so the content proof (``checks/content.py``)
+loads a layer: for the sample root (``sample.py``) and the benchmark, so the content check (``checks/layerdigest.py``)
 has real layers to check. The tar is never written out: its headers and padding go into the tar-split as
 segments, each regular file as its name, size and CRC-64, and the sha256 of the whole stream is the ``diff``.
 """

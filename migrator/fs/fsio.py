@@ -59,11 +59,12 @@ def file_type_name(mode: int) -> str:
 MISSING, NOT_A_DIRECTORY = "missing", "not a directory"
 
 
-def open_dir_found(path: str) -> Tuple[Optional[int], str]:
-    """``open_dir(path, noatime=True)`` for reading what may not be there: (descriptor, "present"), or (None,
-    ``MISSING``) when nothing is there, or (None, ``NOT_A_DIRECTORY``) for anything else, a symlink included."""
+def open_dir_found(path: str, dir_fd: Optional[int] = None) -> Tuple[Optional[int], str]:
+    """``open_dir(path, dir_fd, noatime=True)`` for reading what may not be there: (descriptor, "present"), or
+    (None, ``MISSING``) when nothing is there, or (None, ``NOT_A_DIRECTORY``) for anything else, a symlink
+    included."""
     try:
-        return open_dir(path, noatime=True), "present"
+        return open_dir(path, dir_fd, noatime=True), "present"
     except FileNotFoundError:
         return None, MISSING
     except OSError as exc:
@@ -275,9 +276,9 @@ def rename_durable(parent: str, old: str, new: str) -> None:
     checkpoints.reached(f"rename {old} -> {new}")
 
 
-def lexists(path: str) -> bool:
+def lexists(path: str, dir_fd: Optional[int] = None) -> bool:
     try:
-        os.lstat(path)
+        os.lstat(path, dir_fd=dir_fd)
     except FileNotFoundError:
         return False
     return True

@@ -1,35 +1,53 @@
 """The run's model: its phases, converting → switching → completed (→ cleaning → cleaned), or → rolling-back
-→ rolled-back (``migrations_state/machine.py``), and what each phase change does to the filesystem.
+→ rolled-back (``migrations_state/machine.py``), what each phase change does to the filesystem, and the loops
+that drive them (``run_to_completion``, ``roll_back``, ``clean_up``).
 
 Its transition callbacks are the only places that change the root outside the layer steps; ``record_phase``
 is the only place that records a phase.  The database row is the truth: every start rebuilds the model from
-it.  Converting is the strategy's (``strategies/``); switching, rollback and cleanup are the same for all.
+it.  Converting is the strategy's (``strategies/``); switching, rollback and cleanup are the same for all.  An
+error of the filesystem in a loop is recorded as the run's last error (what ``status`` shows), then reported as
+one line that says how to go on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import List
+from typing import Dict, Iterator, List, Optional
 
 from migrations_state.machine import (
+    CLEANED,
+    CLEANING,
     COMMITTED,
     COMPLETED,
+    CONVERTING,
+    FINISHED,
     GONE,
     PENDING,
     RESTORED,
+    ROLLBACK_FORCED,
+    ROLLED_BACK,
     ROLLING_BACK,
+    STAGING,
     SWITCHED,
     SWITCHING,
     phase_machine,
 )
 from migrations_state.schema import SavedTimeRecord
-from migrator.errors import MigratorError
+from migrations_state.store import Store
+from migrator import procs
+from migrator.checks import engine
+from migrator.errors import MigratorError, Refused
 from migrator.formats import containers, engineconfig, images
 from migrator.fs import fsio
+from migrator.paths import Paths
 from migrator.runtime import recovery, staging
+from migrator.runtime.lock import Held
+from migrator.scan.survey import LayerSurvey
 from migrator.strategies import registry
 from migrator.strategies.base import Conversion
 from migrator.strategies.runner import WaveRunner
+from migrator.ui.progress import Reporter
 
 
 class Migration:
@@ -43,6 +61,88 @@ class Migration:
         self.run_record = conv.store.run()
         self.strategy = registry.get(self.run_record.strategy)
         phase_machine(self, self.run_record.phase)
+
+    @classmethod
+    def under(cls, paths: Paths, held: Held, progress: Reporter, jobs: int = 1,
+              surveys: Optional[Dict[str, LayerSurvey]] = None) -> "Migration":
+        """The migration recorded in the store ``held`` holds, under its lock."""
+        if held.store is None:
+            raise MigratorError(f"the state database {paths.state_db} went away while waiting for the lock; run "
+                                "again")
+        return cls(Conversion(paths, held.store, progress, jobs, held.lock_fd, surveys or {}))
+
+    @contextlib.contextmanager
+    def recording(self, resume: str) -> Iterator[None]:
+        """An error of the filesystem inside is recorded as the run's last error, then reported as one line
+        that ends with ``resume``, how to go on."""
+        try:
+            yield
+        except OSError as exc:
+            self.store.set_error(str(exc))
+            raise MigratorError(f"{exc}; {resume}") from exc
+
+    # -- the loops --------------------------------------------------------------------------------------
+
+    def run_to_completion(self, resumed: bool = False) -> str:
+        """Convert, switch, complete, from whatever phase is recorded; the line that says it is done."""
+        phase = self.run_record.phase
+        if phase in FINISHED:
+            return f"migration of {self.paths.root} already {phase}"
+        if phase == ROLLING_BACK:
+            raise Refused("a rollback is in progress on this root; finish it with 'aufs2overlay rollback'")
+        if resumed:
+            states = self.store.layer_states()
+            self.progress(f"resuming the migration ({phase}): {states.get(COMMITTED, 0)} of {sum(states.values())} "
+                          "layers committed")
+        with self.recording("fix the cause and run again: the migration resumes where it stopped"):
+            if self.state == CONVERTING:
+                self.convert_layers()
+                if not self.start_switching():
+                    raise MigratorError("not every layer reached 'committed'; see 'aufs2overlay status'")
+            if self.state == SWITCHING:
+                self.finish_switching()
+        layers = self.store.layers()
+        cutover = procs.seconds_since_start()
+        self.store.set_cutover_seconds(cutover)
+        self.progress(f"done in {self.progress.elapsed():.1f}s: {len(layers)} layers, "
+                      f"{sum(r.entries for r in layers)} entries")
+        return (f"migration of {self.paths.root} completed: {len(layers)} layers now in overlay2/ "
+                f"(cutover: {cutover:.2f} s from this command's start)")
+
+    def roll_back(self, force: bool, staged_before: bool, engine_pidfiles: Optional[List[str]]) -> str:
+        """Undo the migration from whatever phase is recorded (after completion only with ``force``); the line
+        that says it is done.  A staging is not the engine's, so it may be rolled back beside a running
+        engine; anything further (``staged_before`` false, or a cutover begun since) refuses one."""
+        phase = self.run_record.phase
+        if phase != STAGING and staged_before:  # the cutover began meanwhile
+            engine.refuse_if_running(self.paths.root, engine_pidfiles)
+        if phase == ROLLED_BACK:
+            return f"migration of {self.paths.root} already rolled back"
+        if phase in (CLEANING, CLEANED):
+            raise Refused("the aufs data has been removed by cleanup; there is nothing to roll back to")
+        if phase in ROLLBACK_FORCED and not force:
+            raise Refused("the migration completed; rolling back loses everything the engine did on overlay2 "
+                          "since. Use --force to roll back anyway")
+        with self.recording("fix the cause and run rollback again: it resumes"):
+            missing = self.missing_layers()
+            if missing:
+                raise Refused(f"{len(missing)} layer(s) moved in place are gone (e.g. {missing[0]}: removed by "
+                              "the engine since the migration); a rollback cannot give back their aufs data")
+            if self.may_start_rollback():
+                self.start_rollback()
+            self.finish_rollback()
+        return f"rolled back: {self.paths.root} is on aufs as before the migration"
+
+    def clean_up(self) -> Store:
+        """Remove ``aufs/`` and ``image/aufs/`` after completion (``cleaning`` → ``cleaned``), then keep the
+        state database as the migration's record: the store, to close before the work area goes."""
+        with self.recording("run cleanup again: it resumes"):
+            if self.state == COMPLETED:
+                self.start_cleanup()
+            if self.may_finish_cleanup():
+                self.finish_cleanup()
+        self.store.keep_as_record()
+        return self.store
 
     # -- converting -------------------------------------------------------------------------------------
 
@@ -60,17 +160,17 @@ class Migration:
     def switch_to_overlay2(self) -> None:
         """Stage the image store, switch containers, then rename the layer tree and the image store in.
 
-        Order: (1) ``image/overlay2.temp`` staged (``images.stage``) and synced, recorded as staged; (2) each
+        Order: (1) ``image/overlay2.temp`` copied (``images.copy_store``) and synced, recorded; (2) each
         container's config rewritten atomically (its original bytes are in the database since discovery); (3)
         ``overlay2.temp`` → ``overlay2``; (4) ``image/overlay2.temp`` → ``image/overlay2``.  Each is
         idempotent and detectable from the tree, so a cut anywhere resumes; rollback undoes all four.
         """
         p = self.paths
-        if not self.store.run().image_staged:
+        if not self.store.run().image_copied:
             if images.is_dir(p.image_aufs):
-                linked, copied = images.stage(p.image_aufs, p.image_stage)
-                self.progress(f"image store staged ({linked} files linked, {copied} entries copied)")
-            self.store.set_image_staged(True)
+                linked, copied = images.copy_store(p.image_aufs, p.image_temp)
+                self.progress(f"image store copied ({linked} files linked, {copied} entries copied)")
+            self.store.set_image_copied(True)
         for record in self.store.containers():
             if record.state == PENDING:
                 containers.switch(p.root, record.id, record.original, record.mode, record.uid, record.gid)
@@ -83,8 +183,8 @@ class Migration:
             if fsio.lexists(p.tree):
                 raise MigratorError(f"both {p.temp_tree} and {p.tree} exist; refusing to guess which is right")
             fsio.rename_durable(p.root, os.path.basename(p.temp_tree), os.path.basename(p.tree))
-        if fsio.lexists(p.image_stage):
-            fsio.rename_durable(p.image_dir, os.path.basename(p.image_stage), os.path.basename(p.image_overlay2))
+        if fsio.lexists(p.image_temp):
+            fsio.rename_durable(p.image_dir, os.path.basename(p.image_temp), os.path.basename(p.image_overlay2))
 
     # -- rollback ---------------------------------------------------------------------------------------
 

@@ -4,16 +4,16 @@ Without the database the tool cannot know which of ``overlay2/`` and ``image/ove
 runs only with ``--force`` and only while ``aufs/`` is there to go back to.  Container configs come back from
 the copies kept in the work area at discovery (``.aufs2overlay/originals/``), byte for byte; a config without
 such a copy gets its ``Driver`` set back to ``aufs``.  What it cannot restore without the database: the
-times of ROOT, ``image/`` and the container directories.
+times of ROOT, ``image/``, ``aufs/diff/`` (an in-place run moves layers out of it) and the container directories.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Callable, List, Tuple
+from typing import Callable, Optional, Tuple
 
 from migrator.checks import probe
-from migrator.errors import MigratorError
+from migrator.errors import MigratorError, Refused
 from migrator.formats import containers, engineconfig, snapshot
 from migrator.fs import fsio
 from migrator.paths import Paths
@@ -23,11 +23,11 @@ from migrator.strategies import registry
 
 def rollback_from_disk(paths: Paths, progress: Callable[[str], None]) -> None:
     """Remove every overlay2 artefact and give aufs containers their configs back; idempotent."""
-    snap = snapshot.read_root(paths.root)
+    snap = snapshot.read_root(paths)
     for cid, facts in snap.containers.items():
         if facts.driver != "overlay2" or cid not in snap.store.mounts:
             continue  # not switched, or created on overlay2 after the migration: an aufs engine ignores it
-        kept = containers.kept_original(paths.originals, cid)
+        kept = snap.kept.get(cid)
         data, st = kept if kept is not None else (containers.with_driver(facts.config, "aufs"), facts.st)
         containers.restore(paths.root, cid, data, st.st_mode & 0o7777, st.st_uid, st.st_gid,
                            (st.st_atime_ns, st.st_mtime_ns))
@@ -41,10 +41,10 @@ def rollback_from_disk(paths: Paths, progress: Callable[[str], None]) -> None:
 
 
 def remove_new_trees(paths: Paths, progress: Callable[[str], None], final: bool) -> None:
-    """Remove, durably, the trees a migration builds: the staging area, the staged ``image/overlay2.temp/`` and
+    """Remove, durably, the trees a migration builds: the staging area, the image store's copy and
     ``overlay2.temp/`` always, and with ``final`` their renamed forms ``image/overlay2/`` and ``overlay2/``
     (only when they are known to be the migration's, or the operator forced it)."""
-    trees = [paths.staging, paths.image_stage, paths.temp_tree] + ([paths.image_overlay2, paths.tree] if final else [])
+    trees = [paths.staging, paths.image_temp, paths.temp_tree] + ([paths.image_overlay2, paths.tree] if final else [])
     for path in trees:
         if fsio.lexists(path):
             progress(f"removing {path}")
@@ -66,11 +66,19 @@ def remove_work_area(paths: Paths, keep: Tuple[str, ...] = ()) -> None:
             fsio.ensure_absent_durably(paths.workdir, name)
 
 
-def leftovers(paths: Paths) -> List[str]:
-    """What a lost migration may have left: the trees it builds and renames, and a cut-off probe's directory."""
-    trees = [p for p in (paths.staging, paths.temp_tree, paths.tree, paths.image_stage, paths.image_overlay2)
-             if fsio.lexists(p)]
-    return trees + probe.leftover_dirs(paths.root)
+def refuse_or_nothing(paths: Paths, force: bool, problem: Optional[str]) -> Optional[str]:
+    """Before a rollback without a usable state database: the line that says there is nothing to roll back,
+    or refused without ``force`` (None: go on, with ``rollback_without_state``).  A lost migration shows in
+    what it leaves: the trees it builds and renames, or a cut-off probe's directory."""
+    snap = snapshot.read_root(paths)
+    if not snap.aufs_present:
+        return f"nothing to roll back: {paths.root} has no aufs/"
+    if problem is None and not snap.built and not probe.leftover_dirs(paths.root):
+        return f"nothing to roll back: no migration state at {paths.state_db} and no overlay2 tree"
+    if not force:
+        raise Refused(f"{problem or 'no state database at ' + paths.state_db}; "
+                      "'aufs2overlay rollback --force' rebuilds the aufs root from what is on disk")
+    return None
 
 
 def rollback_without_state(paths: Paths, progress: Callable[[str], None]) -> None:

@@ -24,28 +24,26 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from typing import Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
 
-from migrations_state.machine import COMMITTED, DISCOVERED, LOWERS_WRITTEN, STAGING
-from migrations_state.schema import FindingRecord, LayerRecord, WhiteoutDirRecord
+from migrations_state.machine import COMMITTED, DISCOVERED, LOWERS_WRITTEN, ROLLED_BACK, STAGING
+from migrations_state.schema import FindingRecord, LayerRecord, RunRecord, WhiteoutDirRecord
 from migrations_state.store import Store
 from migrator import checkpoints, interrupts
 from migrator.errors import MigratorError, Refused
-from migrator.formats import aufs, overlay2, snapshot
+from migrator.formats import aufs, discovery, overlay2, snapshot
 from migrator.formats.linkid import new_link_id
 from migrator.fs import fsio
 from migrator.paths import Paths
-from migrator.runtime.lock import Held
+from migrator.runtime.lock import Held, open_store
 from migrator.scan import proof
 from migrator.strategies import registry
 from migrator.strategies.base import Conversion
 from migrator.strategies.runner import WaveRunner
 from migrator.ui.progress import Reporter
 
-STRATEGY = "hardlink"  # the in-place strategy moves aufs data: it never runs beside an engine
 PASSES = 20  # stage passes in one command when the engine keeps removing layers under it
 ENGINE_SHARE = 0.05  # of the filesystem's inodes and blocks, left free for the running engine by stage
-LAYER_FILES = 5  # a staged layer's own inodes besides its directories: its directory, link, lower, work/, l/
 
 
 @dataclass
@@ -60,36 +58,26 @@ class Staged:
 
 
 def committed_layers(snap: snapshot.RootSnapshot) -> List[aufs.AufsLayer]:
-    """The image layers the layer store has committed whose whole ancestry is committed too, parents first:
-    what ``stage`` may convert while the engine runs."""
-    candidates: Dict[str, List[str]] = {}
-    for layer_id in snap.store.cache_ids():
-        entry, listed = snap.diff.get(layer_id), snap.layers.get(layer_id)
-        if (entry is None or entry.kind != aufs.DIR or entry.dev != snap.dev or not aufs.valid_id(layer_id)
-                or listed is None or listed.ancestors is None or len(listed.ancestors) > overlay2.MAX_LOWERS):
-            continue
-        candidates[layer_id] = list(listed.ancestors)
-
-    def whole(layer_id: str) -> bool:
-        ancestors = candidates[layer_id]
-        return all(a in candidates and candidates[a] == ancestors[i + 1:] for i, a in enumerate(ancestors))
-
-    chosen = sorted((i for i in candidates if whole(i)), key=lambda i: (len(candidates[i]), i))
-    return [aufs.AufsLayer(id=i, ancestors=candidates[i], times=(snap.diff[i].atime_ns, snap.diff[i].mtime_ns))
-            for i in chosen]
+    """The image layers the layer store has committed, of the root's discovery, whose whole ancestry is
+    committed too, parents first: what ``stage`` may convert while the engine runs."""
+    committed = snap.store.cache_ids()
+    return [layer for layer in discovery.discover(snap).layers
+            if layer.id in committed and not layer.writable and all(a in committed for a in layer.ancestors)]
 
 
 def judge(paths: Paths, records: Sequence[LayerRecord], proofs: Dict[str, Tuple[bytes, str]],
-          wanted: Dict[str, List[str]]) -> Tuple[List[LayerRecord], List[Tuple[LayerRecord, str]]]:
+          wanted: Dict[str, List[str]], staged_dirs: FrozenSet[str]
+          ) -> Tuple[List[LayerRecord], List[Tuple[LayerRecord, str]]]:
     """The staged layers still good for ``wanted`` (layer id → ancestors, as the root holds them now), and the
-    others with why: removed, ancestry changed, proof broken (``proof.holds``), an ancestor dropped, or the
-    staged directory missing.  ``records`` go parents first, so an ancestor is judged before its children."""
+    others with why: removed, ancestry changed, proof broken (``proof.holds``), an ancestor dropped, or its
+    staged directory missing (``staged_dirs``, the snapshot's).  ``records`` go parents first, so an ancestor
+    is judged before its children."""
     kept: List[LayerRecord] = []
     dropped: List[Tuple[LayerRecord, str]] = []
     good: Set[str] = set()
     for record in records:
         interrupts.check()
-        ancestors = record.ancestors.split("\n") if record.ancestors else []
+        ancestors = record.ancestor_ids
         why: Optional[str]
         if record.id not in wanted:
             why = "the engine removed it (or it is no longer a committed image layer)"
@@ -99,11 +87,11 @@ def judge(paths: Paths, records: Sequence[LayerRecord], proofs: Dict[str, Tuple[
             why = "an ancestor of it was dropped"
         elif record.id not in proofs:
             why = "it has no proof"
-        elif record.state != DISCOVERED and not fsio.lexists(os.path.join(paths.staging, record.id)):
+        elif record.state != DISCOVERED and record.id not in staged_dirs:
             why = "its staged directory is missing"
         else:
             dirs, digest = proofs[record.id]
-            why = proof.holds(os.path.join(paths.aufs_diff, record.id), proof.Proof(dirs, digest))
+            why = proof.holds(paths.aufs_layer(record.id), proof.Proof(dirs, digest))
             if why is not None:
                 why = f"aufs/diff/{record.id}: {why}"
         if why is None:
@@ -117,8 +105,8 @@ def judge(paths: Paths, records: Sequence[LayerRecord], proofs: Dict[str, Tuple[
 def refuse_if_crowding(paths: Paths, proofs: Sequence[proof.Proof]) -> None:
     """Refused when staging these layers would leave the engine less than ``ENGINE_SHARE`` of the filesystem's
     inodes or blocks: the engine is serving, and a full disk is its failure, not ours.  Each layer's need is
-    its directories (a new inode and block each) and ``LAYER_FILES`` more."""
-    inodes = sum(len(p.dirs.split(proof.SEP)) + LAYER_FILES for p in proofs)
+    its directories (a new inode and block each) and its own files (``overlay2.layer_files``, at most)."""
+    inodes = sum(len(p.dirs.split(proof.SEP)) + overlay2.layer_files(True, True) for p in proofs)
     vfs = os.statvfs(paths.root)
     need_bytes = inodes * vfs.f_bsize
     keep_inodes, keep_bytes = int(vfs.f_files * ENGINE_SHARE), int(vfs.f_blocks * vfs.f_frsize * ENGINE_SHARE)
@@ -176,11 +164,11 @@ def refresh(paths: Paths, held: Held, progress: Reporter) -> Store:
     proved and added (the database replaced whole when anything changed); the store to convert with."""
     store = held.store
     staging_run = store is not None and store.run().phase == STAGING
-    snap = snapshot.read_root(paths.root)
+    snap = snapshot.read_root(paths)
     wanted = committed_layers(snap)
     records = store.layers() if staging_run else []
     proofs = store.staged_proofs() if staging_run else {}
-    kept, dropped = judge(paths, records, proofs, {layer.id: layer.ancestors for layer in wanted})
+    kept, dropped = judge(paths, records, proofs, {layer.id: layer.ancestors for layer in wanted}, snap.staged)
     good = {r.id for r in kept}
     added: List[Tuple[aufs.AufsLayer, proof.Proof]] = []
     findings: List[Tuple[Optional[str], str, str]] = []
@@ -190,7 +178,7 @@ def refresh(paths: Paths, held: Held, progress: Reporter) -> Store:
             continue
         interrupts.check()
         try:
-            taken = proof.take(os.path.join(paths.aufs_diff, layer.id), now)
+            taken = proof.take(paths.aufs_layer(layer.id), now)
         except OSError:
             continue  # removed since the root was read
         if taken is None:
@@ -210,33 +198,46 @@ def refresh(paths: Paths, held: Held, progress: Reporter) -> Store:
     rows = [carried(r, seq, proofs) for seq, r in enumerate(kept)]
     taken_links = {r.link_id for r in rows}
     for layer, taken in added:
-        rows.append(LayerRecord(id=layer.id, seq=len(rows), parent=layer.parent, ancestors="\n".join(layer.ancestors),
-                                link_id=unused_link_id(taken_links), has_child=layer.id in parents, writable=False,
-                                atime_ns=layer.times[0], mtime_ns=layer.times[1], state=DISCOVERED,
-                                proof_dirs=taken.dirs, proof=taken.digest))
+        rows.append(LayerRecord.discovered(layer.id, len(rows), layer.ancestors, unused_link_id(taken_links),
+                                           layer.id in parents, False, layer.times, proof_dirs=taken.dirs,
+                                           proof=taken.digest))
     whiteout_dirs = store.whiteout_dir_records({r.id for r in kept}) if staging_run else []
     if store is not None:
         store.close()
         held.store = None
     if not staging_run:
         fsio.ensure_absent_durably(paths.workdir, os.path.basename(paths.staging))  # of a lost staging run
-    new = Store.create(paths.state_db, paths.root, STRATEGY, rows, [], _finding_rows(findings), (),
+    new = Store.create(paths.state_db, paths.root, registry.BESIDE_ENGINE, rows, [], _finding_rows(findings), (),
                        on_recorded=checkpoints.reached, phase=STAGING, whiteout_dirs=whiteout_dirs)
     progress(f"staging: {len(kept)} layers kept, {len(added)} to stage, {len(dropped)} dropped")
     return new
 
 
-def stage(paths: Paths, held: Held, progress: Reporter, jobs: int) -> None:
+def stage(paths: Paths, held: Held, progress: Reporter, jobs: int) -> int:
+    """``stage`` under the lock: the staging brought up to date with the root (``_stage``); how many layers
+    are staged.  An error of the filesystem is recorded as the staging run's last error, then reported as one
+    line that says how to go on."""
+    refuse_unless_stageable(held.store.run() if held.store is not None else None, paths)
+    try:
+        _stage(paths, held, progress, jobs)
+    except OSError as exc:
+        if held.store is not None:
+            held.store.set_error(str(exc))
+        raise MigratorError(f"{exc}; fix the cause and run 'aufs2overlay stage' again: it resumes") from exc
+    return counts(held.store)[0]
+
+
+def _stage(paths: Paths, held: Held, progress: Reporter, jobs: int) -> None:
     """Pass after pass, until every committed layer is staged: a pass cut short by a layer that the engine
     removed under it drops that layer and goes on.  ``held.store`` is the store in use throughout."""
     for _ in range(PASSES):
         held.store = refresh(paths, held, progress)
         try:
-            WaveRunner(registry.get(STRATEGY),
+            WaveRunner(registry.get(registry.BESIDE_ENGINE),
                        Conversion(paths.for_staging(), held.store, progress, jobs, held.lock_fd)).run()
             return
         except OSError:
-            wanted = {layer.id for layer in committed_layers(snapshot.read_root(paths.root))}
+            wanted = {layer.id for layer in committed_layers(snapshot.read_root(paths))}
             if all(r.id in wanted for r in held.store.layers() if r.state != COMMITTED):
                 raise
             progress("a layer was removed by the engine while it was being staged: dropping it")
@@ -249,21 +250,40 @@ def counts(store: Store) -> Tuple[int, int]:
     return states.get(COMMITTED, 0), sum(states.values())
 
 
+def counts_of(paths: Paths) -> Dict[str, int]:
+    """How many layers ``stage`` has staged, of how many it holds (``plan`` of a staged root)."""
+    store = open_store(paths)
+    try:
+        staged, held = counts(store) if store is not None else (0, 0)
+    finally:
+        if store is not None:
+            store.close()
+    return {"staged": staged, "layers": held}
+
+
+def refuse_unless_stageable(recorded: Optional[RunRecord], paths: Paths) -> None:
+    if recorded is not None and recorded.phase not in (STAGING, ROLLED_BACK):
+        raise Refused(f"a migration of {paths.root} is already {recorded.phase}: stage only comes before it "
+                      "('aufs2overlay status' says what to do)")
+
+
 # -- the cutover ----------------------------------------------------------------------------------------
 
 
-def for_cutover(paths: Paths, store: Store, discovery: aufs.Discovery, progress: Reporter) -> Staged:
+def for_cutover(paths: Paths, store: Store, found: aufs.Discovery, snap: snapshot.RootSnapshot,
+                progress: Reporter) -> Staged:
     """What the cutover keeps of the staging run in ``store``, judged against its discovery (the engine is
-    stopped); dropped layers' staged directories are removed before the caller records anything."""
+    stopped) and the snapshot it was made from; dropped layers' staged directories are removed before the
+    caller records anything."""
     records = store.layers()
     proofs = store.staged_proofs()
-    kept, dropped = judge(paths, records, proofs, {layer.id: layer.ancestors for layer in discovery.layers
-                                                   if not layer.writable})
+    kept, dropped = judge(paths, records, proofs, {layer.id: layer.ancestors for layer in found.layers
+                                                   if not layer.writable}, snap.staged)
     remove_dropped(paths, dropped, progress)
     good = {r.id for r in kept}
     findings = _kept_findings(store, good) + [(None, "staged-layer-dropped", f"{r.id}: {why}") for r, why in dropped]
     progress(f"cutover: {len(kept)} staged layers kept, {len(dropped)} dropped, "
-             f"{len(discovery.layers) - len(kept)} to convert now")
+             f"{len(found.layers) - len(kept)} to convert now")
     return Staged({r.id: r for r in kept}, {i: p for i, p in proofs.items() if i in good},
                   store.whiteout_dir_records(good), findings)
 

@@ -125,8 +125,9 @@ class Strategy:
     ``pooled_outcomes``); the order of the waves, the sync and the records are the runner's (``runner.py``)."""
 
     task_class: type = LayerTask
-    name = ""  # set by the registry, with ``walks_first``
+    name = ""  # set by the registry, with ``walks_first`` and ``frugal_alternative``
     walks_first = False  # its conversion starts from a walk of every layer: the plan always walks for it
+    frugal_alternative: Optional[str] = None  # the strategy to suggest when this one needs more room than there is
     # Steps worth handing to worker processes: overlay2's files make new inodes, which costs (about 90 µs
     # each here), and thousands of layers make thousands of them.
     pooled_triggers: FrozenSet[str] = frozenset({WRITE_LOWERS, COMMIT})
@@ -166,11 +167,6 @@ class Strategy:
 
     def undo_layers(self, paths: Paths, store: Store, progress: Reporter) -> None:
         """Give aufs back what the conversion took from it, durably, before the new trees are removed."""
-
-    def taken_from_aufs(self, paths: Paths) -> List[Tuple[str, str]]:
-        """``(layer id, where it is)`` of every layer this strategy took out of ``aufs/diff``, found on disk
-        alone (for a root whose state database is gone)."""
-        return []
 
     def undo_from_disk(self, paths: Paths, progress: Reporter) -> None:
         """``undo_layers`` without the state database (``rollback --force``), from what is on disk."""

@@ -12,7 +12,6 @@ and the wave's ``syncfs`` has made them durable.
 from __future__ import annotations
 
 import concurrent.futures
-import os
 from typing import Dict, List, Optional, Tuple
 
 from migrations_state.machine import COMMIT, CONVERT_WHITEOUTS, LINK, WRITE_LOWERS
@@ -28,12 +27,12 @@ PART_ENTRIES = 4000  # a worker links about this many entries of a layer, then h
 class HardlinkTask(LayerTask):
     @property
     def src(self) -> str:
-        return os.path.join(self.paths.aufs_diff, self.id)
+        return self.paths.aufs_layer(self.id)
 
     @property
     def lower_dirs(self) -> List[str]:
         """The ancestors' aufs data, nearest first (never changed by this strategy)."""
-        return [os.path.join(self.paths.aufs_diff, a) for a in self.record.ancestors.split("\n") if a]
+        return [self.paths.aufs_layer(a) for a in self.record.ancestor_ids]
 
     def work(self, trigger: str) -> Optional[Work]:
         if trigger == LINK:

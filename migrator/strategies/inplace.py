@@ -38,7 +38,7 @@ class InPlaceTask(LayerTask):
 
     def lowers(self, lower_of: Callable[[str], lowerview.Lower]) -> List[lowerview.Lower]:
         """The ancestors as they stand, nearest first, read by ``lower_of`` (``ancestors_as_they_stand``)."""
-        return [lower_of(a) for a in self.record.ancestors.split("\n") if a]
+        return [lower_of(a) for a in self.record.ancestor_ids]
 
     @property
     def diff(self) -> str:
@@ -114,7 +114,7 @@ class InPlaceStrategy(Strategy):
             return
         where = [inplace_moves.diff_location(p.aufs_diff, p.temp_tree, r.id) for r in todo]
         lower_of = ancestors_as_they_stand(p, conv.store)
-        lowers = [[lower_of(a) for a in r.ancestors.split("\n") if a] for r in todo]
+        lowers = [[lower_of(a) for a in r.ancestor_ids] for r in todo]
         conv.store.release_connections()
         close = [conv.lock_fd] if conv.lock_fd is not None else []
         conv.surveys.update(zip((r.id for r in todo), survey.scan_layers(where, [r.writable for r in todo], lowers,
@@ -139,7 +139,7 @@ class InPlaceStrategy(Strategy):
     def missing_layers(self, paths: Paths, store: Store) -> List[str]:
         """Layers whose data is nowhere (an engine removed them after completion)."""
         return [r.id for r in store.layers()
-                if not fsio.lexists(os.path.join(paths.aufs_diff, r.id))
+                if not fsio.lexists(paths.aufs_layer(r.id))
                 and not fsio.lexists(inplace_moves.moved_location((paths.temp_tree, paths.tree), r.id))]
 
     def undo_layers(self, paths: Paths, store: Store, progress: Reporter) -> None:
@@ -152,12 +152,9 @@ class InPlaceStrategy(Strategy):
                                      changes, times, (record.atime_ns, record.mtime_ns), progress)
         inplace_moves.sync_moved_back(paths)
 
-    def taken_from_aufs(self, paths: Paths) -> List[Tuple[str, str]]:
-        return inplace_moves.moved_layers(paths)
-
     def undo_from_disk(self, paths: Paths, progress: Reporter) -> None:
         """Each moved layer's journal copy undone, the layer renamed back, then synced."""
-        for layer_id, diff in inplace_moves.moved_layers(paths):
+        for layer_id, diff in overlay2.moved_from_aufs(paths):
             stash = os.path.join(paths.stash, layer_id)
             changes, times = inplace_journal.read_journal_copy(stash) or ([], [])
             inplace_moves.undo_layer(paths.aufs_diff, diff, stash, layer_id, changes, times, None, progress)

@@ -34,12 +34,21 @@ from migrator.scan.findings import StepResult
 JOURNAL_FILE = "journal.json"
 JOURNAL_MAX = 1 << 30  # a layer's journal copy: about 400 bytes a change
 
-# What a journaled change does besides moving the aufs entry (if any) into the stash.
-WHITEOUT = "whiteout"  # make a 0/0 character device named ``target``
-OPAQUE = "opaque"  # set trusted.overlay.opaque=y on the directory
-OPAQUE_CHILD = "opaque-child"  # set it on the child directory ``target`` (a whiteout beside its own entry)
+# What a journaled change does besides moving the aufs entry (if any) into the stash: the action of
+# ``aufs.whiteout_actions`` it makes, or one of the journal's own two.
+MAKE_WHITEOUT = aufs.MAKE_WHITEOUT  # make a 0/0 character device named ``target``
+SET_OPAQUE = aufs.SET_OPAQUE  # set trusted.overlay.opaque=y on the directory
+OPAQUE_CHILD = aufs.OPAQUE_CHILD  # set it on the child directory ``target`` (a whiteout beside its own entry)
 STASH = "stash"  # nothing more: an aufs internal, or a whiteout that whites out nothing
 DROP_XATTR = "drop-xattr"  # remove the directory's trusted.overlay.* xattr ``target`` (it would steer overlayfs)
+# The names the journal stored them under until 0.1.0's third schema: a journal a migration started with an
+# earlier release recorded is read with them (``stored_action``).
+EARLIER_NAMES = {"whiteout": MAKE_WHITEOUT, "opaque": SET_OPAQUE}
+
+
+def stored_action(name: str) -> str:
+    """A journal's action as this release names it, from what a row or a journal copy holds."""
+    return EARLIER_NAMES.get(name, name)
 
 
 @dataclass
@@ -57,7 +66,7 @@ class Change:
     gid: int = 0
     atime_ns: int = 0
     mtime_ns: int = 0
-    xattr_before: Optional[bytes] = None  # OPAQUE, OPAQUE_CHILD, DROP_XATTR: the value before (None: absent)
+    xattr_before: Optional[bytes] = None  # SET_OPAQUE, OPAQUE_CHILD, DROP_XATTR: the value before (None: absent)
     xattrs: Optional[bytes] = None  # the moved entry's own xattrs, as found (JSON of hex pairs)
 
 
@@ -110,7 +119,7 @@ def _plan_dir(fd: int, rel: bytes, changes: List[Change], result: StepResult, me
                      mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid, atime_ns=st.st_atime_ns,
                      mtime_ns=st.st_mtime_ns)
         if found.action == aufs.SET_OPAQUE:
-            changes.append(Change(rel, name, OPAQUE, None, None, xattr_before=get_xattr(fd, overlay2.OPAQUE_XATTR),
+            changes.append(Change(rel, name, SET_OPAQUE, None, None, xattr_before=get_xattr(fd, overlay2.OPAQUE_XATTR),
                                   **entry))
         elif found.action == aufs.OPAQUE_CHILD:
             child = fsio.open_dir(os.fsdecode(target), fd, noatime=True)
@@ -120,7 +129,7 @@ def _plan_dir(fd: int, rel: bytes, changes: List[Change], result: StepResult, me
                 os.close(child)
             changes.append(Change(rel, name, OPAQUE_CHILD, target, None, xattr_before=before, **entry))
         elif found.action == aufs.MAKE_WHITEOUT:
-            changes.append(Change(rel, name, WHITEOUT, target, None, **entry))
+            changes.append(Change(rel, name, MAKE_WHITEOUT, target, None, **entry))
         else:  # kept entry, bad whiteout, aufs internal: the aufs entry is only moved to the stash
             changes.append(Change(rel, name, STASH, None, None, **entry))
         if found.finding and found.action != aufs.DROP_INTERNAL:  # the walk noted the internals
@@ -151,7 +160,7 @@ def aufs_entries_by_dir(changes: Sequence[Change]) -> Dict[bytes, lowerview.Jour
         d = out.setdefault(change.dir, lowerview.JournaledDir())
         if change.name is not None:
             d.moved.add(change.name)
-        if change.action == WHITEOUT and change.target is not None:
+        if change.action == MAKE_WHITEOUT and change.target is not None:
             d.made.add(change.target)
     return out
 
@@ -161,7 +170,10 @@ def read_journal_copy(stash_dir: str) -> Optional[Tuple[List[Change], List[DirTi
         doc = json.loads(fsio.read_small(os.path.join(stash_dir, JOURNAL_FILE), JOURNAL_MAX)[0])
     except FileNotFoundError:
         return None
-    return ([Change(**_decode(c)) for c in doc["changes"]], [DirTimes(**_decode(t)) for t in doc["dirs"]])
+    changes = [Change(**_decode(c)) for c in doc["changes"]]
+    for change in changes:
+        change.action = stored_action(change.action)
+    return changes, [DirTimes(**_decode(t)) for t in doc["dirs"]]
 
 
 def _entry_xattrs(fd: int, name: bytes) -> Optional[bytes]:
@@ -197,7 +209,7 @@ def _decode(d: dict) -> dict:
 def changes_from_rows(rows: List[ChangeRecord], dirs: List[ChangedDirRecord]) -> Tuple[List[Change], List[DirTimes]]:
     """A journal as the state database holds it, back as the changes it records."""
     fields = Change.__dataclass_fields__
-    return ([Change(**{f: getattr(r, f) for f in fields}) for r in rows],
+    return ([Change(**{f: stored_action(r.action) if f == "action" else getattr(r, f) for f in fields}) for r in rows],
             [DirTimes(d.dir, d.atime_ns, d.mtime_ns) for d in dirs])
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import xattr
 
@@ -18,7 +18,7 @@ from migrator.errors import MigratorError
 from migrator.formats import overlay2
 from migrator.fs import fsio, tree
 from migrator.paths import Paths
-from migrator.strategies.inplace_journal import DROP_XATTR, OPAQUE, OPAQUE_CHILD, WHITEOUT, Change, DirTimes
+from migrator.strategies.inplace_journal import DROP_XATTR, MAKE_WHITEOUT, OPAQUE_CHILD, SET_OPAQUE, Change, DirTimes
 
 
 def diff_location(aufs_diff: str, tree_root: str, layer_id: str) -> str:
@@ -99,10 +99,10 @@ def _stash(fd: int, stash_fd: int, change: Change) -> None:
 
 
 def _make(fd: int, change: Change) -> None:
-    if change.action == WHITEOUT:
+    if change.action == MAKE_WHITEOUT:
         overlay2.make_whiteout_device(fd, change.target, change.mode, change.uid, change.gid,
                              (change.atime_ns, change.mtime_ns))
-    elif change.action == OPAQUE:
+    elif change.action == SET_OPAQUE:
         xattr.set(fd, overlay2.OPAQUE_XATTR, b"y")
     elif change.action == OPAQUE_CHILD:
         overlay2.set_opaque_child(fd, change.target)
@@ -157,10 +157,10 @@ def undo_layer(aufs_diff: str, diff_dir: str, stash_dir: str, layer_id: str, cha
 
 
 def _unmake(fd: int, change: Change) -> None:
-    if change.action == WHITEOUT:
+    if change.action == MAKE_WHITEOUT:
         if overlay2.is_whiteout_device(fd, change.target):
             os.unlink(change.target, dir_fd=fd)
-    elif change.action == OPAQUE:
+    elif change.action == SET_OPAQUE:
         _put_xattr(fd, overlay2.OPAQUE_XATTR, change.xattr_before)
     elif change.action == OPAQUE_CHILD:
         child = fsio.open_dir(os.fsdecode(change.target), fd)
@@ -213,26 +213,9 @@ def _put_xattr(fd: int, name: bytes, value: Optional[bytes]) -> None:
             raise
 
 
-def moved_layers(paths: Paths) -> List[Tuple[str, str]]:
-    """``(id, diff)`` of every layer the in-place strategy moved out of ``aufs/diff`` (its ``aufs/layers/<id>``
-    is still there), found on disk: what no tree may be removed with."""
-    found = []
-    for tree_root in (paths.temp_tree, paths.tree):
-        try:
-            names = sorted(os.listdir(tree_root))
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        for layer_id in names:
-            diff = overlay2.diff_dir(tree_root, layer_id)
-            if (fsio.lexists(diff) and not fsio.lexists(os.path.join(paths.aufs_diff, layer_id))
-                    and fsio.lexists(os.path.join(paths.aufs, "layers", layer_id))):
-                found.append((layer_id, diff))
-    return found
-
-
 def sync_moved_back(paths: Paths) -> None:
     """Make the layers' return durable, and make sure none is left in a tree about to be removed."""
-    left = moved_layers(paths)
+    left = overlay2.moved_from_aufs(paths)
     if left:
         raise MigratorError(f"layer {left[0][0]} is still at {left[0][1]}; not removing the tree that holds it")
     fd = fsio.open_dir(paths.root)

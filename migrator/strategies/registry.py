@@ -21,11 +21,20 @@ class Registered(NamedTuple):
 
 
 DEFAULT = "hardlink"
+BESIDE_ENGINE = "hardlink"  # the one that never changes aufs data: ``stage`` runs it beside a serving engine
 STRATEGIES: Dict[str, Registered] = {
     "hardlink": Registered("migrator.strategies.hardlink", "HardlinkStrategy", walks_first=False, frugal=False),
     "inplace": Registered("migrator.strategies.inplace", "InPlaceStrategy", walks_first=True, frugal=True),
 }
 NAMES = tuple(STRATEGIES)
+
+
+def check_name(name: "str | None") -> None:
+    """A strategy asked for by name (None: the default) must be one of ``NAMES``: a usage error otherwise."""
+    if name is not None and name not in STRATEGIES:
+        from migrator.errors import EXIT_USAGE, MigratorError
+
+        raise MigratorError(f"unknown strategy {name!r}; choose one of {', '.join(NAMES)}", EXIT_USAGE)
 
 
 def walks_first(name: str) -> bool:
@@ -54,4 +63,5 @@ def get(name: str) -> "Strategy":
     if missing:
         raise TypeError(f"strategy {name}: its task {strategy.task_class.__name__} does not define {missing}")
     strategy.name, strategy.walks_first = name, entry.walks_first
+    strategy.frugal_alternative = frugal_alternative(name)
     return strategy

@@ -53,7 +53,7 @@ class WaveRunner:
         try:
             with self._pool(pending) as pool:
                 for batch in batches(pending):
-                    tasks = [self.strategy.task(r, conv, [link_ids[a] for a in _ancestors(r)]) for r in batch]
+                    tasks = [self.strategy.task(r, conv, [link_ids[a] for a in r.ancestor_ids]) for r in batch]
                     self._convert_batch(tasks, tfd, pool)
         finally:
             os.close(tfd)
@@ -134,7 +134,3 @@ def batches(pending: List[LayerRecord]) -> Iterator[List[LayerRecord]]:
         yield pending[start:start + size]
         start += size
         size = min(2 * size, WAVE_LAYERS)
-
-
-def _ancestors(record: LayerRecord) -> List[str]:
-    return record.ancestors.split("\n") if record.ancestors else []

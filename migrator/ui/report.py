@@ -26,7 +26,6 @@ from migrations_state.machine import (
 )
 from migrator.errors import EXIT_IN_PROGRESS, EXIT_OK, EXIT_ROLLED_BACK, EXIT_STATE_LOST, MigratorError
 from migrator.formats import aufs
-from migrator.fs import fsio
 from migrator.paths import Paths
 
 STATE_LOST = "state-lost"
@@ -52,13 +51,14 @@ def status(root: str, state_db: Optional[str] = None, as_json: bool = False) -> 
     """Show the phase, each layer's state and what to do next."""
     paths = Paths.checked(root, state_db)
     if not os.path.exists(paths.state_db):
-        trees = [os.path.relpath(p, paths.root) + "/" for p in
-                 (paths.staging, paths.temp_tree, paths.tree, paths.image_stage, paths.image_overlay2)
-                 if fsio.lexists(p)]
-        if trees and fsio.lexists(paths.aufs):
+        from migrator.formats import snapshot
+
+        snap = snapshot.read_root(paths)
+        trees = [tree + "/" for tree in snap.trees_built()]
+        if trees and snap.aufs_present:
             phase: Optional[str] = STATE_LOST
         else:
-            phase = "not-started" if fsio.lexists(paths.aufs) else None
+            phase = "not-started" if snap.aufs_present else None
         doc = {"root": paths.root, "phase": phase or "nothing-to-migrate", "strategy": None, "layers": [],
                "containers": [], "findings": [], "last_error": None, "cutover_seconds": None,
                "next": NEXT_STEP[phase]}

@@ -1,4 +1,4 @@
-"""The content proof: each image layer's bytes checked against its content address, with no engine running.
+"""The content check: each image layer's bytes against its content address (its digest), with no engine running.
 
 An image layer's ``diff`` (``image/<driver>/layerdb/sha256/<chain>/diff``) is the sha256 of the layer's
 uncompressed tar, the stream ``docker save`` and ``docker push`` produce. The engine does not keep that tar: it
@@ -40,7 +40,7 @@ _ZEROS = bytes(CHUNK)
 
 
 @dataclass
-class LayerProof:
+class LayerDigest:
     """What the check found for one image layer."""
 
     chain_id: str
@@ -153,20 +153,22 @@ class _Stream:
         return crc
 
 
-def prove_layer(layer: images.ImageLayer, diff_dir: str, advance: Callable[[int], None] = lambda n: None) -> LayerProof:
+def check_layer(layer: images.ImageLayer, diff_dir: str,
+                advance: Callable[[int], None] = lambda n: None) -> LayerDigest:
     """Reassemble ``layer``'s tar from its tar-split and ``diff_dir``; check its sha256 against ``diff``."""
-    proof = LayerProof(layer.chain_id, layer.cache_id, layer.diff_id)
+    result = LayerDigest(layer.chain_id, layer.cache_id, layer.diff_id)
     if not os.path.lexists(layer.tar_split):
-        proof.status, proof.reason = "unverifiable", f"no {images.TAR_SPLIT} (the engine cannot save or push it either)"
-        return proof
+        result.status = "unverifiable"
+        result.reason = f"no {images.TAR_SPLIT} (the engine cannot save or push it either)"
+        return result
     if not layer.diff_id.startswith("sha256:"):
-        proof.status, proof.reason = "failed", f"its diff is {layer.diff_id!r}, not a sha256 digest"
-        return proof
+        result.status, result.reason = "failed", f"its diff is {layer.diff_id!r}, not a sha256 digest"
+        return result
     try:
         top = os.open(diff_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
-        proof.status, proof.reason = "failed", f"its layer directory {diff_dir} cannot be opened ({exc.strerror})"
-        return proof
+        result.status, result.reason = "failed", f"its layer directory {diff_dir} cannot be opened ({exc.strerror})"
+        return result
     stream = _Stream(advance)
     opener = _Opener(top)
     b64decode = binascii.a2b_base64  # accepts the str json gives, without base64.b64decode's checks
@@ -176,54 +178,54 @@ def prove_layer(layer: images.ImageLayer, diff_dir: str, advance: Callable[[int]
             if kind == tarsplit.SEGMENT:
                 raw = b64decode(entry.get("payload") or b"")
                 stream.sha.update(raw)
-                proof.bytes += len(raw)
+                result.bytes += len(raw)
                 advance(len(raw))
             elif kind == tarsplit.FILE and entry.get("size", 0) > 0:
-                _check_file(entry, opener, stream, proof)
+                _check_file(entry, opener, stream, result)
     except (OSError, EOFError, ValueError, zlib.error) as exc:
-        proof.status, proof.reason = "failed", f"{images.TAR_SPLIT} is unreadable ({exc})"
-        return proof
+        result.status, result.reason = "failed", f"{images.TAR_SPLIT} is unreadable ({exc})"
+        return result
     finally:
         opener.close()
         os.close(top)
-    proof.digest = f"sha256:{stream.sha.hexdigest()}"
-    if proof.digest != layer.diff_id:
-        proof.status = "failed"
-        proof.reason = (f"reassembled to {proof.digest}, not {layer.diff_id}" if proof.files else
-                        f"reassembled to {proof.digest}, not {layer.diff_id}, with every file as recorded: the "
+    result.digest = f"sha256:{stream.sha.hexdigest()}"
+    if result.digest != layer.diff_id:
+        result.status = "failed"
+        result.reason = (f"reassembled to {result.digest}, not {layer.diff_id}" if result.files else
+                        f"reassembled to {result.digest}, not {layer.diff_id}, with every file as recorded: the "
                         f"{images.TAR_SPLIT} itself is damaged")
-    elif proof.files:  # the digest holds although a file differs from its CRC: only a damaged tar-split does that
-        proof.status, proof.reason = "failed", f"the digest holds but {images.TAR_SPLIT}'s checksums do not"
-    return proof
+    elif result.files:  # the digest holds although a file differs from its CRC: only a damaged tar-split does that
+        result.status, result.reason = "failed", f"the digest holds but {images.TAR_SPLIT}'s checksums do not"
+    return result
 
 
-def _check_file(entry: dict, opener: _Opener, stream: _Stream, proof: LayerProof) -> None:
+def _check_file(entry: dict, opener: _Opener, stream: _Stream, result: LayerDigest) -> None:
     raw_name = entry.get("name_raw")
     name = base64.b64decode(raw_name) if raw_name else entry["name"].encode("utf-8", "surrogateescape")
     size = int(entry["size"])
-    proof.bytes += size
+    result.bytes += size
     try:
         fd = opener.open(name)
     except OSError as exc:
         stream.zeros(size, 0)
-        proof.files.append(("missing", _shown(name), exc.strerror or str(exc)))
+        result.files.append(("missing", _shown(name), exc.strerror or str(exc)))
         return
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             stream.zeros(size, 0)
-            proof.files.append(("missing", _shown(name), "not a regular file"))
+            result.files.append(("missing", _shown(name), "not a regular file"))
             return
         crc = stream.file(fd, st, size)
     except OSError as exc:
-        proof.files.append(("unreadable", _shown(name), exc.strerror or str(exc)))
+        result.files.append(("unreadable", _shown(name), exc.strerror or str(exc)))
         return
     finally:
         os.close(fd)
     if st.st_size != size:
-        proof.files.append(("wrong-size", _shown(name), f"{st.st_size} bytes, recorded {size}"))
+        result.files.append(("wrong-size", _shown(name), f"{st.st_size} bytes, recorded {size}"))
     elif crc != int.from_bytes(base64.b64decode(entry.get("payload") or b""), "big"):
-        proof.files.append(("changed", _shown(name), "its bytes differ from the recorded checksum"))
+        result.files.append(("changed", _shown(name), "its bytes differ from the recorded checksum"))
 
 
 def _shown(name: bytes) -> str:
