@@ -13,7 +13,7 @@ from migrator.formats import aufs, lowerview, snapshot
 from migrator.paths import Paths
 from migrator.sample import layer_id as LID
 from tests.support import realaufs
-from tests.support.smallroot import SmallRoot, make_fifo, write
+from tests.support.smallroot import SmallRoot, make_fifo, tree_of, write
 
 BASE, MID, TOP, CID = LID("base"), LID("mid"), LID("top"), LID("container")
 
@@ -129,19 +129,6 @@ def test_removing_names():
 
 # -- the lower view: followed by a walk, or looked up -------------------------------------------------------
 
-def _tree(top, paths):
-    """Directories end with '/', the rest are empty files."""
-    os.makedirs(top, exist_ok=True)
-    for p in paths:
-        full = os.path.join(top, p)
-        if p.endswith("/"):
-            os.makedirs(full, exist_ok=True)
-        else:
-            os.makedirs(os.path.dirname(full), exist_ok=True)
-            open(full, "wb").close()
-    return str(top)
-
-
 LAYER = ["a/", "a/b/", "a/b/c/", "x/", "x/y/", "o/", "o/.wh..wh..opq", "o/p/", "w/", ".wh.w", "w/v/", "n/",
          "n/m/", "deep/", "deep/er/", "deep/er/est/"]
 ANCESTORS = [
@@ -171,8 +158,8 @@ def _walk(top):
 def test_a_walk_follows_the_same_merges_as_each_lookup(tmp_path):
     """``Tracker`` (what the link step and the survey follow, directory by directory) and ``at`` (one path,
     from the root) agree on every directory: what overlayfs merges, and where aufs merged more."""
-    top = _tree(tmp_path / "layer", LAYER)
-    lowers = [lowerview.Lower(_tree(tmp_path / f"a{i}", paths)) for i, paths in enumerate(ANCESTORS)]
+    top = tree_of(tmp_path / "layer", LAYER)
+    lowers = [lowerview.Lower(tree_of(tmp_path / f"a{i}", paths)) for i, paths in enumerate(ANCESTORS)]
     tracker = lowerview.Tracker(top, lowers)
     followed, looked_up = {}, {}
     try:
@@ -200,9 +187,9 @@ def test_a_walk_follows_the_same_merges_as_each_lookup(tmp_path):
 def test_a_device_an_ancestors_journal_made_is_not_what_aufs_had(tmp_path):
     """An in-place ancestor cut off mid-conversion holds a whiteout device its journal made where aufs had
     ``.wh.<name>``: read as aufs had it, the name is absent there (and the moved ``.wh.<name>`` whites it out)."""
-    top = _tree(tmp_path / "layer", ["d/", "d/.wh.x"])
-    near = _tree(tmp_path / "near", ["d"])  # the device the journal made, standing in as a file
-    deep = lowerview.Lower(_tree(tmp_path / "deep", ["d/"]))
+    top = tree_of(tmp_path / "layer", ["d/", "d/.wh.x"])
+    near = tree_of(tmp_path / "near", ["d"])  # the device the journal made, standing in as a file
+    deep = lowerview.Lower(tree_of(tmp_path / "deep", ["d/"]))
     assert lowerview.is_merged(top, [lowerview.Lower(near), deep], b"d") is False  # a non-directory stops it
     made = {b"": lowerview.JournaledDir(made={b"d"})}
     assert lowerview.is_merged(top, [lowerview.Lower(near, made), deep], b"d") is True
@@ -211,12 +198,12 @@ def test_a_device_an_ancestors_journal_made_is_not_what_aufs_had(tmp_path):
 
 
 def test_a_layer_without_ancestors_merges_nothing_and_a_missing_ancestor_shows_nothing(tmp_path):
-    top = _tree(tmp_path / "layer", ["a/", "a/.wh.x"])
+    top = tree_of(tmp_path / "layer", ["a/", "a/.wh.x"])
     assert lowerview.is_merged(top, [], b"") is False
     assert lowerview.is_merged(top, [lowerview.Lower(str(tmp_path / "gone"))], b"a") is False
     assert lowerview.is_merged(top, [lowerview.Lower(str(tmp_path / "gone")),
-                                     lowerview.Lower(_tree(tmp_path / "a1", ["a/"]))], b"a") is True
-    assert lowerview.is_merged(top, [lowerview.Lower(_tree(tmp_path / "a2", ["a/"]))], b"nope") is False
+                                     lowerview.Lower(tree_of(tmp_path / "a1", ["a/"]))], b"a") is True
+    assert lowerview.is_merged(top, [lowerview.Lower(tree_of(tmp_path / "a2", ["a/"]))], b"nope") is False
 
 
 # -- the snapshot's reading of a root -----------------------------------------------------------------------

@@ -717,12 +717,18 @@ def migrate_and_check(g, world, device, label, strategy=None, staged=False):
             checks.add("c_run's own view on aufs again", bad)
             r.engine_stop()
     finally:
-        try:
-            r.engine_stop()
-            r.umount_disk()
-        except Exception as exc:  # the guest is gone: the next variant says so
-            print(f"[real-aufs] {label}: cleaning up: {exc}", flush=True)
+        _clean_up(r, label)
     checks.done()
+
+
+def _clean_up(r, label):
+    """The engine stopped and the disk unmounted, whatever happened (a guest that is gone: the next variant
+    says so)."""
+    try:
+        r.engine_stop()
+        r.umount_disk()
+    except Exception as exc:
+        print(f"[real-aufs] {label}: cleaning up: {exc}", flush=True)
 
 
 def test_run_hardlink(world, bench):
@@ -801,9 +807,5 @@ def test_cutover_after_the_power_cut(world, bench):
             checks.add("docker diff, aufs after rollback against overlay2", bad)
             r.engine_stop()
     finally:
-        try:
-            r.engine_stop()
-            r.umount_disk()
-        except Exception as exc:
-            print(f"[real-aufs] B: cleaning up: {exc}", flush=True)
+        _clean_up(r, "B")
     checks.done()

@@ -19,7 +19,7 @@ from migrator.paths import Paths
 from migrator.sample import layer_id as LID
 from migrator.strategies import registry
 from migrator.strategies.base import LayerTask, undeclared_steps
-from tests.support.smallroot import NOT_SMALL_FILES, SmallRoot, chain_id, write
+from tests.support.smallroot import NOT_SMALL_FILES, SmallRoot, chain_id, tree_of, write
 
 BASE, MID, TOP, CID = LID("base"), LID("mid"), LID("top"), LID("container")
 
@@ -305,7 +305,7 @@ def test_a_kept_internal_stays_and_a_finding_names_the_entry_whose_view_differs(
 def test_an_internal_is_kept_only_where_the_tar_split_reads_data(tmp_path):
     """A copy-up or an rmdir cut off leaves ``.wh..wh.<name>.<4 hex>``; ``docker save`` reads only files that
     hold data, so only those (and the directories on their way) are kept."""
-    top = _tree(tmp_path / "layer", [".wh..wh.e.0001", ".wh..wh.d.0002/", ".wh..wh.d.0002/.wh.gone",
+    top = tree_of(tmp_path / "layer", [".wh..wh.e.0001", ".wh..wh.d.0002/", ".wh..wh.d.0002/.wh.gone",
                                      ".wh..wh.f.0003/sub/"])
     with open(os.path.join(top, ".wh..wh.full.0004"), "wb") as f:
         f.write(b"partial copy")
@@ -326,19 +326,6 @@ def test_whiteouts_of_a_directory_merged_with_nothing_are_dropped():
 
 
 # -- is a layer's directory merged with one of its ancestors' (lowerview) ------------------------------------
-
-def _tree(top, paths):
-    """Directories end with '/', the rest are empty files."""
-    os.makedirs(top, exist_ok=True)
-    for p in paths:
-        full = os.path.join(top, p)
-        if p.endswith("/"):
-            os.makedirs(full, exist_ok=True)
-        else:
-            os.makedirs(os.path.dirname(full), exist_ok=True)
-            open(full, "wb").close()
-    return str(top)
-
 
 MERGED = [  # (layer, ancestors nearest first, directory, merged?)
     (["a/", "a/.wh.x"], [], b"a", False),  # a base layer: nothing below
@@ -363,8 +350,8 @@ MERGED = [  # (layer, ancestors nearest first, directory, merged?)
 def test_a_directory_is_merged_as_overlayfs_looks_it_up(tmp_path, layer, ancestors, rel, merged):
     from migrator.formats import lowerview
 
-    top = _tree(tmp_path / "layer", layer)
-    lowers = [lowerview.Lower(_tree(tmp_path / f"a{i}", paths)) for i, paths in enumerate(ancestors)]
+    top = tree_of(tmp_path / "layer", layer)
+    lowers = [lowerview.Lower(tree_of(tmp_path / f"a{i}", paths)) for i, paths in enumerate(ancestors)]
     assert lowerview.is_merged(top, lowers, rel) is merged
 
 
@@ -391,8 +378,8 @@ def test_where_aufs_merged_further_than_overlayfs(tmp_path, layer, ancestors, re
     tests/test_real_aufs.py)."""
     from migrator.formats import lowerview
 
-    top = _tree(tmp_path / "layer", layer)
-    lowers = [lowerview.Lower(_tree(tmp_path / f"a{i}", paths)) for i, paths in enumerate(ancestors)]
+    top = tree_of(tmp_path / "layer", layer)
+    lowers = [lowerview.Lower(tree_of(tmp_path / f"a{i}", paths)) for i, paths in enumerate(ancestors)]
     merge = lowerview.at(top, lowers, rel)
     try:
         assert merge.differs == differs
@@ -406,9 +393,9 @@ def test_a_walk_names_each_directory_where_aufs_merged_further(tmp_path):
     from migrator.scan import survey
     from migrator.strategies import linker
 
-    top = _tree(tmp_path / "layer", ["x/", "x/a", "x/deeper/", "y/", "y/.wh..wh..opq", "z/"])
-    lowers = [_tree(tmp_path / "a0", ["x", "y/", "y/.wh..wh..opq", "z/"]),
-              _tree(tmp_path / "a1", ["x/", "x/b", "x/deeper/", "y/", "y/m", "z/"])]
+    top = tree_of(tmp_path / "layer", ["x/", "x/a", "x/deeper/", "y/", "y/.wh..wh..opq", "z/"])
+    lowers = [tree_of(tmp_path / "a0", ["x", "y/", "y/.wh..wh..opq", "z/"]),
+              tree_of(tmp_path / "a1", ["x/", "x/b", "x/deeper/", "y/", "y/m", "z/"])]
     expected = {("aufs-merged-through-non-directory", "/x"), ("aufs-merged-below-opaque", "/y")}
     walked = survey.scan_layer(top, False, [lowerview.Lower(d) for d in lowers])
     assert {f for f in walked.findings if f[0].startswith("aufs-merged")} == expected
@@ -423,7 +410,7 @@ def test_a_copy_up_pseudo_link_is_named_by_both_walks(tmp_path):
     from migrator.scan import survey
     from migrator.strategies import linker
 
-    top = _tree(tmp_path / "layer", [".wh..wh.plnk/", "d/", "other"])
+    top = tree_of(tmp_path / "layer", [".wh..wh.plnk/", "d/", "other"])
     with open(os.path.join(top, "d", "copied"), "wb") as f:
         f.write(b"changed in the container")
     os.link(os.path.join(top, "d", "copied"), os.path.join(top, "d", "second-name"))
@@ -442,9 +429,9 @@ def test_a_journaled_ancestor_is_read_as_aufs_had_it(tmp_path):
     stash (here ``a/.wh..wh..opq`` and ``.wh.c``)."""
     from migrator.formats import lowerview
 
-    top = _tree(tmp_path / "layer", ["a/b/", "a/b/.wh.x", "c/", "c/.wh.y"])
-    below = _tree(tmp_path / "below", ["a/"])
-    deeper = lowerview.Lower(_tree(tmp_path / "deeper", ["a/b/", "c/"]))
+    top = tree_of(tmp_path / "layer", ["a/b/", "a/b/.wh.x", "c/", "c/.wh.y"])
+    below = tree_of(tmp_path / "below", ["a/"])
+    deeper = lowerview.Lower(tree_of(tmp_path / "deeper", ["a/b/", "c/"]))
     assert lowerview.is_merged(top, [lowerview.Lower(below), deeper], b"a/b") is True
     assert lowerview.is_merged(top, [lowerview.Lower(below), deeper], b"c") is True
     journal = {b"/a": lowerview.JournaledDir(moved={b".wh..wh..opq"}), b"": lowerview.JournaledDir(moved={b".wh.c"})}

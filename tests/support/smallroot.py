@@ -102,3 +102,16 @@ def make_sparse_gib(path: str) -> None:
 
 NOT_SMALL_FILES = {"fifo": make_fifo, "socket": make_socket, "directory": make_directory, "symlink": make_symlink,
                    "1 GiB sparse file": make_sparse_gib}
+
+
+def tree_of(top, paths: Iterable[str]) -> str:
+    """A tree of ``paths`` below ``top``: directories end with '/', the rest are empty files."""
+    os.makedirs(top, exist_ok=True)
+    for p in paths:
+        full = os.path.join(top, p)
+        if p.endswith("/"):
+            os.makedirs(full, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(full), exist_ok=True)
+            open(full, "wb").close()
+    return str(top)
