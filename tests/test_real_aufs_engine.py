@@ -40,8 +40,7 @@ from tests.support import aufsvm, realaufs
 from tests.support.guestengine import Remote
 from tests.test_engine import make_base_rootfs
 
-pytestmark = [pytest.mark.engine,
-              pytest.mark.skipif(os.geteuid() != 0, reason="needs root: qemu's 9p passthrough, loop devices")]
+pytestmark = [pytest.mark.root(reason="needs root: qemu's 9p passthrough, loop devices"), pytest.mark.engine]
 
 ROOT = "/mnt/data/docker"
 SHARE = "/run/a2o/share"
