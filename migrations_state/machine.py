@@ -85,7 +85,8 @@ GONE = "gone"
 
 
 def layer_machine() -> "Machine":
-    """One machine shared by all layer models (cheap for thousands of layers: add_model/remove_model)."""
+    """One machine for a batch's waves (``strategies/runner.Wave``: the model is a wave of layers at one state,
+    so thousands of layers cost a trigger per wave, not one per layer)."""
     from transitions import Machine  # here, so that the names above cost no import
 
     return Machine(model=None, states=LAYER_STATES, transitions=LAYER_TRANSITIONS,

@@ -12,6 +12,7 @@ WORKDIR = ".aufs2overlay"
 STATE_DB = "state.db"
 ORIGINALS = os.path.join(WORKDIR, "originals")
 STAGING_AREA = os.path.join(WORKDIR, "staging")  # named after no storage driver: no engine takes it for one
+STAGED_IMAGE = os.path.join(WORKDIR, "staged-image")  # the image store's copy made by ``stage``
 AUFS = "aufs"
 AUFS_DIFF = os.path.join(AUFS, "diff")
 IMAGE_AUFS = os.path.join("image", "aufs")
@@ -19,8 +20,8 @@ TEMP_TREE = "overlay2.temp"
 TREE = "overlay2"
 IMAGE_TEMP = os.path.join("image", "overlay2.temp")
 IMAGE_OVERLAY2 = os.path.join("image", "overlay2")
-BUILT_TREES = (STAGING_AREA, TEMP_TREE, TREE, IMAGE_TEMP, IMAGE_OVERLAY2)  # in the order a rollback without
-#                                                                         state removes them
+BUILT_TREES = (STAGING_AREA, STAGED_IMAGE, TEMP_TREE, TREE, IMAGE_TEMP, IMAGE_OVERLAY2)  # in the order a
+#                                                                         rollback without state removes them
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,11 @@ class Paths:
     @property
     def staging(self) -> str:
         return self._at(STAGING_AREA)
+
+    @property
+    def staged_image(self) -> str:
+        """The image store's copy that ``stage`` keeps up to date; the cutover moves it to ``image_temp``."""
+        return self._at(STAGED_IMAGE)
 
     # -- the aufs driver's data ---------------------------------------------------------------------------
 

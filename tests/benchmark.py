@@ -177,7 +177,7 @@ def add_container(root: str, cid: str, image_top: List[str], files: int, seed: i
     return cid
 
 
-def build_many_layers(root: str, chains: int = 150, depth: int = 20, per_layer: int = 40) -> Tuple[int, int]:
+def build_many_layers(root: str, chains: int = 150, depth: int = 20, per_layer: int = 48) -> Tuple[int, int]:
     """Many small layers (CI hosts, build servers): ``chains`` chains of ``depth`` layers of about ``per_layer``
     files, a whiteout of the parent's first file in every fifth layer; (layers, entries)."""
     diff_root = os.path.join(root, "aufs", "diff")
@@ -273,15 +273,16 @@ def in_child(build, *args):
 
 
 def image_staging_seconds(log: str) -> float:
-    """From a run's ``--log-file``: the time from the switching phase's start to "image store staged"."""
+    """From a run's ``--log-file``: the time from the switching phase's start to the image store's copy made
+    ("image store copied", or "image store brought up to date" from the copy ``stage`` made)."""
     stamps = {}
     with open(log) as f:
         for line in f:
             stamp, _, text = line.rstrip("\n").partition(" ")
-            for key in ("phase: switching", "image store staged"):
+            for key in ("phase: switching", "image store "):
                 if text.startswith(key):
                     stamps[key] = datetime.datetime.fromisoformat(stamp)
-    return (stamps["image store staged"] - stamps["phase: switching"]).total_seconds()
+    return (stamps["image store "] - stamps["phase: switching"]).total_seconds()
 
 
 def drop_caches() -> None:

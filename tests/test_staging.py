@@ -122,15 +122,20 @@ def test_stage_then_cutover_makes_the_offline_tree(template, tmp_path):
     assert "staged:         4 of 6 layers" in cli("plan", "--root", root, "--engine-pidfile", "/nonexistent").stdout
     stage(root)  # again: nothing changed, nothing to do
     assert engine_data(root) == before
-    res = cli(*run_args(root)[:-1], check=0)
+    trace = str(tmp_path / "cutover-trace")
+    res = cli(*run_args(root)[:-1], env={"AUFS2OVERLAY_CHECKPOINT_TRACE": trace}, check=0)
     assert "cutover: 4 staged layers kept, 0 dropped, 2 to convert now" in res.stderr
     assert "cutover:" in res.stdout
+    with open(trace) as f:
+        recorded = [line.split(None, 1)[1].strip() for line in f if " recorded layers " in line]
+    assert recorded == ["recorded layers committed"], recorded  # the two layers left in one batch
     cli(*run_args(ref), check=0)
     assert tree_signature(root) == tree_signature(ref)
     cli("verify", "--root", root, check=0)
     doc = status(root)
     assert doc["phase"] == "completed" and 0 < doc["cutover_seconds"] < 60
     assert not os.path.exists(os.path.join(root, WORKDIR.decode(), "staging"))
+    assert not os.path.exists(os.path.join(root, WORKDIR.decode(), "staged-image"))
 
 
 def test_the_cutover_keeps_only_what_is_unchanged(template, tmp_path):
@@ -159,6 +164,76 @@ def test_the_cutover_keeps_only_what_is_unchanged(template, tmp_path):
     assert "removed" in dropped[leaf] and "changed since it was staged" in dropped[middle]
     assert pulled in os.listdir(os.path.join(root, "overlay2"))
     cli("verify", "--root", root, check=0)
+
+
+def _linked_store_files(top):
+    """{path below the image store ``top``: inode} of the files its copy hardlinks (``LINKED_PARTS``)."""
+    found = {}
+    for part in ("imagedb", os.path.join("layerdb", "sha256")):
+        for dirpath, _dirs, files in os.walk(os.path.join(top, part)):
+            for name in files:
+                path = os.path.join(dirpath, name)
+                found[os.path.relpath(path, top)] = os.lstat(path).st_ino
+    return found
+
+
+def test_the_image_store_staged_is_brought_up_to_date_at_the_cutover(template, tmp_path):
+    """``stage`` copies the image store too (its files hardlinked, nothing in ``image/aufs`` changed); the engine
+    then replaces ``repositories.json``, removes an image's layer and pulls one: the cutover brings the copy up
+    to date (only what changed), and the result is the offline tree, every linked file the engine's own inode."""
+    root = aged(copy(template, str(tmp_path / "docker")))
+    before = engine_data(root)
+    res = cli("stage", "--root", root, check=0)
+    assert "image store staged" in res.stderr
+    assert engine_data(root) == before
+    staged = os.path.join(root, WORKDIR.decode(), "staged-image")
+    assert _linked_store_files(os.path.join(root, "image", "aufs")) == _linked_store_files(staged)
+    graph, _chains = layer_graph(root)
+    leaf, chain = image_leaf(root)
+    engineops.set_tags(root, "other", {})
+    engineops.remove_layer(root, leaf, chain)
+    pull_new_layer(root, next(i for i, a in graph.items() if not a))
+    reference = offline_reference(root, str(tmp_path / "ref"))
+    res = cli(*run_args(root)[:-1], check=0)
+    assert "image store brought up to date" in res.stderr, res.stderr
+    assert tree_signature(root) == reference
+    assert _linked_store_files(os.path.join(root, "image", "overlay2")) == \
+        _linked_store_files(os.path.join(root, "image", "aufs"))
+    assert not os.path.lexists(staged)
+
+
+def test_cut_anywhere_in_the_cutovers_image_store_update(template, tmp_path):
+    """The cutover killed as it moves the staged image store into place, and at the first, a middle and the last
+    directory of its update: ``rollback`` and ``rollback --force`` give back the exact root, ``run`` resumes to
+    the offline tree."""
+    trace = str(tmp_path / "trace")
+    probe = aged(copy(template, str(tmp_path / "probe")))
+    stage(probe)
+    cli(*run_args(probe), env={"AUFS2OVERLAY_CHECKPOINT_TRACE": trace}, check=0)
+    with open(trace) as f:
+        labels = [" ".join(line.split()[1:]) for line in f]
+    updated = [n for n, label in enumerate(labels, 1) if label == "walked image update"]
+    moved = [n for n, label in enumerate(labels, 1) if label == "staged image store moved into place"]
+    assert len(updated) >= 8 and len(moved) == 1, labels
+    points = sorted({moved[0], updated[0], updated[len(updated) // 2], updated[-1]})
+    reference = offline_reference(template, str(tmp_path / "ref"))
+    original = whole_root(template)
+    cases = [(n, undo) for n in points for undo in (["rollback"], ["rollback", "--force"], None)]
+    roots = [copy(template, str(tmp_path / f"r{i}")) for i in range(len(cases))]
+    aged(*roots)
+    for (n, undo), root in zip(cases, roots):
+        stage(root)
+        res = cli(*run_args(root), env={"AUFS2OVERLAY_KILL_AT": str(n)})
+        assert res.returncode == -signal.SIGKILL, (n, res.stderr)
+        if undo is None:
+            cli(*run_args(root), check=0)
+            assert tree_signature(root) == reference, n
+        else:
+            cli(*undo, "--root", root, "--engine-pidfile", "/nonexistent", "-q", check=0)
+            after = whole_root(root)
+            assert after == original, (n, undo, diff_manifests(original[0], after[0]))
+            assert not os.path.lexists(os.path.join(root, WORKDIR.decode(), "staged-image")), (n, undo)
+        subprocess.run(["rm", "-rf", root], check=True)
 
 
 def test_stage_again_follows_the_engine(template, tmp_path):

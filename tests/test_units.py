@@ -172,7 +172,7 @@ def test_big_layers_shared_out_to_workers_in_pieces_build_what_one_walk_builds(t
     os.makedirs(os.path.join(paths.temp_tree, "l"))
     strategy = hardlink.HardlinkStrategy()
     conv = types.SimpleNamespace(paths=paths)
-    tasks = [strategy.task(types.SimpleNamespace(id=lid, writable=False, ancestor_ids=[]), conv, [])
+    tasks = [strategy.task(types.SimpleNamespace(id=lid, writable=False, ancestor_ids=[], state="discovered"), conv, [])
              for lid in ("one", "two", "three")]
     with procs.pool(2) as pool:
         outcomes = hardlink.share_out(pool, 2, tasks)

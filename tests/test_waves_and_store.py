@@ -39,6 +39,14 @@ def test_batches_double_up_to_the_wave_limit_in_order(n, sizes):
     assert runner.WAVE_LAYERS == 512
 
 
+@pytest.mark.parametrize("n,first,sizes", [(2, 512, [2]), (20, 512, [20]), (1500, 512, [512, 512, 476]),
+                                           (20, 3, [3, 6, 11]), (5, 0, [1, 2, 2]), (600, 5000, [512, 88])])
+def test_a_first_batch_of_another_size(n, first, sizes):
+    """The cutover's layers left go in one batch (``first``), never more than the wave limit."""
+    got = list(runner.batches(list(range(n)), first))
+    assert [len(b) for b in got] == sizes and [x for b in got for x in b] == list(range(n))
+
+
 def test_thousands_of_layers_go_in_batches_of_the_wave_limit():
     got = [len(b) for b in runner.batches(list(range(5000)))]
     assert got[:10] == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512] and set(got[10:-1]) == {512}

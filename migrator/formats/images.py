@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Set, Tuple
+
+import xattr
 
 from migrator.formats import aufs
 from migrator.fs import fsio, tree
@@ -75,6 +78,93 @@ def copy_store(src: str, dst: str) -> Tuple[int, int]:
     return counts[0], counts[1]
 
 
+def update_store(src: str, dst: str) -> Tuple[int, int]:
+    """Bring ``dst``, an earlier ``copy_store`` or ``update_store`` of ``src`` cut off anywhere or made while
+    the engine wrote ``src``, to what ``copy_store`` would build now; return (files linked anew, entries copied
+    anew).  Only what changed costs: the engine replaces a file of ``LINKED_PARTS`` by a rename, so a linked
+    file whose inode is the source's is the source's file, known from the two directory listings with no
+    ``stat``.  Every other entry is copied again (``layerdb/mounts/``: a few small files per container), an
+    entry ``src`` no longer has is removed, a directory's metadata and times are set where they differ.
+
+    Nothing is synced per entry: one ``syncfs`` at the end, as ``copy_store``.  Nothing in ``src`` is changed.
+    """
+    parent, name = os.path.split(dst)
+    pfd = fsio.open_dir(parent)
+    counts = [0, 0]
+    try:
+        fsio.make_dir(name, 0o700, dir_fd=pfd)
+        src_fd = fsio.open_dir(src, noatime=True)
+        try:
+            dst_fd = fsio.open_dir(name, pfd)
+            try:
+                def visit(s_fd: int, d_fd: int, rel: bytes) -> List[str]:
+                    _same_dir_meta(s_fd, d_fd)
+                    linked = _linked_in(rel)
+                    with os.scandir(d_fd) as it:
+                        present = {e.name: (e.inode(), e.is_dir(follow_symlinks=False)) for e in it}
+                    subdirs = []
+                    with os.scandir(s_fd) as it:
+                        for entry in it:
+                            there = present.pop(entry.name, None)
+                            if entry.is_dir(follow_symlinks=False):
+                                if there is not None and not there[1]:
+                                    os.unlink(entry.name, dir_fd=d_fd)
+                                if there is None or not there[1]:
+                                    os.mkdir(entry.name, 0o700, dir_fd=d_fd)
+                                subdirs.append(entry.name)
+                                continue
+                            is_linked = entry.is_file(follow_symlinks=False) and linked(entry.name)
+                            if is_linked and there is not None and there[0] == entry.inode():
+                                continue
+                            if there is not None:
+                                _remove_at(d_fd, entry.name, there[1])
+                            if is_linked:
+                                counts[_link_or_copy(s_fd, d_fd, entry.name)] += 1
+                            else:
+                                tree.copy_entry(s_fd, d_fd, entry.name)
+                                counts[1] += 1
+                    for gone, (_ino, was_dir) in present.items():
+                        _remove_at(d_fd, gone, was_dir)
+                    return subdirs
+
+                tree.walk_pair(src_fd, dst_fd, visit, _same_dir_times, label="image update")
+            finally:
+                os.close(dst_fd)
+        finally:
+            os.close(src_fd)
+        fsio.syncfs(pfd)
+    finally:
+        os.close(pfd)
+    return counts[0], counts[1]
+
+
+def _same_dir_meta(src_fd: int, dst_fd: int) -> None:
+    """``tree.copy_dir_meta`` where the owner or mode differ, and the xattrs made the source's exactly."""
+    s, d = os.fstat(src_fd), os.fstat(dst_fd)
+    if (s.st_uid, s.st_gid) != (d.st_uid, d.st_gid):
+        os.fchown(dst_fd, s.st_uid, s.st_gid)
+    if stat.S_IMODE(s.st_mode) != stat.S_IMODE(d.st_mode):
+        os.fchmod(dst_fd, stat.S_IMODE(s.st_mode))
+    wanted = {n for n in tree.list_xattrs(src_fd) if not n.startswith(tree.OVERLAY_XATTR_PREFIX)}
+    for extra in set(tree.list_xattrs(dst_fd)) - wanted:
+        xattr.remove(dst_fd, extra)
+    if wanted:
+        tree.copy_xattrs(src_fd, dst_fd)
+
+
+def _same_dir_times(src_fd: int, dst_fd: int, _rel: bytes = b"") -> None:
+    s, d = os.fstat(src_fd), os.fstat(dst_fd)
+    if (s.st_atime_ns, s.st_mtime_ns) != (d.st_atime_ns, d.st_mtime_ns):
+        os.utime(dst_fd, ns=(s.st_atime_ns, s.st_mtime_ns))
+
+
+def _remove_at(dir_fd: int, name: str, is_dir: bool) -> None:
+    if is_dir:
+        shutil.rmtree(name, dir_fd=dir_fd)
+    else:
+        os.unlink(name, dir_fd=dir_fd)
+
+
 _LINKED_DIRS = tuple(part for part in LINKED_PARTS if part.endswith(b"/"))
 _LINKED_FILES = {os.fsdecode(part) for part in LINKED_PARTS if not part.endswith(b"/")}
 
@@ -89,21 +179,39 @@ def _linked_in(rel: bytes) -> Callable[[str], bool]:
 
 
 def copy_need(top: str) -> Tuple[int, int]:
-    """(inodes, bytes) that ``stage`` of ``top`` adds to the filesystem: each directory, and each entry it
-    copies; a hardlinked file adds only its name."""
-    inodes = used = 0
-    if not os.path.isdir(top) or os.path.islink(top):
+    """(inodes, bytes) that copying ``top`` (``copy_store``) adds to the filesystem: each directory, and each
+    entry it copies; a hardlinked file adds only its name.  A linked file is known by its directory entry's
+    type, with no ``lstat``: the image store holds a few files for each of thousands of layers."""
+    try:
+        fd = fsio.open_dir(top, noatime=True)
+    except OSError:
         return 0, 0
-    for dirpath, dirs, files in os.walk(top):
-        linked = _linked_in(os.fsencode(os.path.relpath(dirpath, top)).lstrip(b"."))
-        for name in dirs + files:
-            st = os.lstat(os.path.join(dirpath, name))
-            if stat.S_ISREG(st.st_mode) and linked(name):
+    counts = [1, 0]
+    try:
+        counts[1] += os.fstat(fd).st_blocks * 512
+        _count_copy(fd, b"", counts)
+    finally:
+        os.close(fd)
+    return counts[0], counts[1]
+
+
+def _count_copy(fd: int, rel: bytes, counts: List[int]) -> None:
+    linked = _linked_in(rel)
+    subdirs = []
+    with os.scandir(fd) as it:
+        for entry in it:
+            if entry.is_file(follow_symlinks=False) and linked(entry.name):
                 continue
-            inodes += 1
-            used += st.st_blocks * 512
-    st = os.lstat(top)
-    return inodes + 1, used + st.st_blocks * 512
+            counts[0] += 1
+            counts[1] += entry.stat(follow_symlinks=False).st_blocks * 512
+            if entry.is_dir(follow_symlinks=False):
+                subdirs.append(entry.name)
+    for name in subdirs:
+        sub = fsio.open_dir(name, fd, noatime=True)
+        try:
+            _count_copy(sub, rel + b"/" + os.fsencode(name), counts)
+        finally:
+            os.close(sub)
 
 
 def _link_or_copy(s_fd: int, d_fd: int, name: str) -> int:

@@ -35,7 +35,7 @@ from migrations_state.machine import (
 )
 from migrations_state.schema import SavedTimeRecord
 from migrations_state.store import Store
-from migrator import procs
+from migrator import checkpoints, procs
 from migrator.checks import engine
 from migrator.errors import MigratorError, Refused
 from migrator.formats import containers, engineconfig, images
@@ -46,7 +46,7 @@ from migrator.runtime.lock import Held
 from migrator.scan.survey import LayerSurvey
 from migrator.strategies import registry
 from migrator.strategies.base import Conversion
-from migrator.strategies.runner import WaveRunner
+from migrator.strategies.runner import WAVE_LAYERS, WaveRunner
 from migrator.ui.progress import Reporter
 
 
@@ -101,12 +101,11 @@ class Migration:
                     raise MigratorError("not every layer reached 'committed'; see 'aufs2overlay status'")
             if self.state == SWITCHING:
                 self.finish_switching()
-        layers = self.store.layers()
+        layers, entries = self.store.layer_totals()
         cutover = procs.seconds_since_start()
         self.store.set_cutover_seconds(cutover)
-        self.progress(f"done in {self.progress.elapsed():.1f}s: {len(layers)} layers, "
-                      f"{sum(r.entries for r in layers)} entries")
-        return (f"migration of {self.paths.root} completed: {len(layers)} layers now in overlay2/ "
+        self.progress(f"done in {self.progress.elapsed():.1f}s: {layers} layers, {entries} entries")
+        return (f"migration of {self.paths.root} completed: {layers} layers now in overlay2/ "
                 f"(cutover: {cutover:.2f} s from this command's start)")
 
     def roll_back(self, force: bool, staged_before: bool, engine_pidfiles: Optional[List[str]]) -> str:
@@ -148,9 +147,10 @@ class Migration:
 
     def convert_layers(self) -> None:
         """Drive every layer to ``committed``, resuming each from its recorded state (a staged root's layers
-        first move into ``overlay2.temp/``)."""
-        staging.move_into_place(self.paths)
-        WaveRunner(self.strategy, self.conv).run()
+        first move into ``overlay2.temp/``, and the cutover's few layers left go in one batch: the engine is
+        waiting)."""
+        cutover = staging.move_into_place(self.paths)
+        WaveRunner(self.strategy, self.conv, first_batch=WAVE_LAYERS if cutover else 1).run()
 
     def all_layers_committed(self) -> bool:
         return set(self.store.layer_states()) <= {COMMITTED}
@@ -160,7 +160,7 @@ class Migration:
     def switch_to_overlay2(self) -> None:
         """Stage the image store, switch containers, then rename the layer tree and the image store in.
 
-        Order: (1) ``image/overlay2.temp`` copied (``images.copy_store``) and synced, recorded; (2) each
+        Order: (1) ``image/overlay2.temp`` copied and synced (``copy_image_store``), recorded; (2) each
         container's config rewritten atomically (its original bytes are in the database since discovery); (3)
         ``overlay2.temp`` → ``overlay2``; (4) ``image/overlay2.temp`` → ``image/overlay2``.  Each is
         idempotent and detectable from the tree, so a cut anywhere resumes; rollback undoes all four.
@@ -168,8 +168,7 @@ class Migration:
         p = self.paths
         if not self.store.run().image_copied:
             if images.is_dir(p.image_aufs):
-                linked, copied = images.copy_store(p.image_aufs, p.image_temp)
-                self.progress(f"image store copied ({linked} files linked, {copied} entries copied)")
+                self.progress(copy_image_store(p))
             self.store.set_image_copied(True)
         for record in self.store.containers():
             if record.state == PENDING:
@@ -235,6 +234,24 @@ class Migration:
         rollback_from = self.store.run().phase if self.state == ROLLING_BACK else None
         self.store.set_phase(self.state, rollback_from=rollback_from)
         self.progress(f"phase: {self.state}")
+
+
+def copy_image_store(p: Paths) -> str:
+    """``image/overlay2.temp``: the copy ``stage`` made, moved into place and brought up to date with what
+    changed since (``images.update_store``), or a copy made now; durable.  Converges from any cut: a copy
+    cut off anywhere, or moved into place, is brought up to date; the line that says what was done."""
+    if fsio.lexists(p.staged_image) and not fsio.lexists(p.image_temp):
+        os.rename(p.staged_image, p.image_temp)
+        fsio.fsync_path(p.image_dir)
+        fsio.fsync_path(p.workdir)
+        checkpoints.reached("staged image store moved into place")
+    if fsio.lexists(p.image_temp):
+        linked, copied = images.update_store(p.image_aufs, p.image_temp)
+        fsio.ensure_absent_durably(p.workdir, os.path.basename(p.staged_image))
+        return f"image store brought up to date ({linked} files linked anew, {copied} entries copied anew)"
+    linked, copied = images.copy_store(p.image_aufs, p.image_temp)
+    fsio.ensure_absent_durably(p.workdir, os.path.basename(p.staged_image))
+    return f"image store copied ({linked} files linked, {copied} entries copied)"
 
 
 def restore_dir_times(root: str, rows: List[SavedTimeRecord]) -> None:

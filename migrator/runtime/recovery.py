@@ -41,10 +41,11 @@ def rollback_from_disk(paths: Paths, progress: Callable[[str], None]) -> None:
 
 
 def remove_new_trees(paths: Paths, progress: Callable[[str], None], final: bool) -> None:
-    """Remove, durably, the trees a migration builds: the staging area, the image store's copy and
-    ``overlay2.temp/`` always, and with ``final`` their renamed forms ``image/overlay2/`` and ``overlay2/``
-    (only when they are known to be the migration's, or the operator forced it)."""
-    trees = [paths.staging, paths.image_temp, paths.temp_tree] + ([paths.image_overlay2, paths.tree] if final else [])
+    """Remove, durably, the trees a migration builds: the staging area and its image store copy, the image
+    store's copy and ``overlay2.temp/`` always, and with ``final`` their renamed forms ``image/overlay2/`` and
+    ``overlay2/`` (only when they are known to be the migration's, or the operator forced it)."""
+    trees = [paths.staging, paths.staged_image, paths.image_temp, paths.temp_tree]
+    trees += [paths.image_overlay2, paths.tree] if final else []
     for path in trees:
         if fsio.lexists(path):
             progress(f"removing {path}")

@@ -31,7 +31,7 @@ from migrations_state.schema import FindingRecord, LayerRecord, RunRecord, White
 from migrations_state.store import Store
 from migrator import checkpoints, interrupts
 from migrator.errors import MigratorError, Refused
-from migrator.formats import aufs, discovery, overlay2, snapshot
+from migrator.formats import aufs, discovery, images, overlay2, snapshot
 from migrator.formats.linkid import new_link_id
 from migrator.fs import fsio
 from migrator.paths import Paths
@@ -102,13 +102,14 @@ def judge(paths: Paths, records: Sequence[LayerRecord], proofs: Dict[str, Tuple[
     return kept, dropped
 
 
-def refuse_if_crowding(paths: Paths, proofs: Sequence[proof.Proof]) -> None:
-    """Refused when staging these layers would leave the engine less than ``ENGINE_SHARE`` of the filesystem's
-    inodes or blocks: the engine is serving, and a full disk is its failure, not ours.  Each layer's need is
-    its directories (a new inode and block each) and its own files (``overlay2.layer_files``, at most)."""
-    inodes = sum(len(p.dirs.split(proof.SEP)) + overlay2.layer_files(True, True) for p in proofs)
+def refuse_if_crowding(paths: Paths, proofs: Sequence[proof.Proof], image: Tuple[int, int] = (0, 0)) -> None:
+    """Refused when staging these layers (and ``image``, the (inodes, bytes) of a first copy of the image store)
+    would leave the engine less than ``ENGINE_SHARE`` of the filesystem's inodes or blocks: the engine is
+    serving, and a full disk is its failure, not ours.  Each layer's need is its directories (a new inode and
+    block each) and its own files (``overlay2.layer_files``, at most)."""
     vfs = os.statvfs(paths.root)
-    need_bytes = inodes * vfs.f_bsize
+    inodes = sum(len(p.dirs.split(proof.SEP)) + overlay2.layer_files(True, True) for p in proofs) + image[0]
+    need_bytes = (inodes - image[0]) * vfs.f_bsize + image[1]
     keep_inodes, keep_bytes = int(vfs.f_files * ENGINE_SHARE), int(vfs.f_blocks * vfs.f_frsize * ENGINE_SHARE)
     if inodes + keep_inodes > vfs.f_favail or need_bytes + keep_bytes > vfs.f_bavail * vfs.f_frsize:
         raise Refused(f"staging {len(proofs)} layer(s) needs about {inodes} inodes and {need_bytes >> 20} MiB, and "
@@ -190,7 +191,8 @@ def refresh(paths: Paths, held: Held, progress: Reporter) -> Store:
     if staging_run and not dropped and not added:
         return store
     remove_dropped(paths, dropped, progress)
-    refuse_if_crowding(paths, [taken for _layer, taken in added])
+    refuse_if_crowding(paths, [taken for _layer, taken in added],
+                       (0, 0) if fsio.lexists(paths.staged_image) else images.copy_need(paths.image_aufs))
     findings = (_kept_findings(store, {r.id for r in kept}) if staging_run else []) + findings
     findings += [(None, "staged-layer-dropped", f"{r.id}: {why}") for r, why in dropped]
     parents = {ancestors[0] for ancestors in (listed.ancestors for listed in snap.layers.values())
@@ -235,6 +237,7 @@ def _stage(paths: Paths, held: Held, progress: Reporter, jobs: int) -> None:
         try:
             WaveRunner(registry.get(registry.BESIDE_ENGINE),
                        Conversion(paths.for_staging(), held.store, progress, jobs, held.lock_fd)).run()
+            stage_image_store(paths, progress)
             return
         except OSError:
             wanted = {layer.id for layer in committed_layers(snapshot.read_root(paths))}
@@ -242,6 +245,21 @@ def _stage(paths: Paths, held: Held, progress: Reporter, jobs: int) -> None:
                 raise
             progress("a layer was removed by the engine while it was being staged: dropping it")
     raise MigratorError(f"the engine removed layers during each of {PASSES} passes; run 'aufs2overlay stage' again")
+
+
+def stage_image_store(paths: Paths, progress: Reporter) -> None:
+    """The image store's copy (``paths.staged_image``), brought up to date while the engine serves, so that the
+    cutover copies only what changed since (``migration.copy_image_store``).  The engine may replace or remove
+    an entry under the walk: the copy is then left as it is, and the cutover, which converges any copy, brings
+    it up to date."""
+    if not images.is_dir(paths.image_aufs):
+        return
+    try:
+        linked, copied = images.update_store(paths.image_aufs, paths.staged_image)
+    except FileNotFoundError:
+        progress("the engine changed the image store while it was copied: the cutover brings the copy up to date")
+        return
+    progress(f"image store staged ({linked} files linked, {copied} entries copied)")
 
 
 def counts(store: Store) -> Tuple[int, int]:
@@ -314,14 +332,15 @@ def finding_rows(staged: Staged) -> List[FindingRecord]:
     return _finding_rows(staged.findings)
 
 
-def move_into_place(paths: Paths) -> None:
+def move_into_place(paths: Paths) -> bool:
     """The staging area becomes ``overlay2.temp/`` (one rename: its ``l/`` links are relative), durably;
-    nothing to do once it has."""
+    nothing to do once it has.  Whether it moved now (the cutover's first conversion)."""
     if not fsio.lexists(paths.staging):
-        return
+        return False
     if fsio.lexists(paths.temp_tree):
         raise MigratorError(f"both {paths.staging} and {paths.temp_tree} exist; refusing to guess which is right")
     os.rename(paths.staging, paths.temp_tree)
     fsio.fsync_path(paths.root)
     fsio.fsync_path(paths.workdir)
     checkpoints.reached("staging moved into overlay2.temp")
+    return True

@@ -195,7 +195,8 @@ def begin(paths: Paths, plan: planner.Plan, held: Held, progress: Reporter, engi
     leftovers = [(paths.root, os.path.basename(paths.temp_tree)),
                  (paths.image_dir, os.path.basename(paths.image_temp))]
     if staged is None:
-        leftovers.append((paths.workdir, os.path.basename(paths.staging)))
+        leftovers += [(paths.workdir, os.path.basename(paths.staging)),
+                      (paths.workdir, os.path.basename(paths.staged_image))]
     for parent, name in leftovers:
         if fsio.lexists(os.path.join(parent, name)):
             progress(f"removing leftover {os.path.join(parent, name)} of an earlier, unrecorded attempt")

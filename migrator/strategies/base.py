@@ -46,7 +46,8 @@ class Conversion:
 
 
 class LayerTask:
-    """Model of one layer's state machine (``migrations_state/machine.py``).  Each strategy's task defines the
+    """One layer's steps, the callbacks of the layer machine (``migrations_state/machine.py``), called for it by
+    its wave (``runner.Wave``, the machine's model).  Each strategy's task defines the
     link and whiteout steps (``STRATEGY_STEPS``: ``registry.get`` refuses a strategy whose task does not); the
     other two are the same for every strategy.  ``work(trigger)`` names a heavy step's work as a function and
     its arguments, so the runner can hand it to a worker; the callback then takes its outcome (``prepared``), or
@@ -57,6 +58,7 @@ class LayerTask:
     def __init__(self, record: LayerRecord, paths: Paths, ancestor_links: List[str]) -> None:
         self.id = record.id
         self.record = record
+        self.state = record.state  # moved on by the runner's wave (``runner.Wave``), the machine's model
         self.paths = paths
         self.ancestor_links = ancestor_links
         self.whiteout_dirs: List[bytes] = []  # set by the runner before the whiteout wave

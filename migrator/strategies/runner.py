@@ -24,7 +24,7 @@ from typing import Dict, Iterator, List, Optional
 
 from migrations_state.machine import COMMITTED, CONVERT_WHITEOUTS, DISCOVERED, LAYER_NEXT, LINKED, layer_machine
 from migrations_state.schema import LayerRecord
-from migrations_state.store import LayerStep
+from migrations_state.store import LayerStep, Store
 from migrator import procs
 from migrator.formats import overlay2
 from migrator.fs import fsio
@@ -37,9 +37,10 @@ class WaveRunner:
     """Drives every layer of ``conv`` to ``committed`` with ``strategy``'s steps, resuming each from its
     recorded state."""
 
-    def __init__(self, strategy: Strategy, conv: Conversion) -> None:
+    def __init__(self, strategy: Strategy, conv: Conversion, first_batch: int = 1) -> None:
         self.strategy = strategy
         self.conv = conv
+        self.first_batch = first_batch
 
     def run(self) -> None:
         conv = self.conv
@@ -52,7 +53,7 @@ class WaveRunner:
         tfd = fsio.open_dir(conv.paths.temp_tree)
         try:
             with self._pool(pending) as pool:
-                for batch in batches(pending):
+                for batch in batches(pending, self.first_batch):
                     tasks = [self.strategy.task(r, conv, [link_ids[a] for a in r.ancestor_ids]) for r in batch]
                     self._convert_batch(tasks, tfd, pool)
         finally:
@@ -78,8 +79,6 @@ class WaveRunner:
         layer at its last recorded state, and every step converges when it is done again."""
         conv, strategy = self.conv, self.strategy
         machine = layer_machine()
-        for task in tasks:
-            machine.add_model(task, initial=task.record.state)
         for source, trigger in LAYER_NEXT.items():
             at = [t for t in tasks if t.state == source]
             if not at:
@@ -92,29 +91,67 @@ class WaveRunner:
             if pool is not None and trigger in strategy.pooled_triggers:
                 for task, outcome in zip(at, strategy.pooled_outcomes(pool, conv.jobs, trigger, at)):
                     task.prepared = outcome
-            self._step_each(trigger, at)
+            wave = Wave(at, conv.store)
+            machine.add_model(wave, initial=source)
+            try:
+                wave.trigger(trigger)
+            finally:
+                machine.remove_model(wave)
         fsio.syncfs(tfd)
         conv.store.set_layer_states([_summed(t.steps) for t in tasks if t.steps])
         for task in tasks:
             for step in task.steps:
                 conv.progress.step(step.layer_id, step.state, step.entries, step.seconds)
 
-    def _step_each(self, trigger: str, tasks: List[LayerTask]) -> None:
-        for task in tasks:
-            started = time.monotonic()
-            try:
-                task.trigger(trigger)
-            except OSError as exc:
-                self.conv.store.set_layer_error(task.id, f"{task.state}: {exc}")
-                raise
-            for step in task.steps:
-                step.seconds = time.monotonic() - started
-
     def _start_progress(self, records: List[LayerRecord]) -> None:
         surveyed: Dict[str, int] = {i: s.entries for i, s in self.conv.surveys.items()}
         done = [r for r in records if r.state != DISCOVERED]
         self.conv.progress.start(len(records), sum(r.entries or surveyed.get(r.id, 0) for r in records),
                                  sum(r.state == COMMITTED for r in records), sum(r.entries for r in done))
+
+
+class Wave:
+    """The layer machine's model: the layers of a batch that are at one state, taken one step on together.
+    One trigger moves the wave (thousands of layers made thousands of triggers, most of a run's bookkeeping);
+    its callbacks are the layer machine's, each done for every layer in order.  A step that raises records its
+    layer's error and leaves the whole wave at its state: nothing of the batch is recorded (the runner
+    records a batch only after its ``syncfs``), and every step converges when it is done again."""
+
+    def __init__(self, tasks: List[LayerTask], store: Store) -> None:
+        self.tasks = tasks
+        self.store = store
+        self.state = ""  # set by the machine (``add_model``'s ``initial``)
+        self._seconds: List[float] = []
+
+    def _each(self, callback: str) -> None:
+        self._seconds = []
+        for task in self.tasks:
+            started = time.monotonic()
+            try:
+                getattr(task, callback)()
+            except OSError as exc:
+                self.store.set_layer_error(task.id, f"{self.state}: {exc}")
+                raise
+            self._seconds.append(time.monotonic() - started)
+
+    def build_tree(self) -> None:
+        self._each("build_tree")
+
+    def convert_whiteouts_in_tree(self) -> None:
+        self._each("convert_whiteouts_in_tree")
+
+    def write_lower_files(self) -> None:
+        self._each("write_lower_files")
+
+    def write_committed_marker(self) -> None:
+        self._each("write_committed_marker")
+
+    def record_state(self) -> None:
+        """Each layer at the wave's new state, its step kept for the batch's one transaction."""
+        for task, seconds in zip(self.tasks, self._seconds):
+            task.state = self.state
+            task.record_state()
+            task.steps[-1].seconds = seconds
 
 
 def _summed(steps: List[LayerStep]) -> LayerStep:
@@ -125,11 +162,11 @@ def _summed(steps: List[LayerStep]) -> LayerStep:
                      [f for step in steps for f in step.findings], linked.whiteout_dirs if linked else [])
 
 
-def batches(pending: List[LayerRecord]) -> Iterator[List[LayerRecord]]:
+def batches(pending: List[LayerRecord], first: int = 1) -> Iterator[List[LayerRecord]]:
     """The pending layers in batches of 1, 2, 4, … up to ``WAVE_LAYERS``: a run cut again and again still gets
     on (each start records its first layer after one layer's work), and thousands of layers still go in
-    batches of ``WAVE_LAYERS``."""
-    size, start = 1, 0
+    batches of ``WAVE_LAYERS``.  ``first``: the first batch's size (the cutover's few layers go in one)."""
+    size, start = min(max(first, 1), WAVE_LAYERS), 0
     while start < len(pending):
         yield pending[start:start + size]
         start += size
