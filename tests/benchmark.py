@@ -6,6 +6,7 @@
     python3 tests/benchmark.py --content [--rounds 5]
     python3 tests/benchmark.py --many-layers [--rounds 3]     python3 tests/benchmark.py --skew [--cold]
     python3 tests/benchmark.py --staged [--rounds 5]
+    python3 tests/benchmark.py --many-layers --against ../other-checkout   # two trees in the same rounds
 
 It builds a realistic aufs root (a distribution base, runtime and application layers, whiteouts, opaque
 directories, containers with -init and writable layers; at scale 1.0 about 200,000 entries in 35 layers) by
@@ -36,7 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 SOURCES = [  # (name, source trees) — a distribution base, runtimes, and libraries, like real images
     ("base", ["/usr/bin", "/usr/sbin", "/etc", "/usr/share"]),
@@ -291,13 +292,13 @@ def drop_caches() -> None:
         f.write("3\n")
 
 
-def timed(cmd: List[str], where: str) -> Tuple[float, int, int, int]:
+def timed(cmd: List[str], where: str, cwd: Optional[str] = None) -> Tuple[float, int, int, int]:
     """Wall time, peak RSS (KiB), and the inodes and bytes the filesystem of ``where`` has fewer free after
-    it, of one command started on a quiet disk (earlier deletions synced)."""
+    it, of one command started on a quiet disk (earlier deletions synced), in ``cwd``."""
     os.sync()
     before = os.statvfs(where)
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, cwd=cwd)
     _pid, status, usage = os.wait4(proc.pid, 0)
     elapsed = time.monotonic() - start
     if status != 0:
@@ -452,6 +453,9 @@ def main() -> int:
     ap.add_argument("--skew", action="store_true", help="one layer holds about 80%% of the entries")
     ap.add_argument("--staged", action="store_true",
                     help="time stage, then the cutover (run), against the offline run (the downtime)")
+    ap.add_argument("--against", metavar="DIR", default=None,
+                    help="also time the migrator of the checkout DIR (python -m migrator from there) in the same "
+                         "rounds, each strategy beside this tree's (not with --staged or --binary)")
     ap.add_argument("--many-layers", action="store_true",
                     help="about 3,000 small layers in chains of 20; the reference is one cp -al of aufs/diff")
     args = ap.parse_args()
@@ -463,6 +467,8 @@ def main() -> int:
         return content_timing(args)
     if os.geteuid() != 0:
         raise SystemExit("the benchmark needs root")
+    if args.against and (args.staged or args.binary):
+        raise SystemExit("--against times runs only: not with --staged or --binary")
     shutil.rmtree(args.workdir, ignore_errors=True)
     root = os.path.join(args.workdir, "docker")
     scratch = os.path.join(args.workdir, "scratch")
@@ -480,6 +486,12 @@ def main() -> int:
     if args.jobs:
         migrate += ["--jobs", str(args.jobs)]
     strategies = {"run (hardlink)": "hardlink", "run --strategy inplace": "inplace"}
+    checkout: Dict[str, Optional[str]] = {}  # where each timed run starts (``python -m migrator`` of that tree)
+    if args.against:
+        for name, strategy in list(strategies.items()):
+            strategies[f"{name} [{os.path.basename(os.path.abspath(args.against))}]"] = strategy
+            checkout[f"{name} [{os.path.basename(os.path.abspath(args.against))}]"] = os.path.abspath(args.against)
+        strategies = dict(sorted(strategies.items(), key=lambda item: item[1] != "hardlink"))
     if args.staged:
         strategies = {"run (hardlink)": "hardlink", "stage (engine running)": "stage", "cutover (run)": "cutover"}
     stage = program + ["stage", "--root", root, "-q"] + (["--jobs", str(args.jobs)] if args.jobs else [])
@@ -504,9 +516,10 @@ def main() -> int:
                 continue
             log = os.path.join(args.workdir, f"run-{r}-{strategy}.log")
             results[name].append(timed(migrate + (["--strategy", strategy] if strategy != "cutover" else [])
-                                       + ["--log-file", log], args.workdir))
+                                       + ["--log-file", log], args.workdir, checkout.get(name)))
             staging[name].append(image_staging_seconds(log))
-            reset(root, os.path.join(args.workdir, f"trash-{r}-{strategy}"), "hardlink" if args.staged else strategy)
+            reset(root, os.path.join(args.workdir, f"trash-{r}-{list(results).index(name)}"),
+                  "hardlink" if args.staged else strategy)
         this_ref = results["cp -al"][-1][0]
         print(f"round {r + 1}: " + ", ".join(f"{name} {rows[-1][0]:.2f}s ({rows[-1][0] / this_ref:.2f}x)"
                                              for name, rows in results.items())
