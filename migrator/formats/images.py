@@ -41,40 +41,26 @@ def copy_store(src: str, dst: str) -> Tuple[int, int]:
     changed (a link adds a name to its inode, not a byte or an attribute).
     """
     fsio.remove_tree(dst)
-    parent, name = os.path.split(dst)
-    pfd = fsio.open_dir(parent)
     counts = [0, 0]
-    try:
-        os.mkdir(name, 0o700, dir_fd=pfd)
-        src_fd = fsio.open_dir(src, noatime=True)
-        try:
-            dst_fd = fsio.open_dir(name, pfd)
-            try:
-                def visit(s_fd: int, d_fd: int, rel: bytes) -> List[str]:
-                    tree.copy_dir_meta(s_fd, d_fd)
-                    linked = _linked_in(rel)
-                    subdirs = []
-                    with os.scandir(s_fd) as it:
-                        for entry in it:
-                            if entry.is_dir(follow_symlinks=False):
-                                subdirs.append(entry.name)
-                            elif entry.is_file(follow_symlinks=False) and linked(entry.name):
-                                counts[_link_or_copy(s_fd, d_fd, entry.name)] += 1
-                            else:
-                                tree.copy_entry(s_fd, d_fd, entry.name)
-                                counts[1] += 1
-                    for sub in subdirs:
-                        os.mkdir(sub, 0o700, dir_fd=d_fd)
-                    return subdirs
 
-                tree.walk_pair(src_fd, dst_fd, visit, tree.copy_dir_times, label="image copy")
-            finally:
-                os.close(dst_fd)
-        finally:
-            os.close(src_fd)
-        fsio.syncfs(pfd)
-    finally:
-        os.close(pfd)
+    def visit(s_fd: int, d_fd: int, rel: bytes) -> List[str]:
+        tree.copy_dir_meta(s_fd, d_fd)
+        linked = _linked_in(rel)
+        subdirs = []
+        with os.scandir(s_fd) as it:
+            for entry in it:
+                if entry.is_dir(follow_symlinks=False):
+                    subdirs.append(entry.name)
+                elif entry.is_file(follow_symlinks=False) and linked(entry.name):
+                    counts[_link_or_copy(s_fd, d_fd, entry.name)] += 1
+                else:
+                    tree.copy_entry(s_fd, d_fd, entry.name)
+                    counts[1] += 1
+        for sub in subdirs:
+            os.mkdir(sub, 0o700, dir_fd=d_fd)
+        return subdirs
+
+    _walk_into(src, dst, visit, tree.copy_dir_times, "image copy")
     return counts[0], counts[1]
 
 
@@ -88,46 +74,53 @@ def update_store(src: str, dst: str) -> Tuple[int, int]:
 
     Nothing is synced per entry: one ``syncfs`` at the end, as ``copy_store``.  Nothing in ``src`` is changed.
     """
+    counts = [0, 0]
+
+    def visit(s_fd: int, d_fd: int, rel: bytes) -> List[str]:
+        _same_dir_meta(s_fd, d_fd)
+        linked = _linked_in(rel)
+        with os.scandir(d_fd) as it:
+            present = {e.name: (e.inode(), e.is_dir(follow_symlinks=False)) for e in it}
+        subdirs = []
+        with os.scandir(s_fd) as it:
+            for entry in it:
+                there = present.pop(entry.name, None)
+                if entry.is_dir(follow_symlinks=False):
+                    if there is not None and not there[1]:
+                        os.unlink(entry.name, dir_fd=d_fd)
+                    if there is None or not there[1]:
+                        os.mkdir(entry.name, 0o700, dir_fd=d_fd)
+                    subdirs.append(entry.name)
+                    continue
+                is_linked = entry.is_file(follow_symlinks=False) and linked(entry.name)
+                if is_linked and there is not None and there[0] == entry.inode():
+                    continue
+                if there is not None:
+                    _remove_at(d_fd, entry.name, there[1])
+                if is_linked:
+                    counts[_link_or_copy(s_fd, d_fd, entry.name)] += 1
+                else:
+                    tree.copy_entry(s_fd, d_fd, entry.name)
+                    counts[1] += 1
+        for gone, (_ino, was_dir) in present.items():
+            _remove_at(d_fd, gone, was_dir)
+        return subdirs
+
+    _walk_into(src, dst, visit, _same_dir_times, "image update")
+    return counts[0], counts[1]
+
+
+def _walk_into(src: str, dst: str, visit: tree.Visit, leave: tree.Leave, label: str) -> None:
+    """``tree.walk_pair`` of ``src`` and ``dst`` (made if absent), then one ``syncfs`` for all it wrote."""
     parent, name = os.path.split(dst)
     pfd = fsio.open_dir(parent)
-    counts = [0, 0]
     try:
         fsio.make_dir(name, 0o700, dir_fd=pfd)
         src_fd = fsio.open_dir(src, noatime=True)
         try:
             dst_fd = fsio.open_dir(name, pfd)
             try:
-                def visit(s_fd: int, d_fd: int, rel: bytes) -> List[str]:
-                    _same_dir_meta(s_fd, d_fd)
-                    linked = _linked_in(rel)
-                    with os.scandir(d_fd) as it:
-                        present = {e.name: (e.inode(), e.is_dir(follow_symlinks=False)) for e in it}
-                    subdirs = []
-                    with os.scandir(s_fd) as it:
-                        for entry in it:
-                            there = present.pop(entry.name, None)
-                            if entry.is_dir(follow_symlinks=False):
-                                if there is not None and not there[1]:
-                                    os.unlink(entry.name, dir_fd=d_fd)
-                                if there is None or not there[1]:
-                                    os.mkdir(entry.name, 0o700, dir_fd=d_fd)
-                                subdirs.append(entry.name)
-                                continue
-                            is_linked = entry.is_file(follow_symlinks=False) and linked(entry.name)
-                            if is_linked and there is not None and there[0] == entry.inode():
-                                continue
-                            if there is not None:
-                                _remove_at(d_fd, entry.name, there[1])
-                            if is_linked:
-                                counts[_link_or_copy(s_fd, d_fd, entry.name)] += 1
-                            else:
-                                tree.copy_entry(s_fd, d_fd, entry.name)
-                                counts[1] += 1
-                    for gone, (_ino, was_dir) in present.items():
-                        _remove_at(d_fd, gone, was_dir)
-                    return subdirs
-
-                tree.walk_pair(src_fd, dst_fd, visit, _same_dir_times, label="image update")
+                tree.walk_pair(src_fd, dst_fd, visit, leave, label=label)
             finally:
                 os.close(dst_fd)
         finally:
@@ -135,7 +128,6 @@ def update_store(src: str, dst: str) -> Tuple[int, int]:
         fsio.syncfs(pfd)
     finally:
         os.close(pfd)
-    return counts[0], counts[1]
 
 
 def _same_dir_meta(src_fd: int, dst_fd: int) -> None:
@@ -148,8 +140,8 @@ def _same_dir_meta(src_fd: int, dst_fd: int) -> None:
     wanted = {n for n in tree.list_xattrs(src_fd) if not n.startswith(tree.OVERLAY_XATTR_PREFIX)}
     for extra in set(tree.list_xattrs(dst_fd)) - wanted:
         xattr.remove(dst_fd, extra)
-    if wanted:
-        tree.copy_xattrs(src_fd, dst_fd)
+    for name in wanted:
+        xattr.set(dst_fd, name, xattr.get(src_fd, name))
 
 
 def _same_dir_times(src_fd: int, dst_fd: int, _rel: bytes = b"") -> None:

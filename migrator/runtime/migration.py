@@ -247,11 +247,12 @@ def copy_image_store(p: Paths) -> str:
         checkpoints.reached("staged image store moved into place")
     if fsio.lexists(p.image_temp):
         linked, copied = images.update_store(p.image_aufs, p.image_temp)
-        fsio.ensure_absent_durably(p.workdir, os.path.basename(p.staged_image))
-        return f"image store brought up to date ({linked} files linked anew, {copied} entries copied anew)"
-    linked, copied = images.copy_store(p.image_aufs, p.image_temp)
-    fsio.ensure_absent_durably(p.workdir, os.path.basename(p.staged_image))
-    return f"image store copied ({linked} files linked, {copied} entries copied)"
+        done = f"image store brought up to date ({linked} files linked anew, {copied} entries copied anew)"
+    else:
+        linked, copied = images.copy_store(p.image_aufs, p.image_temp)
+        done = f"image store copied ({linked} files linked, {copied} entries copied)"
+    fsio.ensure_absent_durably(p.workdir, os.path.basename(p.staged_image))  # a staging's copy not moved in
+    return done
 
 
 def restore_dir_times(root: str, rows: List[SavedTimeRecord]) -> None:

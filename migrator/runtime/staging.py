@@ -108,8 +108,8 @@ def refuse_if_crowding(paths: Paths, proofs: Sequence[proof.Proof], image: Tuple
     serving, and a full disk is its failure, not ours.  Each layer's need is its directories (a new inode and
     block each) and its own files (``overlay2.layer_files``, at most)."""
     vfs = os.statvfs(paths.root)
-    inodes = sum(len(p.dirs.split(proof.SEP)) + overlay2.layer_files(True, True) for p in proofs) + image[0]
-    need_bytes = (inodes - image[0]) * vfs.f_bsize + image[1]
+    layer_inodes = sum(len(p.dirs.split(proof.SEP)) + overlay2.layer_files(True, True) for p in proofs)
+    inodes, need_bytes = layer_inodes + image[0], layer_inodes * vfs.f_bsize + image[1]
     keep_inodes, keep_bytes = int(vfs.f_files * ENGINE_SHARE), int(vfs.f_blocks * vfs.f_frsize * ENGINE_SHARE)
     if inodes + keep_inodes > vfs.f_favail or need_bytes + keep_bytes > vfs.f_bavail * vfs.f_frsize:
         raise Refused(f"staging {len(proofs)} layer(s) needs about {inodes} inodes and {need_bytes >> 20} MiB, and "
