@@ -10,12 +10,13 @@ its layer store entries read.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import shutil
 import stat
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Set, Tuple
+from typing import Callable, Dict, FrozenSet, Iterator, List, Mapping, Optional, Set, Tuple
 
 import xattr
 
@@ -262,16 +263,32 @@ class LayerStore:
     removing: Tuple[str, ...] = ()  # sha256/ entries being removed
     mounts: Mapping[str, StoreMount] = field(default_factory=dict)  # by container id
 
-    def cache_ids(self) -> Set[str]:
-        return {layer.cache_id for layer in self.layers.values() if layer.cache_id}
+    # Each index below is built once, on first use: discovery asks for them per layer (thousands).
+
+    @functools.cached_property
+    def chain_by_cache_id(self) -> Mapping[str, str]:
+        """The layer store entry (chain) of each image layer, by the driver's layer id."""
+        return MappingProxyType({layer.cache_id: chain for chain, layer in self.layers.items() if layer.cache_id})
+
+    @functools.cached_property
+    def _cache_ids(self) -> FrozenSet[str]:
+        return frozenset(self.chain_by_cache_id)
+
+    def cache_ids(self) -> FrozenSet[str]:
+        """The driver's ids of the image layers."""
+        return self._cache_ids
 
     def mount_ids(self) -> Set[str]:
         """Containers' writable layers."""
         return {m.mount_id for m in self.mounts.values() if m.mount_id}
 
-    def references(self) -> Set[str]:
-        """Every layer id the store names: image layers, containers' writable and init layers."""
+    @functools.cached_property
+    def _references(self) -> FrozenSet[str]:
         return self.cache_ids() | self.mount_ids() | {m.init_id for m in self.mounts.values() if m.init_id}
+
+    def references(self) -> FrozenSet[str]:
+        """Every layer id the store names: image layers, containers' writable and init layers."""
+        return self._references
 
 
 LAYER_FILES = ("cache-id", "diff", "size", "parent")  # the small files of a layerdb/sha256/ entry
@@ -365,7 +382,7 @@ def store_ancestry(image_dir: str, store: LayerStore, layer_id: str) -> List[str
 
     What for: moby's aufs driver writes ``aufs/layers/<id>`` with no fsync (``aufs.go``, ``Create``), so a
     power cut can leave it empty, and the layer would look like a base layer.  Read only for such layers."""
-    by_cache = {layer.cache_id: chain for chain, layer in store.layers.items() if layer.cache_id}
+    by_cache = store.chain_by_cache_id
     ancestors: List[str] = []
     chain: Optional[str] = None
     for cid, mount in store.mounts.items():
