@@ -24,15 +24,22 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
-from sqlalchemy import create_engine, delete, event, func, insert, select, text, update
+from sqlalchemy import Table, bindparam, create_engine, delete, event, func, insert, select, text, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
 
 from migrations_state.errors import StateDatabaseError, filesystem_hint
 from migrations_state.machine import CONVERTING
 from migrations_state.schema import (
+    CHANGE,
+    CHANGED_DIR,
+    CONTAINER,
+    FINDING,
+    LAYER,
+    RUN,
+    SAVED_TIME,
     SCHEMA_VERSION,
-    Base,
+    WHITEOUT_DIR,
     ChangedDirRecord,
     ChangeRecord,
     ContainerRecord,
@@ -41,6 +48,10 @@ from migrations_state.schema import (
     RunRecord,
     SavedTimeRecord,
     WhiteoutDirRecord,
+    columns,
+    metadata,
+    record_of,
+    values_of,
 )
 
 # What turns a database of an earlier schema into this one (each adds columns that start empty).
@@ -112,8 +123,8 @@ class Store:
             raise StateDatabaseError(f"no state database at {path}")
         self._open(path)
         try:
-            with self._session() as s:  # the version alone: an earlier schema lacks columns of this one
-                version = s.execute(select(RunRecord.schema_version).where(RunRecord.id == 1)).scalar()
+            with self.engine.connect() as c:  # the version alone: an earlier schema lacks columns of this one
+                version = c.execute(select(RUN.c.schema_version).where(RUN.c.id == 1)).scalar()
             if version is None:
                 raise StateDatabaseError(f"state database {path} holds no migration")
             if version in UPGRADES:
@@ -132,16 +143,15 @@ class Store:
     def _upgrade(self, version: int) -> None:
         """A database of an earlier schema (a migration begun by the previous release) gains the new columns,
         empty, in one transaction: what it recorded keeps its meaning."""
-        with self._session.begin() as s:
+        with self.engine.begin() as c:
             for statement in UPGRADES[version]:
-                s.execute(text(statement))
-            s.execute(update(RunRecord).where(RunRecord.id == 1).values(schema_version=SCHEMA_VERSION))
+                c.execute(text(statement))
+            c.execute(update(RUN).where(RUN.c.id == 1).values(schema_version=SCHEMA_VERSION))
         self._recorded(f"upgraded the state database from schema {version}")
 
     def _open(self, path: str, building: bool = False) -> None:
         self.engine = create_engine(f"sqlite:///{path}", future=True)
         event.listen(self.engine, "connect", _on_connect_building if building else _on_connect)
-        self._session = sessionmaker(self.engine, expire_on_commit=False)
 
     @classmethod
     def create(cls, path: str, root: str, strategy: str, layers: Iterable[LayerRecord],
@@ -164,14 +174,13 @@ class Store:
         builder._open(tmp, building=True)
         now = _now()
         try:
-            Base.metadata.create_all(builder.engine)
-            with builder._session.begin() as s:
-                s.add(RunRecord(id=1, schema_version=SCHEMA_VERSION, phase=phase, strategy=strategy,
-                                root=root, created_at=now, updated_at=now))
-                s.flush()
-                for model, rows in ((LayerRecord, layers), (ContainerRecord, containers), (FindingRecord, findings),
-                                    (SavedTimeRecord, saved_times), (WhiteoutDirRecord, whiteout_dirs)):
-                    _insert_all(s, model, rows)
+            metadata.create_all(builder.engine)
+            with builder.engine.begin() as c:
+                _insert_all(c, RUN, [RunRecord(id=1, phase=phase, strategy=strategy, root=root, created_at=now,
+                                               updated_at=now)])
+                for table, rows in ((LAYER, layers), (CONTAINER, containers), (FINDING, findings),
+                                    (SAVED_TIME, saved_times), (WHITEOUT_DIR, whiteout_dirs)):
+                    _insert_all(c, table, rows)
         except SQLAlchemyError as exc:
             raise StateDatabaseError(f"state database {path} cannot be created: {_cause(exc)}"
                                      f"{filesystem_hint(path)}") from exc
@@ -196,64 +205,67 @@ class Store:
         self.engine.dispose()
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[Session]:
+    def _transaction(self) -> Iterator[Connection]:
         """One durable transaction; a failure names the database and what the filesystem lacks."""
         try:
-            with self._session.begin() as s:
-                yield s
+            with self.engine.begin() as c:
+                yield c
         except SQLAlchemyError as exc:
             raise StateDatabaseError(f"state database {self.path}: {_cause(exc)}{filesystem_hint(self.path)}") from exc
 
     @contextlib.contextmanager
-    def _reading(self) -> Iterator[Session]:
+    def _reading(self) -> Iterator[Connection]:
         try:
-            with self._session() as s:
-                yield s
+            with self.engine.connect() as c:
+                yield c
         except SQLAlchemyError as exc:
             raise StateDatabaseError(f"state database {self.path}: {_cause(exc)}{filesystem_hint(self.path)}") from exc
 
     # -- reads ------------------------------------------------------------------------------------------
 
     def run(self) -> RunRecord:
-        with self._reading() as s:
-            run = s.get(RunRecord, 1)
-        if run is None:
+        with self._reading() as c:
+            row = c.execute(select(*columns(RUN)).where(RUN.c.id == 1)).first()
+        if row is None:
             raise StateDatabaseError(f"state database {self.path} holds no migration")
-        return run
+        return record_of(RunRecord, row)
 
     def layers(self) -> List[LayerRecord]:
-        with self._reading() as s:
-            return list(s.scalars(select(LayerRecord).order_by(LayerRecord.seq)))
+        """Every layer's record in discovery order; without its proof's directories (``staged_proofs``)."""
+        with self._reading() as c:
+            return [record_of(LayerRecord, row)
+                    for row in c.execute(select(*columns(LAYER, ("proof_dirs",))).order_by(LAYER.c.seq))]
 
     def layer_states(self) -> Dict[str, int]:
-        with self._reading() as s:
-            rows = s.execute(select(LayerRecord.state, func.count()).group_by(LayerRecord.state))
+        with self._reading() as c:
+            rows = c.execute(select(LAYER.c.state, func.count()).group_by(LAYER.c.state))
             return {state: n for state, n in rows}
 
     def layer_totals(self) -> Tuple[int, int]:
         """(layers, entries counted by their link steps), in one query."""
-        with self._reading() as s:
-            count, entries = s.execute(select(func.count(), func.coalesce(func.sum(LayerRecord.entries), 0))).one()
+        with self._reading() as c:
+            count, entries = c.execute(select(func.count(), func.coalesce(func.sum(LAYER.c.entries), 0))
+                                       .select_from(LAYER)).one()
             return count, entries
 
     def containers(self) -> List[ContainerRecord]:
-        with self._reading() as s:
-            return list(s.scalars(select(ContainerRecord).order_by(ContainerRecord.id)))
+        with self._reading() as c:
+            return [record_of(ContainerRecord, row)
+                    for row in c.execute(select(*columns(CONTAINER)).order_by(CONTAINER.c.id))]
 
     def all_whiteout_dirs(self) -> Dict[str, List[bytes]]:
         """The directories holding whiteouts of every layer, by layer (one query for a whole wave)."""
         found: Dict[str, List[bytes]] = {}
-        with self._reading() as s:
-            for layer_id, path in s.execute(select(WhiteoutDirRecord.layer_id, WhiteoutDirRecord.path)
-                                            .order_by(WhiteoutDirRecord.id)):
+        with self._reading() as c:
+            for layer_id, path in c.execute(select(WHITEOUT_DIR.c.layer_id, WHITEOUT_DIR.c.path)
+                                            .order_by(WHITEOUT_DIR.c.id)):
                 found.setdefault(layer_id, []).append(path)
         return found
 
     def staged_proofs(self) -> Dict[str, Tuple[bytes, str]]:
         """The proof of each staged layer (its directories and their digest), by layer."""
-        with self._reading() as s:
-            rows = s.execute(select(LayerRecord.id, LayerRecord.proof_dirs, LayerRecord.proof)
-                             .where(LayerRecord.proof.is_not(None)))
+        with self._reading() as c:
+            rows = c.execute(select(LAYER.c.id, LAYER.c.proof_dirs, LAYER.c.proof).where(LAYER.c.proof.is_not(None)))
             return {layer_id: (dirs or b"", digest) for layer_id, dirs, digest in rows}
 
     def whiteout_dir_records(self, layer_ids: Iterable[str]) -> List[WhiteoutDirRecord]:
@@ -263,24 +275,26 @@ class Store:
                 for layer_id, paths in self.all_whiteout_dirs().items() if layer_id in wanted for path in paths]
 
     def findings(self) -> List[FindingRecord]:
-        with self._reading() as s:
-            return list(s.scalars(select(FindingRecord).order_by(FindingRecord.id)))
+        with self._reading() as c:
+            return [record_of(FindingRecord, row)
+                    for row in c.execute(select(*columns(FINDING)).order_by(FINDING.c.id))]
 
     def saved_times(self) -> List[SavedTimeRecord]:
-        with self._reading() as s:
-            return list(s.scalars(select(SavedTimeRecord).order_by(SavedTimeRecord.path)))
+        with self._reading() as c:
+            return [record_of(SavedTimeRecord, row)
+                    for row in c.execute(select(*columns(SAVED_TIME)).order_by(SAVED_TIME.c.path))]
 
     def changes(self, layer_id: str) -> Tuple[List[ChangeRecord], List[ChangedDirRecord]]:
-        with self._reading() as s:
-            rows = list(s.scalars(select(ChangeRecord).where(ChangeRecord.layer_id == layer_id)
-                                  .order_by(ChangeRecord.seq)))
-            dirs = list(s.scalars(select(ChangedDirRecord).where(ChangedDirRecord.layer_id == layer_id)
-                                  .order_by(ChangedDirRecord.id)))
+        with self._reading() as c:
+            rows = [record_of(ChangeRecord, row) for row in c.execute(
+                select(*columns(CHANGE)).where(CHANGE.c.layer_id == layer_id).order_by(CHANGE.c.seq))]
+            dirs = [record_of(ChangedDirRecord, row) for row in c.execute(
+                select(*columns(CHANGED_DIR)).where(CHANGED_DIR.c.layer_id == layer_id).order_by(CHANGED_DIR.c.id))]
         return rows, dirs
 
     def journaled_layers(self) -> List[str]:
-        with self._reading() as s:
-            return list(s.scalars(select(ChangeRecord.layer_id).distinct()))
+        with self._reading() as c:
+            return list(c.execute(select(CHANGE.c.layer_id).distinct()).scalars())
 
     # -- state changes ----------------------------------------------------------------------------------
 
@@ -288,18 +302,18 @@ class Store:
         values = {"phase": phase, "updated_at": _now(), "last_error": None}
         if rollback_from is not None:
             values["rollback_from"] = rollback_from
-        with self._transaction() as s:
-            s.execute(update(RunRecord).where(RunRecord.id == 1).values(**values))
+        with self._transaction() as c:
+            c.execute(update(RUN).where(RUN.c.id == 1).values(**values))
         self._recorded(f"recorded phase {phase}")
 
     def keep_as_record(self) -> None:
         """After cleanup: keep only what says what happened (the run with its times and strategy, each layer
         and container with its state, the findings); the journals, the kept configs and the saved times only
         served a rollback, which cleanup has made impossible.  Then the file is compacted."""
-        with self._transaction() as s:
-            for record in (ChangeRecord, ChangedDirRecord, WhiteoutDirRecord, SavedTimeRecord):
-                s.execute(delete(record))
-            s.execute(update(ContainerRecord).values(original=None))
+        with self._transaction() as c:
+            for table in (CHANGE, CHANGED_DIR, WHITEOUT_DIR, SAVED_TIME):
+                c.execute(delete(table))
+            c.execute(update(CONTAINER).values(original=None))
         self._recorded("recorded the migration's record")
         try:
             with self.engine.connect() as conn:
@@ -308,66 +322,70 @@ class Store:
             raise StateDatabaseError(f"state database {self.path}: {_cause(exc)}{filesystem_hint(self.path)}") from exc
 
     def set_image_copied(self, copied: bool) -> None:
-        with self._transaction() as s:
-            s.execute(update(RunRecord).where(RunRecord.id == 1).values(image_copied=copied, updated_at=_now()))
+        with self._transaction() as c:
+            c.execute(update(RUN).where(RUN.c.id == 1).values(image_copied=copied, updated_at=_now()))
         self._recorded(f"recorded image_copied={copied}")
 
     def set_cutover_seconds(self, seconds: float) -> None:
-        with self._transaction() as s:
-            s.execute(update(RunRecord).where(RunRecord.id == 1).values(cutover_seconds=seconds, updated_at=_now()))
+        with self._transaction() as c:
+            c.execute(update(RUN).where(RUN.c.id == 1).values(cutover_seconds=seconds, updated_at=_now()))
         self._recorded("recorded the cutover time")
 
     def set_error(self, message: Optional[str]) -> None:
-        with self._transaction() as s:
-            s.execute(update(RunRecord).where(RunRecord.id == 1).values(last_error=message, updated_at=_now()))
+        with self._transaction() as c:
+            c.execute(update(RUN).where(RUN.c.id == 1).values(last_error=message, updated_at=_now()))
 
     def set_layer_states(self, steps: List[LayerStep]) -> None:
         """A wave of layer steps, made durable by the caller, in one transaction: each layer's new state and
         what its step found."""
         if not steps:
             return
-        counted = [{"id": c.layer_id, "state": c.state, "error": None, "entries": c.entries}
-                   for c in steps if c.entries is not None]
-        others = [{"id": c.layer_id, "state": c.state, "error": None} for c in steps if c.entries is None]
-        with self._transaction() as s:
-            for rows in (counted, others):  # ORM bulk UPDATE by primary key: one executemany per set of columns
-                if rows:
-                    s.execute(update(LayerRecord), rows)
-            findings = [{"layer_id": c.layer_id, "kind": k, "detail": d} for c in steps for k, d in c.findings]
+        counted = [{"layer": st.layer_id, "new_state": st.state, "counted": st.entries}
+                   for st in steps if st.entries is not None]
+        others = [{"layer": st.layer_id, "new_state": st.state} for st in steps if st.entries is None]
+        with self._transaction() as c:
+            for statement, rows in ((_SET_STATE_COUNTED, counted), (_SET_STATE, others)):
+                if rows:  # one executemany per set of columns
+                    c.execute(statement, rows)
+            findings = [{"layer_id": st.layer_id, "kind": k, "detail": d} for st in steps for k, d in st.findings]
             if findings:
-                s.execute(insert(FindingRecord), findings)
-            dirs = [{"layer_id": c.layer_id, "path": p} for c in steps for p in c.whiteout_dirs]
+                c.execute(insert(FINDING), findings)
+            dirs = [{"layer_id": st.layer_id, "path": p} for st in steps for p in st.whiteout_dirs]
             if dirs:
-                s.execute(insert(WhiteoutDirRecord), dirs)
-            s.execute(update(RunRecord).where(RunRecord.id == 1).values(updated_at=_now()))
+                c.execute(insert(WHITEOUT_DIR), dirs)
+            c.execute(update(RUN).where(RUN.c.id == 1).values(updated_at=_now()))
         self._recorded(f"recorded layers {steps[0].state}")
 
     def record_journals(self, journals: List[Journal]) -> None:
         """In-place journals in one transaction, before any of their changes is made."""
-        with self._transaction() as s:
-            _insert_all(s, ChangeRecord, [c for journal in journals for c in journal.changes])
-            _insert_all(s, ChangedDirRecord, [d for journal in journals for d in journal.dirs])
-            _insert_all(s, FindingRecord, [FindingRecord(layer_id=journal.layer_id, kind=k, detail=d)
-                                           for journal in journals for k, d in journal.findings])
+        with self._transaction() as c:
+            _insert_all(c, CHANGE, [change for journal in journals for change in journal.changes])
+            _insert_all(c, CHANGED_DIR, [d for journal in journals for d in journal.dirs])
+            _insert_all(c, FINDING, [FindingRecord(layer_id=journal.layer_id, kind=k, detail=d)
+                                     for journal in journals for k, d in journal.findings])
         self._recorded(f"recorded journals of {len(journals)} layer(s)")
 
     def set_layer_error(self, layer_id: str, message: str) -> None:
-        with self._transaction() as s:
-            s.execute(update(LayerRecord).where(LayerRecord.id == layer_id).values(error=message))
+        with self._transaction() as c:
+            c.execute(update(LAYER).where(LAYER.c.id == layer_id).values(error=message))
 
     def set_container_state(self, container_id: str, state: str) -> None:
-        with self._transaction() as s:
-            s.execute(update(ContainerRecord).where(ContainerRecord.id == container_id).values(state=state))
+        with self._transaction() as c:
+            c.execute(update(CONTAINER).where(CONTAINER.c.id == container_id).values(state=state))
         self._recorded(f"recorded container {container_id} {state}")
 
 
-def _insert_all(s: Session, model: type, rows: Iterable[Base]) -> None:
-    """``rows`` (new, unsaved records of ``model``) as one bulk INSERT: thousands of layers, without the unit of
-    work's bookkeeping per object (twice as fast).  Each row gives the columns it set; the others take their
-    defaults, as ``add_all`` would."""
-    values = [{k: v for k, v in vars(row).items() if not k.startswith("_sa_")} for row in rows]
+# A wave's layer states, by primary key: one executemany each (bound names differ from the columns' keys, as
+# SQLAlchemy requires of an UPDATE's bound parameters).
+_SET_STATE = update(LAYER).where(LAYER.c.id == bindparam("layer")).values(state=bindparam("new_state"), error=None)
+_SET_STATE_COUNTED = _SET_STATE.values(entries=bindparam("counted"))
+
+
+def _insert_all(c: Connection, table: Table, rows: Iterable[object]) -> None:
+    """``rows`` (new records of ``table``) as one INSERT executed for many rows (one statement compiled)."""
+    values = [values_of(row) for row in rows]
     if values:
-        s.execute(insert(model), values)
+        c.execute(insert(table), values)
 
 
 def _cause(exc: SQLAlchemyError) -> str:

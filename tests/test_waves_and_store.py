@@ -375,3 +375,30 @@ def test_a_database_of_the_previous_schema_is_upgraded_keeping_every_state(tmp_p
     store.close()
     doc = reader.read_status(db)
     assert doc["run"]["schema_version"] == SCHEMA_VERSION == 3 and doc["run"]["cutover_seconds"] == 1.5
+
+
+def test_a_new_database_has_the_tables_schema_3_wrote(tmp_path):
+    """The store writes with SQLAlchemy Core since the ORM's cost was measured (schema.py): a new database must
+    still be the one the schema-3 release created, statement for statement (pinned in support/schema-3.sql),
+    so a database an earlier release wrote and one this release writes are the same to both."""
+    store = _created(tmp_path)
+    store.close()
+    conn = sqlite3.connect(store.path)
+    try:
+        made = [sql + ";" for _type, _name, sql in
+                sorted(conn.execute("SELECT type, name, sql FROM sqlite_master WHERE sql IS NOT NULL"))]
+    finally:
+        conn.close()
+    with open(os.path.join(os.path.dirname(__file__), "support", "schema-3.sql")) as f:
+        pinned = "".join(line for line in f if not line.startswith("--")).split(";\n")
+    assert made == [statement + ";" for statement in pinned if statement.strip()]
+
+
+def test_each_record_holds_its_tables_columns():
+    """A record's fields are its table's column keys, no more, no fewer: what the store inserts and reads back."""
+    import dataclasses
+
+    from migrations_state.schema import TABLE_OF
+
+    for record, table in TABLE_OF.items():
+        assert {f.name for f in dataclasses.fields(record)} == set(table.c.keys()), record.__name__

@@ -21,6 +21,7 @@ migration with the kept layers at their states (``start.begin``); the conversion
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -133,12 +134,7 @@ def remove_dropped(paths: Paths, dropped: Sequence[Tuple[LayerRecord, str]], pro
 def carried(record: LayerRecord, seq: int, proofs: Dict[str, Tuple[bytes, str]], **changes: object) -> LayerRecord:
     """A new row for a kept layer: what it recorded (its link id, state, count, proof), with ``changes``."""
     dirs, digest = proofs.get(record.id, (None, None))
-    values = dict(id=record.id, seq=seq, parent=record.parent, ancestors=record.ancestors, link_id=record.link_id,
-                  has_child=record.has_child, writable=record.writable, state=record.state,
-                  atime_ns=record.atime_ns, mtime_ns=record.mtime_ns, entries=record.entries, proof_dirs=dirs,
-                  proof=digest)
-    values.update(changes)
-    return LayerRecord(**values)
+    return dataclasses.replace(record, seq=seq, error=None, proof_dirs=dirs, proof=digest, **changes)
 
 
 def unused_link_id(taken: Set[str]) -> str:
