@@ -283,6 +283,7 @@ TABLE_OF: Dict[type, Table] = {RunRecord: RUN, LayerRecord: LAYER, ContainerReco
                                WhiteoutDirRecord: WHITEOUT_DIR, ChangeRecord: CHANGE, ChangedDirRecord: CHANGED_DIR,
                                SavedTimeRecord: SAVED_TIME, FindingRecord: FINDING}
 
+
 def values_of(record: object) -> Dict[str, Any]:
     """A record's column values by key, for an INSERT (an id the database gives left out)."""
     values = dict(vars(record))

@@ -225,7 +225,7 @@ def test_a_snapshot_reads_layers_store_and_containers(tmp_path):
     assert snap.diff_state == "present" and snap.aufs_present and snap.image_aufs_present
     assert snap.present == {BASE, MID, TOP} and not snap.being_removed
     assert {lid: f.ancestors for lid, f in snap.layers.items()} == {BASE: (), MID: (BASE,), TOP: (MID, BASE)}
-    assert snap.store.cache_ids() == {BASE, MID, TOP} and snap.store.imagedb and snap.store.images == 1
+    assert snap.store.cache_ids == {BASE, MID, TOP} and snap.store.imagedb and snap.store.images == 1
     assert {cid: (c.driver, c.on_aufs) for cid, c in snap.containers.items()} == {
         CID: ("aufs", True), "c-overlay": ("overlay2", False), "c-empty": ("", True)}
     assert not snap.unreadable and snap.unreadable_refusal() is None and not snap.nothing_to_migrate()

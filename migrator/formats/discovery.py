@@ -70,11 +70,11 @@ def _candidates(snap: RootSnapshot, result: aufs.Discovery) -> Dict[str, List[st
             without_layers_file.append(name)
         elif snap.layers[name].ancestors is None:
             raise Refused(f"aufs/layers/{name} is garbled ({snap.layers[name].problem})")
-        elif not snap.layers[name].ancestors and name in snap.store.references():
+        elif not snap.layers[name].ancestors and name in snap.store.references:
             candidates[name] = _repaired(snap, name, result)
         else:
             candidates[name] = list(snap.layers[name].ancestors)
-    used = snap.store.references()
+    used = snap.store.references
     for name in without_layers_file:
         if name in used:
             raise Refused(f"layer {name} has no aufs/layers/{name} but the layer store uses it; "

@@ -271,24 +271,18 @@ class LayerStore:
         return MappingProxyType({layer.cache_id: chain for chain, layer in self.layers.items() if layer.cache_id})
 
     @functools.cached_property
-    def _cache_ids(self) -> FrozenSet[str]:
-        return frozenset(self.chain_by_cache_id)
-
     def cache_ids(self) -> FrozenSet[str]:
         """The driver's ids of the image layers."""
-        return self._cache_ids
+        return frozenset(self.chain_by_cache_id)
 
     def mount_ids(self) -> Set[str]:
         """Containers' writable layers."""
         return {m.mount_id for m in self.mounts.values() if m.mount_id}
 
     @functools.cached_property
-    def _references(self) -> FrozenSet[str]:
-        return self.cache_ids() | self.mount_ids() | {m.init_id for m in self.mounts.values() if m.init_id}
-
     def references(self) -> FrozenSet[str]:
         """Every layer id the store names: image layers, containers' writable and init layers."""
-        return self._references
+        return self.cache_ids | self.mount_ids() | {m.init_id for m in self.mounts.values() if m.init_id}
 
 
 LAYER_FILES = ("cache-id", "diff", "size", "parent")  # the small files of a layerdb/sha256/ entry

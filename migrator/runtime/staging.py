@@ -61,7 +61,7 @@ class Staged:
 def committed_layers(snap: snapshot.RootSnapshot) -> List[aufs.AufsLayer]:
     """The image layers the layer store has committed, of the root's discovery, whose whole ancestry is
     committed too, parents first: what ``stage`` may convert while the engine runs."""
-    committed = snap.store.cache_ids()
+    committed = snap.store.cache_ids
     return [layer for layer in discovery.discover(snap).layers
             if layer.id in committed and not layer.writable and all(a in committed for a in layer.ancestors)]
 
